@@ -1,0 +1,117 @@
+"""User-facing configuration: what to parallelise and how.
+
+`ParallelConfig` is a keyword-only dataclass validated at construction, so an impossible combination fails
+when it is written, not inside a forward pass or a collective. Presets name the paper's configurations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from .topology import parse_topology_spec
+
+ALL_TO_ALL_KINDS = ("flat", "tapa")
+PRESETS = ("flat", "tapa", "vfirst", "cocodiff")
+
+
+@dataclass(kw_only=True, frozen=True)
+class VMajorConfig:
+    """Schedule of V-Major selective communication (lossy; paper section "V-Major").
+
+    Args:
+        warmup_steps: leading denoising steps that always communicate every token.
+        cache_ratio_start: fraction of tokens reused from cache right after warm-up.
+        cache_ratio_end: fraction reused at the last step (the ratio rises linearly in between).
+        refresh_every: every this many steps all tokens are sent again (0 = never).
+    """
+
+    warmup_steps: int = 4
+    cache_ratio_start: float = 0.1
+    cache_ratio_end: float = 0.5
+    refresh_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"VMajorConfig.warmup_steps={self.warmup_steps} must be >= 0")
+        for name in ("cache_ratio_start", "cache_ratio_end"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"VMajorConfig.{name}={value} must be in [0, 1)")
+        if self.refresh_every < 0:
+            raise ValueError(f"VMajorConfig.refresh_every={self.refresh_every} must be >= 0 (0 disables refresh)")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    """How `cocodiff.parallelize` shards a DiT.
+
+    Args:
+        all_to_all: "flat" (one all-to-all over the whole group, the paper's baseline) or "tapa"
+            (one phase per topology tier).
+        v_first: project V first and start its exchange while Q/K projection, norm and RoPE run. Exact.
+        v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
+        topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
+            outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
+        sync: debug switch: wait for every exchange right after starting it (no overlap).
+        check_inputs: at the first call, compare the input shapes of all ranks with one small collective and
+            raise a clear error if they differ (ranks that disagree would otherwise hang or be silently wrong).
+    """
+
+    all_to_all: Literal["flat", "tapa"] = "flat"
+    v_first: bool = False
+    v_major: VMajorConfig | None = None
+    topology: str | None = None
+    sync: bool = False
+    check_inputs: bool = True
+    preset_name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.all_to_all not in ALL_TO_ALL_KINDS:
+            raise ValueError(
+                f"ParallelConfig.all_to_all={self.all_to_all!r} is not one of {ALL_TO_ALL_KINDS}"
+            )
+        if self.all_to_all == "tapa":
+            raise ValueError(
+                "ParallelConfig.all_to_all='tapa' is not available in this version of cocodiff; "
+                "use all_to_all='flat'"
+            )
+        if not isinstance(self.v_first, bool):
+            raise TypeError(f"ParallelConfig.v_first must be a bool, got {self.v_first!r}")
+        if self.v_major is not None:
+            if not isinstance(self.v_major, VMajorConfig):
+                raise TypeError(
+                    f"ParallelConfig.v_major must be None or a VMajorConfig, got {type(self.v_major).__name__}"
+                )
+            raise ValueError(
+                "ParallelConfig.v_major: V-Major selective communication is not available in this version of "
+                "cocodiff; use v_major=None (exact communication)"
+            )
+        if self.topology is not None:
+            parse_topology_spec(self.topology)  # raises ValueError naming the bad spec
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ParallelConfig":
+        """Named configurations: "flat" (paper baseline), "tapa", "vfirst" (TAPA + V-First), "cocodiff"
+        (TAPA + V-First + V-Major). Keyword overrides replace preset fields."""
+        if name == "flat":
+            cfg = cls(all_to_all="flat", v_first=False, preset_name=name, **overrides)
+        elif name == "tapa":
+            cfg = cls(all_to_all="tapa", v_first=False, preset_name=name, **overrides)
+        elif name == "vfirst":
+            cfg = cls(all_to_all="tapa", v_first=True, preset_name=name, **overrides)
+        elif name == "cocodiff":
+            cfg = cls(all_to_all="tapa", v_first=True, v_major=VMajorConfig(), preset_name=name, **overrides)
+        else:
+            raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
+        return cfg
+
+    def with_(self, **changes) -> "ParallelConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @property
+    def label(self) -> str:
+        if self.preset_name:
+            return self.preset_name
+        return f"{self.all_to_all}{'+vfirst' if self.v_first else ''}"

@@ -1,0 +1,33 @@
+"""Helpers shared by the model plans' attention processors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def refuse(bound: dict[str, Any], names: tuple[str, ...], why: str) -> None:
+    """Raise a ValueError if any of the named call arguments is set."""
+    for n in names:
+        v = bound.get(n)
+        if v is not None and v is not False and v != 0:
+            raise ValueError(f"cocodiff: argument {n!r} is not supported under sequence parallelism ({why})")
+
+
+def refuse_attention_kwargs(bound: dict[str, Any], key: str = "joint_attention_kwargs") -> None:
+    kw = bound.get(key) or {}
+    if "ip_adapter_image_embeds" in kw or "ip_hidden_states" in kw:
+        raise ValueError("cocodiff: IP-Adapter inputs are not supported under sequence parallelism")
+
+
+def attention_modules_by_class(model: nn.Module, classes: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
+
+
+def check_unfused(attn: nn.Module) -> None:
+    if getattr(attn, "fused_projections", False):
+        raise ValueError(
+            f"cocodiff: {type(attn).__name__} has fused QKV projections; call transformer.unfuse_qkv_projections() "
+            "before parallelize()"
+        )

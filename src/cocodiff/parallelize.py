@@ -1,0 +1,96 @@
+"""`parallelize(obj, config)`: shard a diffusers transformer (or a pipeline's transformer) over a process group.
+
+After it returns, every rank calls the model exactly as a single-GPU user would, with the full inputs, and
+every rank receives the full output. Ranks must agree on those inputs: a pipeline guarantees it when every
+rank uses the same prompt, the same settings and a generator seeded identically (or latents broadcast
+from rank 0); with `ParallelConfig(check_inputs=True)` the first call verifies that the shapes agree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ParallelConfig
+from .models import plan_for
+from .sharding import PlanHooks
+from .topology import Topology
+from .ulysses import UlyssesEngine
+
+
+def _find_transformer(obj) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    transformer = getattr(obj, "transformer", None)
+    if isinstance(transformer, nn.Module):
+        return transformer
+    raise TypeError(
+        f"cocodiff.parallelize: expected a diffusers transformer or a pipeline with a `.transformer`, "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _group_device(group) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
+    """Shard `obj`'s transformer with Ulysses sequence parallelism, in place.
+
+    Args:
+        obj: a supported diffusers transformer (FLUX.1, SD3/3.5, Qwen-Image, FLUX.2) or a pipeline holding one.
+        config: a `ParallelConfig` (default: the "flat" preset).
+        group: the process group of the Ulysses ranks (default: the default group).
+
+    Returns:
+        `obj`, with `obj` (or its transformer) carrying a `cocodiff` attribute: the `UlyssesEngine`, which
+        exposes byte counters (`engine.step_stats`, `engine.a2a.stats`).
+
+    Raises:
+        TypeError: for an unsupported model class.
+        ValueError: for a head count that does not divide by the degree, a bad topology, or a model already
+            parallelised; raised before any collective starts.
+    """
+    config = config or ParallelConfig.preset("flat")
+    if not isinstance(config, ParallelConfig):
+        raise TypeError(f"cocodiff.parallelize: config must be a ParallelConfig, got {type(config).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "cocodiff.parallelize needs torch.distributed to be initialised (launch with torchrun, or call "
+            "torch.distributed.init_process_group first)"
+        )
+    model = _find_transformer(obj)
+    if getattr(model, "cocodiff", None) is not None:
+        raise ValueError("cocodiff.parallelize: this model is already parallelised")
+    plan = plan_for(model)
+    group = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+
+    # ---- validation, before any collective ----------------------------------------------------
+    topology = Topology.resolve(config.topology, world)
+    for name, attn in plan.attention_modules(model):
+        heads = attn.heads
+        if heads % world:
+            raise ValueError(
+                f"cocodiff.parallelize: attention {name!r} has {heads} heads, which do not divide over the "
+                f"Ulysses degree {world}; use a degree that divides {heads} (e.g. "
+                f"{max(d for d in range(1, world + 1) if heads % d == 0)})"
+            )
+    device = _group_device(group)
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != device.type:
+        raise ValueError(
+            f"cocodiff.parallelize: the model is on {param.device} but the process group "
+            f"({dist.get_backend(group)}) communicates on {device.type}; move the model to {device} first"
+        )
+
+    engine = UlyssesEngine(config, group, topology)
+    plan.install_processors(model, engine)
+    engine.hooks = PlanHooks(model, plan, engine, device)
+    engine.plan = plan
+    model.cocodiff = engine
+    return obj

@@ -1,0 +1,224 @@
+"""Declarative sharding plans and the hooks that carry them out.
+
+A model family declares data (`ModelPlan`): which module inputs/outputs are split along which dim and
+whether they hold image or text tokens, which output is gathered, how to count tokens from the call's
+arguments, and which attention modules get our processors. The generic code here turns that into forward
+hooks; nothing model-specific lives in this file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .comm import all_gather_into
+from .ulysses import UlyssesEngine
+
+
+@dataclass(frozen=True)
+class Split:
+    """Split a tensor along `dim` by the per-rank sizes of `kind` ("img" or "txt") tokens."""
+
+    kind: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Gather a tensor split along `dim` (tokens of `kind`) so that every rank has the whole."""
+
+    kind: str
+    dim: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPlan:
+    """What a model family declares.
+
+    Args:
+        family: short name ("flux", "sd3", "qwenimage", "flux2").
+        class_name: the diffusers class this plan is for.
+        token_counts: (image tokens, text tokens) from the model and the root forward's bound arguments.
+        split_inputs: module path ("" = the model; "*" matches one path segment) -> {argument name: Split}.
+        split_outputs: module path -> {output index (None = the output itself): Split}.
+        gather_outputs: module path -> Gather.
+        install_processors: sets our processors on the attention modules; returns how many.
+        attention_modules: yields (name, module) of every attention whose heads are sharded.
+        check_call: raises for call arguments the plan cannot shard exactly (before any collective).
+    """
+
+    family: str
+    class_name: str
+    token_counts: Callable[[nn.Module, dict[str, Any]], tuple[int, int]]
+    split_inputs: dict[str, dict[str, Split]] = field(default_factory=dict)
+    split_outputs: dict[str, dict[int | None, Split]] = field(default_factory=dict)
+    gather_outputs: dict[str, Gather] = field(default_factory=dict)
+    install_processors: Callable[[nn.Module, UlyssesEngine], int] = None
+    attention_modules: Callable[[nn.Module], list[tuple[str, nn.Module]]] = None
+    check_call: Callable[[dict[str, Any]], None] | None = None
+
+
+def resolve_modules(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    """Modules whose dotted path matches `pattern` segment by segment ("" is the model itself)."""
+    if pattern == "":
+        return [("", model)]
+    want = pattern.split(".")
+    out = []
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if len(parts) == len(want) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, want)):
+            out.append((name, mod))
+    if not out:
+        raise ValueError(f"cocodiff plan: no module matches {pattern!r} in {type(model).__name__}")
+    return out
+
+
+def _param_names(module: nn.Module) -> list[str]:
+    return [
+        n
+        for n, p in inspect.signature(module.forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+
+
+def _split_args(engine: UlyssesEngine, names: list[str], spec: dict[str, Split], args: tuple, kwargs: dict):
+    args = list(args)
+    for arg_name, split in spec.items():
+        if arg_name in kwargs:
+            if kwargs[arg_name] is not None:
+                kwargs[arg_name] = engine.split(kwargs[arg_name], split.kind, split.dim)
+        elif arg_name in names and names.index(arg_name) < len(args):
+            i = names.index(arg_name)
+            if args[i] is not None:
+                args[i] = engine.split(args[i], split.kind, split.dim)
+    return tuple(args), kwargs
+
+
+def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _input_signature(bound: dict[str, Any]) -> list[int]:
+    """A fixed-size fingerprint of the call's tensor shapes and dtypes (same length on every rank)."""
+    desc = []
+    for k in sorted(bound):
+        v = bound[k]
+        if isinstance(v, torch.Tensor):
+            desc.append(f"{k}:{tuple(v.shape)}:{v.dtype}")
+        elif isinstance(v, (int, float, bool, str)) or v is None:
+            desc.append(f"{k}={v!r}")
+    text = ";".join(desc)
+    return [zlib.crc32(text.encode()), len(text)]
+
+
+class PlanHooks:
+    """The installed hooks of one parallelised model (kept so that they can be removed)."""
+
+    def __init__(self, model: nn.Module, plan: ModelPlan, engine: UlyssesEngine, device: torch.device):
+        self.model = model
+        self.plan = plan
+        self.engine = engine
+        self.device = device
+        self.handles: list = []
+        self._checked = False
+        self._install()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    # ---- hooks --------------------------------------------------------------------------------
+    def _install(self) -> None:
+        model, plan = self.model, self.plan
+        self.handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._root_post))
+        for pattern, spec in plan.split_inputs.items():
+            if pattern == "":
+                continue  # done by the root hook, after the layout is known
+            for _, mod in resolve_modules(model, pattern):
+                self.handles.append(mod.register_forward_pre_hook(self._make_input_splitter(mod, spec), with_kwargs=True))
+        for pattern, spec in plan.split_outputs.items():
+            for _, mod in resolve_modules(model, pattern):
+                self.handles.append(mod.register_forward_hook(self._make_output_splitter(spec)))
+        for pattern, gather in plan.gather_outputs.items():
+            for _, mod in resolve_modules(model, pattern):
+                self.handles.append(mod.register_forward_hook(self._make_gatherer(gather)))
+
+    def _root_pre(self, module, args, kwargs):
+        bound = _bind(module, args, kwargs)
+        if self.plan.check_call is not None:
+            self.plan.check_call(bound)
+        self._check_tensors(bound)
+        n_img, n_txt = self.plan.token_counts(module, bound)
+        if self.engine.config.check_inputs and not self._checked:
+            self._check_ranks_agree(bound)
+            self._checked = True
+        self.engine.begin_forward(n_img, n_txt)
+        spec = self.plan.split_inputs.get("", {})
+        return _split_args(self.engine, _param_names(module), spec, args, dict(kwargs))
+
+    def _root_post(self, module, args, output):
+        self.engine.end_forward()
+        return output
+
+    def _make_input_splitter(self, mod: nn.Module, spec: dict[str, Split]):
+        names = _param_names(mod)
+
+        def hook(module, args, kwargs):
+            return _split_args(self.engine, names, spec, args, dict(kwargs))
+
+        return hook
+
+    def _make_output_splitter(self, spec: dict[int | None, Split]):
+        def hook(module, args, output):
+            if None in spec:
+                s = spec[None]
+                return self.engine.split(output, s.kind, s.dim)
+            out = list(output)
+            for i, s in spec.items():
+                out[i] = self.engine.split(out[i], s.kind, s.dim)
+            return type(output)(out) if isinstance(output, tuple) else out
+
+        return hook
+
+    def _make_gatherer(self, gather: Gather):
+        def hook(module, args, output):
+            return self.engine.gather(output, gather.kind, gather.dim)
+
+        return hook
+
+    # ---- validation (before any collective) -----------------------------------------------------
+    def _check_tensors(self, bound: dict[str, Any]) -> None:
+        for name, v in bound.items():
+            if not isinstance(v, torch.Tensor):
+                continue
+            if v.device.type != self.device.type:
+                raise ValueError(
+                    f"cocodiff: input {name!r} is on {v.device}, but this process group communicates on "
+                    f"{self.device.type}; move the inputs (and model) to {self.device}"
+                )
+
+    def _check_ranks_agree(self, bound: dict[str, Any]) -> None:
+        """One small all-gather at the first call: ranks that disagree on input shapes fail loudly."""
+        sig = torch.tensor(_input_signature(bound), dtype=torch.int64, device=self.device)
+        world = self.engine.world
+        out = torch.empty(world * sig.numel(), dtype=torch.int64, device=self.device)
+        all_gather_into(out, sig, group=self.engine.group)
+        rows = out.view(world, -1).cpu().tolist()
+        bad = [r for r, row in enumerate(rows) if row != rows[0]]
+        if bad:
+            raise ValueError(
+                f"cocodiff: ranks disagree on the inputs of the first call (ranks {bad} differ from rank 0 in "
+                "tensor shapes, dtypes or scalar arguments); every rank must call the model with the same "
+                "full inputs (same seed / broadcast them)"
+            )

@@ -1,0 +1,189 @@
+"""Topology: the tiers of links between ranks, innermost (fastest) first.
+
+A world of P ranks is P = N_0 x N_1 x ... with tier 0 the fastest (e.g. tiles of one GPU, or GPUs of one
+node) and the last tier the slowest (nodes). Ranks are numbered with the innermost coordinate varying
+fastest, as torchrun numbers them (all local ranks of node 0, then node 1, ...).
+
+The topology is built once and passed explicitly; it owns the process groups of each tier (built lazily,
+collectively, by `build_groups`). Nothing here touches diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+_DEFAULT_NAMES = {1: ("gpu",), 2: ("gpu", "node"), 3: ("tile", "gpu", "node")}
+
+
+def parse_topology_spec(spec: str) -> tuple[int, ...]:
+    """Parse "AxBxC" (outermost first) into tier sizes innermost first: (C, B, A).
+
+    Raises:
+        ValueError: naming the spec when it is not of the form "8x6x2" with positive integers.
+    """
+    if not isinstance(spec, str) or not re.fullmatch(r"\s*\d+(\s*x\s*\d+)*\s*", spec):
+        raise ValueError(
+            f"topology spec {spec!r} is not of the form 'AxB' or 'AxBxC' (outermost tier first, "
+            "e.g. '2x4' = 2 nodes of 4 GPUs)"
+        )
+    sizes = tuple(int(s) for s in spec.replace(" ", "").split("x"))
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"topology spec {spec!r} has a tier of size 0; every tier needs at least 1 rank")
+    return tuple(reversed(sizes))
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    size: int
+
+
+class Topology:
+    """Tiers of a world, innermost (fastest) first.
+
+    Args:
+        sizes: tier sizes, innermost first; their product is the world size.
+        names: tier names, innermost first (default "gpu", "node", or "tile", "gpu", "node").
+    """
+
+    def __init__(self, sizes: tuple[int, ...], names: tuple[str, ...] | None = None):
+        sizes = tuple(int(s) for s in sizes)
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"topology tier sizes {sizes} must be positive")
+        if names is None:
+            names = _DEFAULT_NAMES.get(len(sizes), tuple(f"tier{i}" for i in range(len(sizes))))
+        if len(names) != len(sizes):
+            raise ValueError(f"topology has {len(sizes)} tiers but {len(names)} names: {names}")
+        self.tiers = tuple(Tier(n, s) for n, s in zip(names, sizes))
+        self.world_size = math.prod(sizes)
+        self._groups: dict[int, object] | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: str, world_size: int) -> "Topology":
+        sizes = parse_topology_spec(spec)
+        if math.prod(sizes) != world_size:
+            raise ValueError(
+                f"topology spec {spec!r} describes {math.prod(sizes)} ranks but the process group has "
+                f"{world_size}; write a spec whose sizes multiply to {world_size}"
+            )
+        topo = cls(sizes)
+        topo._check_launcher_order()
+        return topo
+
+    @classmethod
+    def from_launcher(cls, world_size: int) -> "Topology":
+        """Two tiers (gpu, node) from torchrun's LOCAL_WORLD_SIZE when the world spans several nodes,
+        else one tier."""
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        if local is None or world_size == 1:
+            return cls((world_size,))
+        local = int(local)
+        if local < 1 or world_size % local != 0:
+            raise ValueError(
+                f"LOCAL_WORLD_SIZE={local} does not divide the world size {world_size}; "
+                "pass an explicit topology spec, e.g. ParallelConfig(topology='2x4')"
+            )
+        if local == world_size:
+            return cls((world_size,))
+        return cls((local, world_size // local))
+
+    @classmethod
+    def resolve(cls, spec: str | None, world_size: int) -> "Topology":
+        if spec is None:
+            return cls.from_launcher(world_size)
+        return cls.from_spec(spec, world_size)
+
+    def _check_launcher_order(self) -> None:
+        """When the launcher tells how many ranks share a host, no tier declared faster than the host
+        boundary may span two hosts (otherwise the 'fast' tier would ride the network)."""
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        if local is None:
+            return
+        local = int(local)
+        if local >= self.world_size:
+            return  # one host: any spec is an emulation on that host
+        prefix = 1
+        for tier in self.tiers:
+            if prefix == local:
+                return
+            prefix *= tier.size
+            if prefix > local:
+                break
+        if prefix == local:
+            return
+        raise ValueError(
+            f"topology {self.spec!r} does not match the launcher: each host has LOCAL_WORLD_SIZE={local} ranks, "
+            f"but no tier boundary falls at {local} ranks, so a fast tier would span hosts; "
+            f"use a spec whose inner tiers multiply to {local}, e.g. '{self.world_size // local}x{local}'"
+        )
+
+    # ---- coordinates --------------------------------------------------------------------------
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(t.size for t in self.tiers)
+
+    @property
+    def spec(self) -> str:
+        return "x".join(str(s) for s in reversed(self.sizes))
+
+    def coords(self, rank: int) -> tuple[int, ...]:
+        """Coordinates of `rank`, innermost first."""
+        out = []
+        for s in self.sizes:
+            out.append(rank % s)
+            rank //= s
+        return tuple(out)
+
+    def tier_between(self, a: int, b: int) -> int:
+        """Index of the slowest tier a message from rank a to rank b crosses (-1 for a == b)."""
+        ca, cb = self.coords(a), self.coords(b)
+        crossed = -1
+        for i, (x, y) in enumerate(zip(ca, cb)):
+            if x != y:
+                crossed = i
+        return crossed
+
+    def peers_per_tier(self, rank: int) -> list[int]:
+        """How many other ranks rank `rank` reaches over each tier (flat all-to-all fan-out)."""
+        counts = [0] * len(self.tiers)
+        for other in range(self.world_size):
+            t = self.tier_between(rank, other)
+            if t >= 0:
+                counts[t] += 1
+        return counts
+
+    def tier_groups(self, tier: int) -> list[list[int]]:
+        """All rank lists that vary only in coordinate `tier` (the sub-groups of one TAPA phase)."""
+        stride = math.prod(self.sizes[:tier])
+        size = self.sizes[tier]
+        groups, seen = [], set()
+        for r in range(self.world_size):
+            base = r - ((r // stride) % size) * stride
+            if base in seen:
+                continue
+            seen.add(base)
+            groups.append([base + i * stride for i in range(size)])
+        return groups
+
+    def build_groups(self, parent_ranks: list[int]) -> dict[int, object]:
+        """Create the per-tier sub-groups (collective over the parent group: every rank must call it in
+        the same order). `parent_ranks[i]` is the global rank of group rank i."""
+        if self._groups is None:
+            groups: dict[int, object] = {}
+            for t in range(len(self.tiers)):
+                for members in self.tier_groups(t):
+                    g = dist.new_group([parent_ranks[m] for m in members])
+                    if dist.get_rank() in [parent_ranks[m] for m in members]:
+                        groups[t] = g
+            self._groups = groups
+        return self._groups
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{t.name}={t.size}" for t in self.tiers)
+        return f"Topology({self.spec}: {inner})"

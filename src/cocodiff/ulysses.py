@@ -1,0 +1,186 @@
+"""The Ulysses engine: per-forward token layout and the per-layer attention schedule (flat order or V-First).
+
+`UlyssesEngine` is the one object a parallelised model holds. It owns the process group, the topology, the
+exchange strategy and the byte counters, and it knows, for the forward pass in progress, how many image
+and text tokens each rank holds (`TokenLayout`). Attention processors of every model family call
+`engine.attend(...)` with closures that project V and Q/K; the schedule (which projection runs first and
+when each exchange starts and is waited for) lives here, in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .comm import CommStats, FlatAllToAll, SeqLayout, gather_seq, start_head_to_seq, start_seq_to_head
+from .config import ParallelConfig
+from .topology import Topology
+
+IMG, TXT = "img", "txt"
+
+
+def split_sizes(n: int, world: int) -> tuple[int, ...]:
+    """Balanced split of n tokens over `world` ranks; the first n % world ranks get one more."""
+    base, extra = divmod(n, world)
+    return tuple(base + (1 if r < extra else 0) for r in range(world))
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How the image and text tokens of one forward pass are spread over the ranks (same on every rank)."""
+
+    n_img: int
+    n_txt: int
+    world: int
+
+    @property
+    def img_sizes(self) -> tuple[int, ...]:
+        return split_sizes(self.n_img, self.world)
+
+    @property
+    def txt_sizes(self) -> tuple[int, ...]:
+        return split_sizes(self.n_txt, self.world)
+
+    def sizes(self, kind: str) -> tuple[int, ...]:
+        if kind == IMG:
+            return self.img_sizes
+        if kind == TXT:
+            return self.txt_sizes
+        raise ValueError(f"unknown token kind {kind!r}")
+
+    def offset(self, kind: str, rank: int) -> int:
+        return sum(self.sizes(kind)[:rank])
+
+    def lengths(self, kinds: tuple[str, ...]) -> tuple[int, ...]:
+        """Local token counts per rank of a sequence made of the given kinds (e.g. text + image)."""
+        per_kind = [self.sizes(k) for k in kinds]
+        return tuple(sum(p[r] for p in per_kind) for r in range(self.world))
+
+
+class UlyssesEngine:
+    """State shared by all attention processors of one parallelised model.
+
+    Args:
+        config: the validated `ParallelConfig`.
+        group: process group of the Ulysses ranks.
+        topology: tiers of that group.
+    """
+
+    def __init__(self, config: ParallelConfig, group, topology: Topology):
+        self.config = config
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.topology = topology
+        self.a2a = FlatAllToAll(group=group, topology=topology, sync=config.sync)
+        self.layout: TokenLayout | None = None
+        self.calls = 0
+        self.step_stats = CommStats(tuple(t.name for t in topology.tiers))
+        self._seq_layouts: dict[tuple[int, ...], SeqLayout] = {}
+        self._mask_cache: dict = {}
+
+    # ---- layout -------------------------------------------------------------------------------
+    def begin_forward(self, n_img: int, n_txt: int) -> None:
+        self.layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.world)
+        self.a2a.stats.reset()
+        self._mask_cache.clear()
+        self.calls += 1
+
+    def end_forward(self) -> None:
+        self.step_stats = CommStats(self.a2a.stats.tier_names)
+        self.step_stats.add(self.a2a.stats)
+
+    def _require_layout(self) -> TokenLayout:
+        if self.layout is None:
+            raise RuntimeError("cocodiff: an attention processor ran outside a parallelised forward call")
+        return self.layout
+
+    def seq_layout(self, kinds: tuple[str, ...]) -> SeqLayout:
+        lengths = self._require_layout().lengths(kinds)
+        lay = self._seq_layouts.get(lengths)
+        if lay is None:
+            lay = SeqLayout(lengths, self.rank)
+            self._seq_layouts[lengths] = lay
+        return lay
+
+    def split(self, x: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
+        """This rank's slice of a full tensor along `dim` (tokens of `kind`)."""
+        layout = self._require_layout()
+        full = layout.n_img if kind == IMG else layout.n_txt
+        if x.shape[dim] != full:
+            raise ValueError(
+                f"cocodiff: expected {full} {kind} tokens along dim {dim}, got shape {tuple(x.shape)}"
+            )
+        n = layout.sizes(kind)[self.rank]
+        return x.narrow(dim, layout.offset(kind, self.rank), n)
+
+    def gather(self, x: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
+        """Whole tensor from the per-rank slices along `dim`."""
+        lay = self.seq_layout((kind,))
+        return gather_seq(x, lay, dim=dim, group=self.group, stats=self.a2a.stats)
+
+    def joint_key_mask(self, txt_mask: torch.Tensor, order: tuple[str, ...]) -> torch.Tensor:
+        """Key-padding mask `(B, S)` of the joint sequence in the order the exchange delivers tokens.
+
+        Args:
+            txt_mask: `(B, N_TXT)` bool, the full text mask (every rank has it, ranks agree on inputs).
+            order: local concatenation order, e.g. ("txt", "img").
+        """
+        key = (id(txt_mask), order)
+        hit = self._mask_cache.get(key)
+        if hit is not None:
+            return hit
+        layout = self._require_layout()
+        B = txt_mask.shape[0]
+        ones = torch.ones(B, layout.n_img, dtype=torch.bool, device=txt_mask.device)
+        full = {TXT: txt_mask.to(torch.bool), IMG: ones}
+        parts = []
+        for r in range(self.world):
+            for kind in order:
+                n = layout.sizes(kind)[r]
+                parts.append(full[kind].narrow(1, layout.offset(kind, r), n))
+        mask = torch.cat(parts, dim=1)
+        self._mask_cache[key] = mask
+        return mask
+
+    # ---- the per-layer schedule -----------------------------------------------------------------
+    def attend(
+        self,
+        *,
+        project_v: Callable[[], torch.Tensor],
+        project_qk: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        kinds: tuple[str, ...],
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sharded attention of this rank's tokens.
+
+        Args:
+            project_v: returns V `(B, L, H, D)` for the local tokens.
+            project_qk: returns (Q, K) `(B, L, H, D)` for the local tokens, norms and RoPE applied.
+            kinds: token kinds of the local sequence, in local order (for the per-rank lengths).
+            key_mask: optional `(B, S)` bool key mask in exchange order (see `joint_key_mask`).
+        Returns:
+            `(B, L, H * D)`: attention output for the local tokens, all heads.
+        """
+        lay = self.seq_layout(kinds)
+        if self.config.v_first:
+            # V needs only its projection: start its exchange first, hide it under Q/K work.
+            hv = start_seq_to_head(project_v(), lay, self.a2a)
+            q, k = project_qk()
+            hq = start_seq_to_head(q, lay, self.a2a)
+            hk = start_seq_to_head(k, lay, self.a2a)
+        else:
+            q, k = project_qk()
+            v = project_v()
+            hq = start_seq_to_head(q, lay, self.a2a)
+            hk = start_seq_to_head(k, lay, self.a2a)
+            hv = start_seq_to_head(v, lay, self.a2a)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        # (B, H_LOCAL, S, D) each
+        out = F.scaled_dot_product_attention(hq.wait(), hk.wait(), hv.wait(), attn_mask=mask)
+        h = start_head_to_seq(out, lay, self.a2a)
+        return h.wait().flatten(2, 3)
