@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-_DEFAULT_NAMES = {1: ("gpu",), 2: ("gpu", "node"), 3: ("tile", "gpu", "node")}
+_DEFAULT_NAMES = {1: ("local",), 2: ("local", "node"), 3: ("tile", "gpu", "node")}
 
 
 def parse_topology_spec(spec: str) -> tuple[int, ...]:
@@ -48,7 +48,7 @@ class Topology:
 
     Args:
         sizes: tier sizes, innermost first; their product is the world size.
-        names: tier names, innermost first (default "gpu", "node", or "tile", "gpu", "node").
+        names: tier names, innermost first (default "local", "node", or "tile", "gpu", "node").
     """
 
     def __init__(self, sizes: tuple[int, ...], names: tuple[str, ...] | None = None):
@@ -78,7 +78,7 @@ class Topology:
 
     @classmethod
     def from_launcher(cls, world_size: int) -> "Topology":
-        """Two tiers (gpu, node) from torchrun's LOCAL_WORLD_SIZE when the world spans several nodes,
+        """Two tiers (local, node) from torchrun's LOCAL_WORLD_SIZE when the world spans several nodes,
         else one tier."""
         local = os.environ.get("LOCAL_WORLD_SIZE")
         if local is None or world_size == 1:

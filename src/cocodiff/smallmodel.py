@@ -1,0 +1,178 @@
+"""A small pixel-space FLUX.1-architecture DiT and its flow-matching sampler.
+
+The transformer is diffusers' own `FluxTransformer2DModel` with a small config, so the demo and the
+quality harness exercise exactly the sharding path of the big model (joint text+image attention, single
+blocks, RoPE). Images are RGB in [-1, 1], packed into tokens of `patch x patch` pixels (3 * patch^2
+channels). Conditioning is a class label turned into a few "text" tokens by a learned embedding
+(`ClassConditioner`), fed as `encoder_hidden_states` and `pooled_projections`.
+
+`generate` is a real denoising loop driven by diffusers' `FlowMatchEulerDiscreteScheduler`, the scheduler
+FLUX and SD3 use. It works the same on a parallelised transformer: every rank runs the loop with the same
+seed, so all ranks hold the same latents at every step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ASSET_DIR = Path(__file__).parent / "assets" / "small_flux"
+
+# A config small enough to train and run on CPU ranks; 4 heads divide over 1, 2 and 4 ranks.
+SMALL_FLUX_CONFIG = dict(
+    patch_size=1, in_channels=12, num_layers=2, num_single_layers=4, attention_head_dim=32,
+    num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+    axes_dims_rope=(8, 12, 12),
+)
+
+
+class ClassConditioner(nn.Module):
+    """Class label -> (`encoder_hidden_states` (B, N_TOKENS, joint_dim), `pooled_projections` (B, pooled_dim))."""
+
+    def __init__(self, num_classes: int, n_tokens: int, joint_dim: int, pooled_dim: int):
+        super().__init__()
+        self.n_tokens = n_tokens
+        self.tokens = nn.Embedding(num_classes, n_tokens * joint_dim)
+        self.pooled = nn.Embedding(num_classes, pooled_dim)
+        self.joint_dim = joint_dim
+
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ehs = self.tokens(labels).view(labels.shape[0], self.n_tokens, self.joint_dim)
+        return ehs, self.pooled(labels)
+
+
+@dataclass
+class SmallDiT:
+    transformer: nn.Module
+    conditioner: ClassConditioner
+    classes: list[str]
+    image_size: int
+    patch: int
+    trained: bool
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.conditioner.parameters()).device
+
+
+def pack(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), tokens row-major."""
+    B, C, H, W = images.shape
+    x = images.view(B, C, H // patch, patch, W // patch, patch)
+    # (B, C, ROWS, p, COLS, p) -> (B, ROWS, COLS, C, p, p)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // patch) * (W // patch), C * patch * patch)
+
+
+def unpack(tokens: torch.Tensor, patch: int, height: int, width: int, channels: int = 3) -> torch.Tensor:
+    """Inverse of `pack`."""
+    B = tokens.shape[0]
+    rows, cols = height // patch, width // patch
+    x = tokens.view(B, rows, cols, channels, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, channels, height, width)
+
+
+def image_ids(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """FLUX position ids (rows*cols, 3): (0, row, col)."""
+    ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+def random_small_model(*, seed: int = 0, classes: list[str] | None = None, image_size: int = 32,
+                       device="cpu") -> SmallDiT:
+    """The small architecture with random weights (clearly not a trained model: `trained=False`)."""
+    from diffusers import FluxTransformer2DModel
+
+    classes = classes or ["random"]
+    torch.manual_seed(seed)
+    cfg = SMALL_FLUX_CONFIG
+    transformer = FluxTransformer2DModel(**cfg).to(device).eval()
+    cond = ClassConditioner(len(classes), 4, cfg["joint_attention_dim"], cfg["pooled_projection_dim"]).to(device)
+    return SmallDiT(transformer, cond.eval(), list(classes), image_size, 2, trained=False)
+
+
+def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torch.float32) -> SmallDiT:
+    """Load the shipped small model (default) or a directory saved the same way.
+
+    Raises:
+        FileNotFoundError: naming the path when it holds no model.
+    """
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else ASSET_DIR
+    meta_file = path / "cocodiff_small.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"no cocodiff small model at {path} (missing {meta_file.name})")
+    meta = json.loads(meta_file.read_text())
+    transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype).to(device).eval()
+    cfg = transformer.config
+    cond = ClassConditioner(len(meta["classes"]), meta["n_text_tokens"], cfg.joint_attention_dim, cfg.pooled_projection_dim)
+    cond.load_state_dict(load_file(str(path / "conditioner.safetensors")))
+    cond = cond.to(device=device, dtype=dtype).eval()
+    return SmallDiT(transformer, cond, meta["classes"], meta["image_size"], meta["patch"], trained=True, meta=meta)
+
+
+def default_model(device="cpu") -> SmallDiT:
+    """The shipped trained model if present, else the random-weight architecture."""
+    if (ASSET_DIR / "cocodiff_small.json").is_file():
+        return load_small_model(device=device)
+    return random_small_model(device=device)
+
+
+def make_scheduler(steps: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def velocity(sm: SmallDiT, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One transformer call: predicted flow velocity (noise - data) for tokens `x` at times `t` in [0, 1]."""
+    rows = cols = sm.image_size // sm.patch
+    ehs, pooled = sm.conditioner(labels)
+    ids = image_ids(rows, cols, device=x.device, dtype=x.dtype)
+    txt_ids = torch.zeros(ehs.shape[1], 3, device=x.device, dtype=x.dtype)
+    return sm.transformer(
+        hidden_states=x, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=t,
+        img_ids=ids, txt_ids=txt_ids, return_dict=False,
+    )[0]
+
+
+@torch.no_grad()
+def generate(
+    sm: SmallDiT,
+    labels: torch.Tensor,
+    *,
+    steps: int = 20,
+    seed: int = 0,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Sample images `(B, 3, H, W)` in [-1, 1] for class `labels` with an Euler flow-matching loop.
+
+    The noise comes from a CPU generator seeded with `seed`, so every rank starts from the same latents.
+    `callback(step_index, tokens)` runs after each step (progress bars, trajectory probes).
+    """
+    device = sm.device
+    dtype = next(sm.transformer.parameters()).dtype
+    B = labels.shape[0]
+    size, p = sm.image_size, sm.patch
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(B, (size // p) ** 2, 3 * p * p, generator=g).to(device=device, dtype=dtype)
+    sched = make_scheduler(steps)
+    labels = labels.to(device)
+    for i, t in enumerate(sched.timesteps):
+        tt = (t / 1000).expand(B).to(device=device, dtype=dtype)
+        v = velocity(sm, x, tt, labels)
+        x = sched.step(v, t, x, return_dict=False)[0]
+        if callback is not None:
+            callback(i, x)
+    return unpack(x.float(), p, size, size).clamp(-1, 1)
