@@ -71,7 +71,8 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     world = dist.get_world_size(group)
 
     # ---- validation, before any collective ----------------------------------------------------
-    topology = Topology.resolve(config.topology, world)
+    global_ranks = dist.get_process_group_ranks(group)
+    topology = Topology.resolve(config.topology, world, global_ranks)
     for name, attn in plan.attention_modules(model):
         heads = attn.heads
         if heads % world:

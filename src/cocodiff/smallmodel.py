@@ -13,6 +13,7 @@ seed, so all ranks hold the same latents at every step.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,10 +100,13 @@ def random_small_model(*, seed: int = 0, classes: list[str] | None = None, image
 
 
 def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torch.float32) -> SmallDiT:
-    """Load the shipped small model (default) or a directory saved the same way.
+    """Load the shipped small model (default) or a directory saved the same way (`save_small_model`).
+
+    Weights stored in fp16 are upcast to `dtype` (fp32 by default).
 
     Raises:
         FileNotFoundError: naming the path when it holds no model.
+        ValueError: naming the path when a file of the model is unreadable or does not match the metadata.
     """
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
@@ -111,13 +115,44 @@ def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torc
     meta_file = path / "cocodiff_small.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"no cocodiff small model at {path} (missing {meta_file.name})")
-    meta = json.loads(meta_file.read_text())
-    transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype).to(device).eval()
-    cfg = transformer.config
-    cond = ClassConditioner(len(meta["classes"]), meta["n_text_tokens"], cfg.joint_attention_dim, cfg.pooled_projection_dim)
-    cond.load_state_dict(load_file(str(path / "conditioner.safetensors")))
+    for needed in (path / "transformer" / "config.json", path / "conditioner.safetensors"):
+        if not needed.is_file():
+            raise FileNotFoundError(f"incomplete cocodiff small model at {path} (missing {needed.relative_to(path)})")
+    try:
+        meta = json.loads(meta_file.read_text())
+        classes, n_tokens = list(meta["classes"]), int(meta["n_text_tokens"])
+        image_size, patch = int(meta["image_size"]), int(meta["patch"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"corrupt cocodiff small model metadata {meta_file}: {exc!r}") from None
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+        cfg = transformer.config
+        cond = ClassConditioner(len(classes), n_tokens, cfg.joint_attention_dim, cfg.pooled_projection_dim)
+        cond.load_state_dict(load_file(str(path / "conditioner.safetensors")))
+    except Exception as exc:  # noqa: BLE001 - safetensors, diffusers and torch raise various types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"corrupt cocodiff small model at {path}: {first}") from None
+    transformer = transformer.to(device).eval()
     cond = cond.to(device=device, dtype=dtype).eval()
-    return SmallDiT(transformer, cond, meta["classes"], meta["image_size"], meta["patch"], trained=True, meta=meta)
+    return SmallDiT(transformer, cond, classes, image_size, patch, trained=True, meta=meta)
+
+
+def save_small_model(sm: SmallDiT, path: str | Path, *, meta: dict, dtype=torch.float16) -> Path:
+    """Save `sm` in the layout `load_small_model` reads: `transformer/` (diffusers, safetensors),
+    `conditioner.safetensors` and `cocodiff_small.json` (`meta` plus classes, image_size, patch, n_text_tokens).
+    Weights are stored in `dtype` (fp16 keeps the shipped files small); `load_small_model` upcasts."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    transformer = copy.deepcopy(sm.transformer).to(dtype)
+    transformer.save_pretrained(path / "transformer", safe_serialization=True)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in sm.conditioner.state_dict().items()},
+              str(path / "conditioner.safetensors"))
+    full = dict(meta, classes=list(sm.classes), image_size=sm.image_size, patch=sm.patch,
+                n_text_tokens=sm.conditioner.n_tokens)
+    (path / "cocodiff_small.json").write_text(json.dumps(full, indent=1))
+    return path
 
 
 def default_model(device="cpu") -> SmallDiT:
@@ -175,4 +210,49 @@ def generate(
         x = sched.step(v, t, x, return_dict=False)[0]
         if callback is not None:
             callback(i, x)
+    return unpack(x.float(), p, size, size).clamp(-1, 1)
+
+
+@torch.no_grad()
+def inpaint(
+    sm: SmallDiT,
+    images: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int = 20,
+    seed: int = 0,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Fill the unknown pixels of `images` (B, 3, H, W) in [-1, 1], RePaint-style for flow matching.
+
+    Before every step at noise level sigma, the known pixels (`known` (B, 1, H, W), 1 = keep) are replaced by
+    the ground truth noised to that level, `(1 - sigma) * x0 + sigma * noise`, with the same noise the loop
+    started from; the model denoises the rest. A row with an all-zero mask is plain generation, bit for bit
+    the same arithmetic as `generate` with the same seed. Returns `(B, 3, H, W)` in [-1, 1] with the known
+    pixels equal to the input.
+    """
+    device = sm.device
+    dtype = next(sm.transformer.parameters()).dtype
+    B = labels.shape[0]
+    size, p = sm.image_size, sm.patch
+    if images.shape != (B, 3, size, size) or known.shape != (B, 1, size, size):
+        raise ValueError(f"inpaint: expected images (B, 3, {size}, {size}) and known (B, 1, {size}, {size}) for "
+                         f"B={B}, got {tuple(images.shape)} and {tuple(known.shape)}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(B, (size // p) ** 2, 3 * p * p, generator=g).to(device=device, dtype=dtype)
+    x0 = pack(images.to(device=device, dtype=dtype), p)  # (B, TOKENS, 3*p*p)
+    m = pack(known.to(device=device, dtype=dtype).expand(B, 3, size, size), p)  # (B, TOKENS, 3*p*p)
+    x = noise
+    sched = make_scheduler(steps)
+    labels = labels.to(device)
+    for i, t in enumerate(sched.timesteps):
+        sigma = sched.sigmas[i].item()
+        x = m * ((1 - sigma) * x0 + sigma * noise) + (1 - m) * x
+        tt = (t / 1000).expand(B).to(device=device, dtype=dtype)
+        v = velocity(sm, x, tt, labels)
+        x = sched.step(v, t, x, return_dict=False)[0]
+        if callback is not None:
+            callback(i, x)
+    x = m * x0 + (1 - m) * x
     return unpack(x.float(), p, size, size).clamp(-1, 1)

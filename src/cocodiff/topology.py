@@ -77,26 +77,31 @@ class Topology:
         return topo
 
     @classmethod
-    def from_launcher(cls, world_size: int) -> "Topology":
-        """Two tiers (local, node) from torchrun's LOCAL_WORLD_SIZE when the world spans several nodes,
-        else one tier."""
+    def from_launcher(cls, world_size: int, global_ranks: list[int] | None = None) -> "Topology":
+        """Two tiers (local, node) from torchrun's LOCAL_WORLD_SIZE when the group spans several hosts, else
+        one tier. `global_ranks[i]` is the global rank of group rank i (default: the identity)."""
         local = os.environ.get("LOCAL_WORLD_SIZE")
         if local is None or world_size == 1:
             return cls((world_size,))
         local = int(local)
-        if local < 1 or world_size % local != 0:
-            raise ValueError(
-                f"LOCAL_WORLD_SIZE={local} does not divide the world size {world_size}; "
-                "pass an explicit topology spec, e.g. ParallelConfig(topology='2x4')"
-            )
-        if local == world_size:
+        ranks = list(global_ranks) if global_ranks is not None else list(range(world_size))
+        nodes = [r // local for r in ranks]
+        distinct = sorted(set(nodes))
+        if len(distinct) == 1:
             return cls((world_size,))
-        return cls((local, world_size // local))
+        per_node = world_size // len(distinct)
+        expected = [distinct[i // per_node] for i in range(world_size)] if world_size % len(distinct) == 0 else None
+        if nodes != expected:
+            raise ValueError(
+                f"the process group's ranks {ranks} are not spread evenly and contiguously over hosts of "
+                f"LOCAL_WORLD_SIZE={local}; pass an explicit topology spec, e.g. ParallelConfig(topology='1x{world_size}')"
+            )
+        return cls((per_node, len(distinct)))
 
     @classmethod
-    def resolve(cls, spec: str | None, world_size: int) -> "Topology":
+    def resolve(cls, spec: str | None, world_size: int, global_ranks: list[int] | None = None) -> "Topology":
         if spec is None:
-            return cls.from_launcher(world_size)
+            return cls.from_launcher(world_size, global_ranks)
         return cls.from_spec(spec, world_size)
 
     def _check_launcher_order(self) -> None:

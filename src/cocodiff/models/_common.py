@@ -31,3 +31,11 @@ def check_unfused(attn: nn.Module) -> None:
             f"cocodiff: {type(attn).__name__} has fused QKV projections; call transformer.unfuse_qkv_projections() "
             "before parallelize()"
         )
+
+
+def rotate(fn, x, *args, **kwargs):
+    """Apply a RoPE function, skipping empty tensors: a rank may hold no tokens of a kind (fewer tokens than
+    ranks), and diffusers' RoPE reshapes with -1, which is ambiguous for zero elements."""
+    if x.numel() == 0:
+        return x
+    return fn(x, *args, **kwargs)

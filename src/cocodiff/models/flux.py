@@ -11,7 +11,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import attention_modules_by_class, check_unfused, refuse, refuse_attention_kwargs
+from ._common import rotate, attention_modules_by_class, check_unfused, refuse, refuse_attention_kwargs
 
 
 class FluxUlyssesProcessor:
@@ -44,8 +44,8 @@ class FluxUlyssesProcessor:
                 k = torch.cat([ek, k], dim=1)
             if image_rotary_emb is not None:
                 # local tokens carry their global positions: the rotary tables were split with them
-                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+                q = rotate(apply_rotary_emb, q, image_rotary_emb, sequence_dim=1)
+                k = rotate(apply_rotary_emb, k, image_rotary_emb, sequence_dim=1)
             return q, k
 
         out = self.engine.attend(project_v=project_v, project_qk=project_qk, kinds=(TXT, IMG))

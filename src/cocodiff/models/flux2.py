@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2Attention, Flux
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import check_unfused, refuse_attention_kwargs
+from ._common import rotate, check_unfused, refuse_attention_kwargs
 
 
 class Flux2UlyssesProcessor:
@@ -42,8 +42,8 @@ class Flux2UlyssesProcessor:
                 q = torch.cat([eq, q], dim=1)
                 k = torch.cat([ek, k], dim=1)
             if image_rotary_emb is not None:
-                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+                q = rotate(apply_rotary_emb, q, image_rotary_emb, sequence_dim=1)
+                k = rotate(apply_rotary_emb, k, image_rotary_emb, sequence_dim=1)
             return q, k
 
         out = self.engine.attend(project_v=project_v, project_qk=project_qk, kinds=(TXT, IMG))
@@ -96,8 +96,8 @@ class Flux2SingleUlyssesProcessor:
             q = attn.norm_q(q.unflatten(-1, (-1, d)))
             k = attn.norm_k(k.unflatten(-1, (-1, d)))
             if image_rotary_emb is not None:
-                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+                q = rotate(apply_rotary_emb, q, image_rotary_emb, sequence_dim=1)
+                k = rotate(apply_rotary_emb, k, image_rotary_emb, sequence_dim=1)
             return q, k
 
         out = self.engine.attend(project_v=project_v, project_qk=project_qk, kinds=(TXT, IMG))

@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenImageTransfo
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import check_unfused, refuse, refuse_attention_kwargs
+from ._common import rotate, check_unfused, refuse, refuse_attention_kwargs
 
 
 class QwenUlyssesProcessor:
@@ -57,10 +57,10 @@ class QwenUlyssesProcessor:
                 tk = attn.norm_added_k(tk)
             if image_rotary_emb is not None:
                 img_freqs, txt_freqs = image_rotary_emb
-                iq = apply_rotary_emb_qwen(iq, img_freqs, use_real=False)
-                ik = apply_rotary_emb_qwen(ik, img_freqs, use_real=False)
-                tq = apply_rotary_emb_qwen(tq, txt_freqs, use_real=False)
-                tk = apply_rotary_emb_qwen(tk, txt_freqs, use_real=False)
+                iq = rotate(apply_rotary_emb_qwen, iq, img_freqs, use_real=False)
+                ik = rotate(apply_rotary_emb_qwen, ik, img_freqs, use_real=False)
+                tq = rotate(apply_rotary_emb_qwen, tq, txt_freqs, use_real=False)
+                tk = rotate(apply_rotary_emb_qwen, tk, txt_freqs, use_real=False)
             return torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1)
 
         key_mask = None

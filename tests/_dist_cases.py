@@ -1,0 +1,135 @@
+"""Bodies of the distributed tests: they run on every rank of a WorkerPool (module-level, so they pickle).
+
+Each returns something small (or raises: an assertion error on any rank fails the test with its traceback).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import cocodiff
+from cocodiff import zoo
+from cocodiff.comm import FlatAllToAll, SeqLayout, start_head_to_seq, start_seq_to_head
+from cocodiff.topology import Topology
+from cocodiff.ulysses import split_sizes
+
+_GROUPS: dict[int, object] = {}
+
+
+def subgroup(world: int):
+    """A group of ranks [0, world) (created collectively, cached: every rank calls in the same order)."""
+    if world == dist.get_world_size():
+        return dist.group.WORLD
+    if world not in _GROUPS:
+        _GROUPS[world] = dist.new_group(list(range(world)))
+    return _GROUPS[world]
+
+
+def _exchange_setup(world, lengths, B, H, D, seed):
+    group = subgroup(world)
+    rank = dist.get_rank()
+    if rank >= world:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(B, sum(lengths), H, D, generator=g)  # same on every rank
+    lay = SeqLayout(tuple(lengths), rank)
+    a2a = FlatAllToAll(group=group, topology=Topology((world,)))
+    off = sum(lengths[:rank])
+    local = full[:, off : off + lengths[rank]].contiguous()
+    return group, rank, full, lay, a2a, local
+
+
+def exchange_matches_gather_reference(world, lengths, B=2, H=4, D=3, seed=0):
+    """seq->head equals a reference built by all-gathering the local slices and slicing this rank's heads."""
+    setup = _exchange_setup(world, lengths, B, H, D, seed)
+    if setup is None:
+        return None
+    group, rank, full, lay, a2a, local = setup
+    got = start_seq_to_head(local, lay, a2a).wait()  # (B, H_LOCAL, S, D)
+    # reference: real all-gather of the (padded) local slices, then slice
+    l_max = max(lengths)
+    padded = torch.zeros(B, l_max, H, D)
+    padded[:, : lengths[rank]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    gathered = torch.cat([p[:, :n] for p, n in zip(parts, lengths)], dim=1)  # (B, S, H, D)
+    hl = H // world
+    ref = gathered[:, :, rank * hl : (rank + 1) * hl].permute(0, 2, 1, 3)
+    assert torch.equal(got, ref), "seq->head differs from the gather+slice reference"
+    assert torch.equal(gathered, full)
+    # byte accounting: (P - 1) padded blocks leave this rank
+    block = l_max * B * hl * D * 4
+    assert a2a.stats.bytes_by_tier == [(world - 1) * block], (a2a.stats.bytes_by_tier, block)
+    return True
+
+
+def exchange_round_trip(world, lengths, B=2, H=4, D=3, seed=1):
+    """head->seq(seq->head(x)) is the identity, bit for bit."""
+    setup = _exchange_setup(world, lengths, B, H, D, seed)
+    if setup is None:
+        return None
+    group, rank, full, lay, a2a, local = setup
+    heads = start_seq_to_head(local, lay, a2a).wait()
+    back = start_head_to_seq(heads, lay, a2a).wait()
+    assert back.shape == local.shape
+    assert torch.equal(back, local)
+    return True
+
+
+def model_matches_single_process(family, world, v_first, cases):
+    """The parallel model's output equals the single-process output for every (rows, cols, n_txt, batch)."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, "tiny", seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=v_first), group=group)
+    diffs = []
+    for rows, cols, n_txt, batch, *rest in cases:
+        mask = bool(rest and rest[0])
+        inputs = zoo.make_inputs(family, model, rows=rows, cols=cols, n_txt=n_txt, batch=batch, seed=rows * 31 + cols,
+                                 text_mask=mask)
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+        assert par.cocodiff.step_stats.exchanges > 0
+        diffs.append((out - ref).abs().max().item())
+    return diffs
+
+
+def ranks_disagree(world):
+    """Rank 1 calls with a different image size: every rank must raise a clear error, none may hang."""
+    group = subgroup(world)
+    rank = dist.get_rank()
+    if rank >= world:
+        return None
+    model = zoo.build_model("flux", "tiny", seed=0)
+    cocodiff.parallelize(model, cocodiff.ParallelConfig(), group=group)
+    cols = 4 if rank != 1 else 5
+    inputs = zoo.make_inputs("flux", model, rows=4, cols=cols, n_txt=4)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def bad_heads(world):
+    """Heads that do not divide: ValueError at parallelize, naming heads and degree, before any collective."""
+    rank = dist.get_rank()
+    model = zoo.build_model("flux", "tiny", seed=0, num_attention_heads=3, attention_head_dim=8)
+    try:
+        cocodiff.parallelize(model, cocodiff.ParallelConfig())
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def layout_sizes(n, world):
+    return split_sizes(n, world)

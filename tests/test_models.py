@@ -1,0 +1,34 @@
+"""Every model family, sharded over 2 and 4 gloo CPU ranks, equals the single-process model (fp32)."""
+
+import pytest
+
+import _dist_cases as cases
+from cocodiff import zoo
+
+# (rows, cols, text tokens, batch[, text mask]): even split, uneven split with batch 2, and a tiny image
+# where some ranks hold no image (or no text) tokens at all.
+CASES = [(4, 4, 8, 1), (3, 5, 5, 2), (1, 3, 2, 1)]
+QWEN_CASES = CASES + [(3, 3, 6, 2, True)]
+
+
+@pytest.mark.parametrize("v_first", [False, True], ids=["flat", "vfirst"])
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_parallel_equals_single_process(pools, family, world, v_first):
+    shapes = QWEN_CASES if family == "qwenimage" else CASES
+    out = pools(4).run(cases.model_matches_single_process, family, world, v_first, shapes)
+    diffs = out[0]
+    assert len(diffs) == len(shapes)
+    assert max(diffs) < 2e-5
+
+
+def test_ranks_that_disagree_on_inputs_raise(pools):
+    out = pools(4).run(cases.ranks_disagree, 2)
+    for msg in out[:2]:
+        assert "ranks disagree" in msg, msg
+
+
+def test_heads_not_divisible_raise_before_any_collective(pools):
+    out = pools(4).run(cases.bad_heads, 4)
+    for msg in out:
+        assert "3 heads" in msg and "degree 4" in msg, msg
