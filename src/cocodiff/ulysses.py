@@ -83,6 +83,17 @@ class UlyssesEngine:
         self._seq_layouts: dict[tuple[int, ...], SeqLayout] = {}
         self._mask_cache: dict = {}
 
+    def set_schedule(self, *, v_first: bool | None = None, sync: bool | None = None) -> None:
+        """Switch schedule options that do not change how tokens are sharded (for A/B runs on one model)."""
+        changes = {}
+        if v_first is not None:
+            changes["v_first"] = v_first
+        if sync is not None:
+            changes["sync"] = sync
+            self.a2a.sync = sync
+        if changes:
+            self.config = self.config.with_(preset_name=None, **changes)
+
     # ---- layout -------------------------------------------------------------------------------
     def begin_forward(self, n_img: int, n_txt: int) -> None:
         self.layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.world)

@@ -1,0 +1,161 @@
+"""One transformer step of a full-size DiT (random bf16 weights) on 1..P GPUs: ms/step and error vs 1 GPU.
+
+Launch once per GPU count with torchrun; the 1-GPU run (no parallelism) writes the reference outputs that
+the parallel runs compare against:
+
+    torchrun --nproc-per-node 1 benchmarks/flux_step.py --ref-dir REF --out OUT
+    torchrun --nproc-per-node 4 benchmarks/flux_step.py --ref-dir REF --out OUT --configs flat vfirst
+
+Timings: CUDA events around one forward, warm-up excluded, median (and min) of --iters runs; eager and
+(with --graph) the step replayed as a CUDA graph. Rank 0 writes OUT/<family>_P<P>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cocodiff import ParallelConfig, parallelize, zoo  # noqa: E402
+from cocodiff.graph import GraphedStep  # noqa: E402
+from cocodiff.launch import set_multi_gpu_env  # noqa: E402
+
+TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
+
+
+def time_fn(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float().cpu(), ref.float().cpu()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="flux", choices=zoo.FAMILIES)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--configs", nargs="+", default=["flat"], help="flat and/or vfirst (flat + V-First)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
+    ap.add_argument("--ref-dir", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    set_multi_gpu_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    rank = dist.get_rank() if world > 1 else 0
+    device = torch.device("cuda", local_rank)
+
+    t0 = time.perf_counter()
+    model = zoo.build_model(args.family, "full", dtype=torch.bfloat16, device=device, seed=0)
+    init_s = time.perf_counter() - t0
+    ref_dir = Path(args.ref_dir)
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    import diffusers
+
+    result = {
+        "family": args.family,
+        "P": world,
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if world > 1 else None,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "params_billion": sum(p.numel() for p in model.parameters()) / 1e9,
+        "init_s": init_s,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
+        "sizes": {},
+    }
+    configs = ["single"] if world == 1 else args.configs
+    if world > 1:
+        parallelize(model, ParallelConfig())
+    for size in args.sizes:
+        rows, cols = zoo.image_tokens(args.family, model, size, size)
+        inputs = zoo.make_inputs(args.family, model, rows=rows, cols=cols, n_txt=TEXT_TOKENS[args.family],
+                                 device=device, dtype=torch.bfloat16, seed=1)
+        entry = {"image_tokens": rows * cols, "text_tokens": TEXT_TOKENS[args.family]}
+        ref_path = ref_dir / f"{args.family}_{size}.pt"
+        for name in configs:
+            if world > 1:
+                model.cocodiff.set_schedule(v_first=(name == "vfirst"))
+            torch.cuda.reset_peak_memory_stats(device)
+
+            def eager():
+                with torch.no_grad():
+                    return model(**inputs, return_dict=False)[0]
+
+            times = time_fn(eager, args.warmup, args.iters)
+            out = eager()
+            row = {
+                "eager_ms_median": statistics.median(times),
+                "eager_ms_min": min(times),
+                "eager_ms_all": times,
+                "peak_mem_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
+            }
+            if world > 1:
+                row["bytes_per_step"] = model.cocodiff.step_stats.as_dict()
+            if world == 1 and rank == 0:
+                torch.save(out.cpu(), ref_path)
+            elif ref_path.exists():
+                row["rel_err_vs_1gpu"] = rel_err(out, torch.load(ref_path))
+            if args.graph:
+                try:
+                    step = GraphedStep(model)
+                    gout = step(**inputs)
+                    gtimes = time_fn(step.replay_only, args.warmup, args.iters)
+                    row["graph_ms_median"] = statistics.median(gtimes)
+                    row["graph_ms_min"] = min(gtimes)
+                    if ref_path.exists() and world > 1:
+                        row["graph_rel_err_vs_1gpu"] = rel_err(gout, torch.load(ref_path))
+                    row["graph_vs_eager_max_abs"] = (gout.float() - out.float()).abs().max().item()
+                    del step, gout
+                except Exception as exc:  # report, don't hide: the eager numbers still stand
+                    row["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
+                torch.cuda.empty_cache()
+            entry[name] = row
+            if rank == 0:
+                print(f"[P={world}] {args.family} {size}px {name}: eager {row['eager_ms_median']:.1f} ms"
+                      + (f", graph {row.get('graph_ms_median', float('nan')):.1f} ms" if args.graph else "")
+                      + (f", rel_err {row['rel_err_vs_1gpu']:.2e}" if "rel_err_vs_1gpu" in row else ""), flush=True)
+        result["sizes"][str(size)] = entry
+    if rank == 0:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{args.family}_P{world}.json").write_text(json.dumps(result, indent=1))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
