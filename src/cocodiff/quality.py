@@ -131,7 +131,8 @@ def _quality_rank(opts: dict) -> dict:
         images = inpaint(sm, opts["images"], opts["known"], opts["labels"], steps=opts["steps"],
                          seed=opts["seed"], callback=on_step)
         dts = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:])) or [stamps[-1] - stamps[0]]
-        out[label] = {"images": images if dist.get_rank() == 0 else None, "stats": total.as_dict(),
+        # numpy, not torch: torch's queue pickling shares tensors by fd, which dies with the rank's process
+        out[label] = {"images": images.numpy() if dist.get_rank() == 0 else None, "stats": total.as_dict(),
                       "ms_per_step": 1e3 * dts[len(dts) // 2]}
     return out
 
@@ -213,7 +214,7 @@ def run_quality(args) -> int:
                         labels=labels, steps=args.steps, seed=args.seed), backend="gloo", timeout_s=3600) if configs else []
         for label, _ in configs:
             per_rank = [r[label] for r in results]
-            images = per_rank[0]["images"]
+            images = torch.from_numpy(per_rank[0]["images"])
             outputs[f"{label}@{world}"] = images
             rows.append({
                 "mode": label, "ranks": world, "status": "ok", "config": label,

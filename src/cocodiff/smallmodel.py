@@ -125,7 +125,8 @@ def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torc
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"corrupt cocodiff small model metadata {meta_file}: {exc!r}") from None
     try:
-        transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+        transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype,
+                                                             low_cpu_mem_usage=False)
         cfg = transformer.config
         cond = ClassConditioner(len(classes), n_tokens, cfg.joint_attention_dim, cfg.pooled_projection_dim)
         cond.load_state_dict(load_file(str(path / "conditioner.safetensors")))
@@ -145,7 +146,9 @@ def save_small_model(sm: SmallDiT, path: str | Path, *, meta: dict, dtype=torch.
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    transformer = copy.deepcopy(sm.transformer).to(dtype)
+    transformer = copy.deepcopy(sm.transformer)
+    for p in transformer.parameters():  # (not .to(dtype): diffusers warns about casting a loaded model)
+        p.data = p.data.to(dtype)
     transformer.save_pretrained(path / "transformer", safe_serialization=True)
     save_file({k: v.detach().to(dtype).contiguous() for k, v in sm.conditioner.state_dict().items()},
               str(path / "conditioner.safetensors"))
