@@ -133,3 +133,67 @@ def bad_heads(world):
 
 def layout_sizes(n, world):
     return split_sizes(n, world)
+
+
+def tapa_equals_flat(world, spec, lengths, chunks_list=(1, 3), emulate=False, B=2, H=None, D=3, seed=2):
+    """TAPA (and the emulated fair flat) deliver the same bytes to the same place as the flat exchange:
+    seq->head and head->seq, bit for bit."""
+    from cocodiff.config import ParallelConfig, SlowTierEmulation
+    from cocodiff.tapa import build_exchange
+
+    group = subgroup(world)
+    rank = dist.get_rank()
+    if rank >= world:
+        return None
+    H = H or 2 * world
+    g = torch.Generator().manual_seed(seed)
+    full = torch.randn(B, sum(lengths), H, D, generator=g)
+    lay = SeqLayout(tuple(lengths), rank)
+    topo = Topology.from_spec(spec, world)
+    flat = FlatAllToAll(group=group, topology=topo)
+    off = sum(lengths[:rank])
+    local = full[:, off : off + lengths[rank]].contiguous()
+    ref_heads = start_seq_to_head(local, lay, flat).wait()
+    ref_back = start_head_to_seq(ref_heads, lay, flat).wait()
+    checked = []
+    emu = SlowTierEmulation() if emulate else None
+    configs = [ParallelConfig(all_to_all="tapa", tapa_plan="phases", tapa_chunks=c, topology=spec,
+                              emulate_slow_tier=emu) for c in chunks_list]
+    if emulate:
+        configs.append(ParallelConfig(all_to_all="flat", topology=spec, emulate_slow_tier=emu))
+    for cfg in configs:
+        strat, stats = build_exchange(cfg, group, topo)
+        heads = start_seq_to_head(local, lay, strat).wait()
+        assert torch.equal(heads, ref_heads), (spec, cfg.tapa_chunks, cfg.all_to_all)
+        back = start_head_to_seq(heads, lay, strat).wait()
+        assert torch.equal(back, ref_back) and torch.equal(back, local)
+        checked.append((strat.name, list(stats.bytes_by_tier), list(stats.messages_by_tier)))
+    return checked
+
+
+def model_with_config(family, world, cfg_kwargs, cases):
+    """Like model_matches_single_process, for any ParallelConfig (e.g. preset "tapa" on a 2x2 topology)."""
+    from cocodiff.config import ParallelConfig, SlowTierEmulation
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    kwargs = dict(cfg_kwargs)
+    if kwargs.pop("emulate", False):
+        kwargs["emulate_slow_tier"] = SlowTierEmulation()
+    preset = kwargs.pop("preset", None)
+    cfg = ParallelConfig.preset(preset, **kwargs) if preset else ParallelConfig(**kwargs)
+    model = zoo.build_model(family, "tiny", seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cfg, group=group)
+    diffs = []
+    for rows, cols, n_txt, batch in cases:
+        inputs = zoo.make_inputs(family, model, rows=rows, cols=cols, n_txt=n_txt, batch=batch, seed=rows + cols)
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+        diffs.append((out - ref).abs().max().item())
+    decisions = getattr(par.cocodiff.a2a, "decisions", {})
+    return diffs, sorted(set(decisions.values())), par.cocodiff.step_stats.as_dict()

@@ -33,6 +33,9 @@ def test_config_is_keyword_only_and_frozen():
         (dict(topology="2x0"), "size 0"),
         (dict(v_first="yes"), "v_first"),
         (dict(v_major="on"), "VMajorConfig"),
+        (dict(tapa_plan="fast"), "tapa_plan='fast'"),
+        (dict(tapa_chunks=0), "tapa_chunks=0"),
+        (dict(emulate_slow_tier="yes"), "SlowTierEmulation"),
     ],
 )
 def test_bad_config_names_the_value(kwargs, words):
@@ -42,9 +45,10 @@ def test_bad_config_names_the_value(kwargs, words):
 
 
 def test_unimplemented_mechanisms_are_refused_not_ignored():
-    for name in ("tapa", "vfirst", "cocodiff"):
-        with pytest.raises(ValueError, match="not available"):
-            ParallelConfig.preset(name)
+    assert ParallelConfig.preset("tapa").all_to_all == "tapa"
+    assert ParallelConfig.preset("vfirst").v_first is True
+    with pytest.raises(ValueError, match="not available"):
+        ParallelConfig.preset("cocodiff")
     with pytest.raises(ValueError, match="not available"):
         ParallelConfig(v_major=VMajorConfig())
     with pytest.raises(ValueError, match="unknown preset"):

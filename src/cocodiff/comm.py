@@ -89,12 +89,14 @@ class Handle:
     step that uses handles can be captured in a CUDA graph.
     """
 
-    __slots__ = ("_works", "_result", "_post", "_done")
+    __slots__ = ("_works", "_result", "_post", "_join", "_done")
 
-    def __init__(self, works: list, result: torch.Tensor, post: Callable[[torch.Tensor], torch.Tensor] | None):
+    def __init__(self, works: list, result: torch.Tensor | None, post: Callable[[torch.Tensor], torch.Tensor] | None,
+                 join: Callable[[], None] | None = None):
         self._works = works
         self._result = result
         self._post = post
+        self._join = join
         self._done = False
 
     def wait(self) -> torch.Tensor:
@@ -102,6 +104,8 @@ class Handle:
             for w in self._works:
                 if w is not None:
                     w.wait()
+            if self._join is not None:
+                self._join()  # side streams of a multi-phase exchange rejoin the caller's stream
             if self._post is not None:
                 self._result = self._post(self._result)
             self._works = []
@@ -120,13 +124,13 @@ class FlatAllToAll:
 
     name = "flat"
 
-    def __init__(self, *, group, topology: Topology, sync: bool = False):
+    def __init__(self, *, group, topology: Topology, sync: bool = False, stats: CommStats | None = None):
         self.group = group
         self.topology = topology
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.sync = sync
-        self.stats = CommStats(tuple(t.name for t in topology.tiers))
+        self.stats = stats if stats is not None else CommStats(tuple(t.name for t in topology.tiers))
         self._peers = topology.peers_per_tier(self.rank)
 
     def start(self, send: torch.Tensor, post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Handle:

@@ -12,6 +12,7 @@ from typing import Literal
 from .topology import parse_topology_spec
 
 ALL_TO_ALL_KINDS = ("flat", "tapa")
+TAPA_PLANS = ("auto", "phases")
 PRESETS = ("flat", "tapa", "vfirst", "cocodiff")
 
 
@@ -43,6 +44,31 @@ class VMajorConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class SlowTierEmulation:
+    """Make the outermost tier's links slow on one host, with real traffic, to stand in for a network.
+
+    Every exchange then moves each pair of ranks' bytes over the link the pair would use on a cluster:
+    intra-"node" pairs over the fast links, inter-"node" pairs over the emulated slow link, flat and TAPA alike.
+
+    Args:
+        max_ctas: NCCL CTA cap of the slow-tier communicators (1 CTA gives ~17 GB/s per H200; more is faster).
+            Ignored on gloo (CPU ranks), where the emulation only changes the route.
+        stands_for: the real link the slow tier emulates, written into every report.
+        target_GBps: that link's per-GPU bandwidth (reports compare the achieved GB/s with it).
+    """
+
+    max_ctas: int = 1
+    stands_for: str = "400 Gb/s NIC per GPU"
+    target_GBps: float = 50.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_ctas <= 64:
+            raise ValueError(f"SlowTierEmulation.max_ctas={self.max_ctas} must be in [1, 64]")
+        if self.target_GBps <= 0:
+            raise ValueError(f"SlowTierEmulation.target_GBps={self.target_GBps} must be > 0")
+
+
+@dataclass(kw_only=True, frozen=True)
 class ParallelConfig:
     """How `cocodiff.parallelize` shards a DiT.
 
@@ -53,6 +79,10 @@ class ParallelConfig:
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
         topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
             outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
+        tapa_plan: with all_to_all="tapa": "auto" times flat routing and TAPA (1 and several pipeline chunks)
+            per message shape at first use and keeps the fastest; "phases" always routes in phases.
+        tapa_chunks: pipeline chunks of the "phases" plan (1 = phases strictly one after the other).
+        emulate_slow_tier: a `SlowTierEmulation` to run the outermost tier over slowed links (one host).
         sync: debug switch: wait for every exchange right after starting it (no overlap).
         check_inputs: at the first call, compare the input shapes of all ranks with one small collective and
             raise a clear error if they differ (ranks that disagree would otherwise hang or be silently wrong).
@@ -62,6 +92,9 @@ class ParallelConfig:
     v_first: bool = False
     v_major: VMajorConfig | None = None
     topology: str | None = None
+    tapa_plan: Literal["auto", "phases"] = "auto"
+    tapa_chunks: int = 1
+    emulate_slow_tier: SlowTierEmulation | None = None
     sync: bool = False
     check_inputs: bool = True
     preset_name: str | None = field(default=None, compare=False)
@@ -71,10 +104,14 @@ class ParallelConfig:
             raise ValueError(
                 f"ParallelConfig.all_to_all={self.all_to_all!r} is not one of {ALL_TO_ALL_KINDS}"
             )
-        if self.all_to_all == "tapa":
-            raise ValueError(
-                "ParallelConfig.all_to_all='tapa' is not available in this version of cocodiff; "
-                "use all_to_all='flat'"
+        if self.tapa_plan not in TAPA_PLANS:
+            raise ValueError(f"ParallelConfig.tapa_plan={self.tapa_plan!r} is not one of {TAPA_PLANS}")
+        if not isinstance(self.tapa_chunks, int) or self.tapa_chunks < 1:
+            raise ValueError(f"ParallelConfig.tapa_chunks={self.tapa_chunks!r} must be an integer >= 1")
+        if self.emulate_slow_tier is not None and not isinstance(self.emulate_slow_tier, SlowTierEmulation):
+            raise TypeError(
+                "ParallelConfig.emulate_slow_tier must be None or a SlowTierEmulation, got "
+                f"{type(self.emulate_slow_tier).__name__}"
             )
         if not isinstance(self.v_first, bool):
             raise TypeError(f"ParallelConfig.v_first must be a bool, got {self.v_first!r}")
@@ -114,4 +151,5 @@ class ParallelConfig:
     def label(self) -> str:
         if self.preset_name:
             return self.preset_name
-        return f"{self.all_to_all}{'+vfirst' if self.v_first else ''}"
+        emu = "+emulated" if self.emulate_slow_tier is not None else ""
+        return f"{self.all_to_all}{'+vfirst' if self.v_first else ''}{emu}"

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .comm import CommStats, FlatAllToAll, SeqLayout, gather_seq, start_head_to_seq, start_seq_to_head
+from .comm import CommStats, SeqLayout, gather_seq, start_head_to_seq, start_seq_to_head
 from .config import ParallelConfig
+from .tapa import build_exchange
 from .topology import Topology
 
 IMG, TXT = "img", "txt"
@@ -76,7 +77,7 @@ class UlyssesEngine:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.topology = topology
-        self.a2a = FlatAllToAll(group=group, topology=topology, sync=config.sync)
+        self.a2a, self.stats = build_exchange(config, group, topology)
         self.layout: TokenLayout | None = None
         self.calls = 0
         self.step_stats = CommStats(tuple(t.name for t in topology.tiers))
@@ -90,20 +91,21 @@ class UlyssesEngine:
             changes["v_first"] = v_first
         if sync is not None:
             changes["sync"] = sync
-            self.a2a.sync = sync
+            for strat in getattr(self.a2a, "candidates", [self.a2a]):
+                strat.sync = sync
         if changes:
             self.config = self.config.with_(preset_name=None, **changes)
 
     # ---- layout -------------------------------------------------------------------------------
     def begin_forward(self, n_img: int, n_txt: int) -> None:
         self.layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.world)
-        self.a2a.stats.reset()
+        self.stats.reset()
         self._mask_cache.clear()
         self.calls += 1
 
     def end_forward(self) -> None:
-        self.step_stats = CommStats(self.a2a.stats.tier_names)
-        self.step_stats.add(self.a2a.stats)
+        self.step_stats = CommStats(self.stats.tier_names)
+        self.step_stats.add(self.stats)
 
     def _require_layout(self) -> TokenLayout:
         if self.layout is None:
@@ -132,7 +134,7 @@ class UlyssesEngine:
     def gather(self, x: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
         """Whole tensor from the per-rank slices along `dim`."""
         lay = self.seq_layout((kind,))
-        return gather_seq(x, lay, dim=dim, group=self.group, stats=self.a2a.stats)
+        return gather_seq(x, lay, dim=dim, group=self.group, stats=self.stats)
 
     def joint_key_mask(self, txt_mask: torch.Tensor, order: tuple[str, ...]) -> torch.Tensor:
         """Key-padding mask `(B, S)` of the joint sequence in the order the exchange delivers tokens.
