@@ -27,6 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cocodiff import ParallelConfig, parallelize, zoo  # noqa: E402
+from cocodiff.config import SlowTierEmulation  # noqa: E402
 from cocodiff.graph import GraphedStep  # noqa: E402
 from cocodiff.launch import set_multi_gpu_env  # noqa: E402
 
@@ -56,7 +57,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="flux", choices=zoo.FAMILIES)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
-    ap.add_argument("--configs", nargs="+", default=["flat"], help="flat and/or vfirst (flat + V-First)")
+    ap.add_argument("--configs", nargs="+", default=["flat"],
+                    help="flat, vfirst (flat + V-First), tapa (automatic plan), tapa-vfirst, tapa-phases")
+    ap.add_argument("--topology", default=None, help="tier spec for the parallel runs, e.g. 2x2")
+    ap.add_argument("--emulate", action="store_true", help="emulate a slow outermost tier (CTA-capped NCCL)")
+    ap.add_argument("--max-ctas", type=int, default=1, help="CTA cap of the emulated slow link")
+    ap.add_argument("--tag", default="", help="suffix of the output file name")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
@@ -97,8 +103,12 @@ def main() -> None:
         "sizes": {},
     }
     configs = ["single"] if world == 1 else args.configs
+    emu = SlowTierEmulation(max_ctas=args.max_ctas) if args.emulate else None
+    result["topology"] = args.topology
+    result["emulation"] = None if emu is None else {"max_ctas": emu.max_ctas, "stands_for": emu.stands_for}
     if world > 1:
-        parallelize(model, ParallelConfig())
+        # one engine with every route (flat, TAPA 1 and 4 chunks, automatic plan); configs switch between them
+        parallelize(model, ParallelConfig(all_to_all="tapa", topology=args.topology, emulate_slow_tier=emu))
     for size in args.sizes:
         rows, cols = zoo.image_tokens(args.family, model, size, size)
         inputs = zoo.make_inputs(args.family, model, rows=rows, cols=cols, n_txt=TEXT_TOKENS[args.family],
@@ -107,7 +117,10 @@ def main() -> None:
         ref_path = ref_dir / f"{args.family}_{size}.pt"
         for name in configs:
             if world > 1:
-                model.cocodiff.set_schedule(v_first=(name == "vfirst"))
+                eng = model.cocodiff
+                eng.set_schedule(v_first=name.endswith("vfirst"))
+                eng.use_exchange({"flat": "flat", "vfirst": "flat", "tapa": "auto", "tapa-vfirst": "auto",
+                                  "tapa-phases": "tapa"}[name])
             torch.cuda.reset_peak_memory_stats(device)
 
             def eager():
@@ -124,6 +137,10 @@ def main() -> None:
             }
             if world > 1:
                 row["bytes_per_step"] = model.cocodiff.step_stats.as_dict()
+                auto = getattr(model.cocodiff, "_auto", None)
+                if auto is not None and name.startswith("tapa"):
+                    row["auto_decisions"] = {str(k[0]): v for k, v in auto.decisions.items()}
+                    row["auto_timings_ms"] = {str(k[0]): v for k, v in auto.timings.items()}
             if world == 1 and rank == 0:
                 torch.save(out.cpu(), ref_path)
             elif ref_path.exists():
@@ -151,7 +168,7 @@ def main() -> None:
     if rank == 0:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"{args.family}_P{world}.json").write_text(json.dumps(result, indent=1))
+        (out_dir / f"{args.family}_P{world}{args.tag}.json").write_text(json.dumps(result, indent=1))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -3,6 +3,7 @@
 Subcommands:
     demo      run the small model end to end on CPU ranks (no GPU) or GPUs, write images and a report
     quality   compare communication modes on the shipped model (PSNR/SSIM table and plot)
+    bench a2a all-to-all microbenchmark: flat vs TAPA over message sizes, real or emulated tiers
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
     _add_parallel_args(demo)
 
+    from . import bench_a2a
+
+    bench_a2a.add_parser(sub)
     try:
         from . import quality
     except ImportError:
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(args)
+        if args.command == "bench":
+            from .bench_a2a import run_bench
+
+            return run_bench(args)
         if args.command == "quality":
             from .quality import run_quality
 

@@ -96,6 +96,22 @@ class UlyssesEngine:
         if changes:
             self.config = self.config.with_(preset_name=None, **changes)
 
+    def use_exchange(self, name: str) -> None:
+        """For A/B benchmarks on one model: route every exchange through one route of the automatic plan
+        ("flat", "tapa", "tapa/4") or back to "auto". Needs all_to_all="tapa" (tapa_plan="auto")."""
+        auto = getattr(self, "_auto", None) or self.a2a
+        if not hasattr(auto, "candidates"):
+            raise ValueError("use_exchange needs a model parallelised with all_to_all='tapa', tapa_plan='auto'")
+        self._auto = auto
+        if name == "auto":
+            self.a2a = auto
+            return
+        for strat in auto.candidates:
+            if strat.name == name:
+                self.a2a = strat
+                return
+        raise ValueError(f"no exchange route {name!r}; choose auto or one of {[c.name for c in auto.candidates]}")
+
     # ---- layout -------------------------------------------------------------------------------
     def begin_forward(self, n_img: int, n_txt: int) -> None:
         self.layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.world)

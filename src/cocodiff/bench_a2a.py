@@ -1,0 +1,208 @@
+"""`cocodiff bench a2a`: the all-to-all microbenchmark (paper Fig. 11): flat vs TAPA over message sizes.
+
+For each message size (bytes each rank sends in one all-to-all) it times every route of the same block
+all-to-all (flat; TAPA with 1, 2 and 4 pipeline chunks) and records which one the automatic plan picks,
+with latency, algorithm bandwidth (bytes per rank / time) and the number and size of slow-tier messages per
+rank. Under slow-tier emulation it first calibrates the emulated link: the GB/s that inter-"node" traffic
+actually achieves for several NCCL CTA caps, and (with --max-ctas auto) keeps the cap closest to the
+stated real link. Rank 0 writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .comm import CommStats, FlatAllToAll
+from .config import ParallelConfig, SlowTierEmulation
+from .launch import set_multi_gpu_env, spawn
+from .tapa import FairFlatAllToAll, TapaAllToAll, _slow_options, build_exchange
+from .topology import Topology
+
+
+def _time(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            out.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def calibrate_slow_link(topo: Topology, group, device, ctas_list, mb: float, iters: int) -> dict:
+    """GB/s per rank of inter-node traffic over a CTA-capped communicator (what the emulated link achieves)."""
+    rank, world = dist.get_rank(group), topo.world_size
+    parent = dist.get_process_group_ranks(group)
+    local = world // topo.sizes[-1]
+    node = rank // local
+    splits = [0 if r // local == node else 1 for r in range(world)]
+    remote = world - local
+    cols = max(1, int(mb * 1e6 / 2 / max(remote, 1)))
+    send = torch.randn(remote, cols, device=device).to(torch.bfloat16)
+    recv = torch.empty_like(send)
+    out = {}
+    for ctas in ctas_list:
+        g = dist.new_group(parent, pg_options=_slow_options(group, ctas))
+
+        def fn():
+            dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits, group=g)
+
+        t = statistics.median(_time(fn, 2, iters, device.type == "cuda"))
+        out[ctas] = {"ms": t, "GBps_per_rank": send.numel() * 2 / t / 1e6}
+    return out
+
+
+def _bench_rank(opts: dict) -> dict | None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cuda = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    topo = Topology.resolve(opts["topology"], world)
+    group = dist.group.WORLD
+    result = {
+        "topology": topo.spec, "tiers": [t.name for t in topo.tiers], "world": world, "backend": dist.get_backend(),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "iters": opts["iters"], "dtype": "bfloat16", "sizes_MB_per_rank": opts["sizes"], "emulation": None,
+    }
+    emu = None
+    if opts["emulate"]:
+        ctas = opts["max_ctas"]
+        cal = calibrate_slow_link(topo, group, device, opts["calibrate_ctas"], 32.0, opts["iters"])
+        if ctas == "auto":
+            ctas = min(cal, key=lambda c: abs(cal[c]["GBps_per_rank"] - opts["target_GBps"]))
+        emu = SlowTierEmulation(max_ctas=int(ctas), target_GBps=opts["target_GBps"])
+        result["emulation"] = {
+            "stands_for": emu.stands_for, "target_GBps": emu.target_GBps, "max_ctas": emu.max_ctas,
+            "calibration_32MB": {str(k): v for k, v in cal.items()},
+            "achieved_GBps_per_rank": cal.get(emu.max_ctas, {}).get("GBps_per_rank"),
+        }
+    cfg = ParallelConfig(all_to_all="tapa", topology=topo.spec, emulate_slow_tier=emu)
+    auto, stats = build_exchange(cfg, group, topo)
+    flat, tapa1, tapa4 = auto.candidates
+    tapa2 = TapaAllToAll(topology=topo, tier_groups=tapa1.groups, rank=rank, stats=stats, chunks=2)
+    routes = {"flat": flat, "tapa": tapa1, "tapa/2": tapa2, "tapa/4": tapa4}
+    if emu is not None:
+        routes["flat (real links)"] = FlatAllToAll(group=group, topology=topo, stats=CommStats(stats.tier_names))
+    rows = []
+    for mb in opts["sizes"]:
+        cols = max(1, int(mb * 1e6 / 2 / world))
+        send = torch.randn(world, cols, device=device).to(torch.bfloat16)
+        row = {"MB_per_rank": send.numel() * 2 / 1e6}
+        for name, strat in routes.items():
+            stats.reset()
+            strat.start(send).wait()
+            row[f"{name}_msgs_by_tier"] = list(stats.messages_by_tier)
+            row[f"{name}_bytes_by_tier"] = list(stats.bytes_by_tier)
+            times = _time(lambda: strat.start(send).wait(), 3, opts["iters"], cuda)
+            t = statistics.median(times)
+            row[f"{name}_ms"] = t
+            row[f"{name}_GBps"] = send.numel() * 2 / t / 1e6
+        row["auto_choice"] = auto.choose(send).name
+        row["auto_ms"] = row[f"{row['auto_choice']}_ms"]
+        row["tapa_best_ms"] = min(row["tapa_ms"], row["tapa/2_ms"], row["tapa/4_ms"])
+        row["auto_vs_flat"] = row["flat_ms"] / row["auto_ms"]
+        row["tapa_vs_flat"] = row["flat_ms"] / row["tapa_best_ms"]
+        rows.append(row)
+        if rank == 0:
+            print(f"{row['MB_per_rank']:7.2f} MB  flat {row['flat_ms']:.3f} ms  tapa {row['tapa_ms']:.3f}  "
+                  f"tapa/2 {row['tapa/2_ms']:.3f}  tapa/4 {row['tapa/4_ms']:.3f}  auto={row['auto_choice']} "
+                  f"({row['auto_vs_flat']:.2f}x flat)", flush=True)
+    result["rows"] = rows
+    if rank != 0:
+        return None
+    out = Path(opts["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"a2a_{topo.spec}{'_emulated' if emu else ''}_P{world}"
+    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    plot_a2a(result, out / f"{tag}.png")
+    return result
+
+
+def plot_a2a(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    mb = [r["MB_per_rank"] for r in rows]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and k not in ("auto_ms", "tapa_best_ms")]
+    for name in names:
+        ax.plot(mb, [r[f"{name}_ms"] for r in rows], "o-" if name.startswith("tapa") else "s--", label=name)
+    ax.plot(mb, [r["auto_ms"] for r in rows], "k:", lw=2, label="auto plan")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("MB sent per rank")
+    ax.set_ylabel("latency, ms (median)")
+    emu = result.get("emulation")
+    title = f"all-to-all, {result['world']} ranks, topology {result['topology']}"
+    if emu:
+        title += f"\nslow tier emulated: {emu['max_ctas']}-CTA NCCL ({emu['achieved_GBps_per_rank']:.0f} GB/s) for a {emu['stands_for']}"
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax2.plot(mb, [r["tapa_vs_flat"] for r in rows], "o-", label="best TAPA / flat")
+    ax2.plot(mb, [r["auto_vs_flat"] for r in rows], "k:", lw=2, label="auto plan / flat")
+    ax2.axhline(1.0, color="gray", lw=0.8)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("MB sent per rank")
+    ax2.set_ylabel("speedup over flat (x)")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="microbenchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    p = bsub.add_parser("a2a", help="all-to-all: flat vs TAPA over message sizes (JSON + PNG)")
+    p.add_argument("--topology", default=None, help="tier spec, outermost first (e.g. 2x2); default: launcher")
+    p.add_argument("--emulate", action="store_true", help="emulate a slow outermost tier (one host)")
+    p.add_argument("--max-ctas", default="auto", help="CTA cap of the emulated slow link, or 'auto' (calibrate)")
+    p.add_argument("--calibrate-ctas", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--target-GBps", type=float, default=50.0, help="per-GPU bandwidth of the emulated real link")
+    p.add_argument("--sizes", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="MB per rank")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--ranks", type=int, default=None, help="ranks to start without a launcher")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--out", default="cocodiff-out/bench")
+
+
+def run_bench(args) -> int:
+    opts = dict(topology=args.topology, emulate=args.emulate, max_ctas=args.max_ctas,
+                calibrate_ctas=args.calibrate_ctas, target_GBps=args.target_GBps, sizes=args.sizes,
+                iters=args.iters, out=args.out)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        set_multi_gpu_env()
+        backend = "nccl" if torch.cuda.is_available() and not args.cpu else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        try:
+            _bench_rank(opts)
+        finally:
+            dist.destroy_process_group()
+        return 0
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and not args.cpu else 0
+    world = args.ranks or (gpus if gpus else 4)
+    spawn(_bench_rank, world, opts, backend="nccl" if gpus else "gloo", timeout_s=3600)
+    print(f"wrote {args.out}")
+    return 0
