@@ -15,6 +15,6 @@ $run -m cocodiff.cli bench a2a --topology 2x2 --emulate --max-ctas auto --out "$
 CTAS=$(python3 -c "import json,sys; print(json.load(open('$OUT/a2a_2x2_emulated_P4.json'))['emulation']['max_ctas'])")
 echo "emulated slow link: max_ctas=$CTAS"
 [ -f "$REF/flux_1024.pt" ] || torchrun --standalone --nproc-per-node 1 "$here/flux_step.py" --ref-dir "$REF" --out "$OUT/ref" --iters 3
-$run "$here/flux_step.py" --ref-dir "$REF" --out "$OUT" --topology 2x2 --configs flat tapa tapa-vfirst --graph --tag _2x2
+$run "$here/flux_step.py" --ref-dir "$REF" --out "$OUT" --topology 2x2 --configs flat tapa-phases tapa --graph --tag _2x2
 $run "$here/flux_step.py" --ref-dir "$REF" --out "$OUT" --topology 2x2 --emulate --max-ctas "$CTAS" \
-    --configs flat tapa tapa-vfirst --graph --tag _2x2_emulated
+    --configs flat vfirst tapa-phases tapa tapa-vfirst --graph --tag _2x2_emulated

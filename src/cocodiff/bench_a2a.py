@@ -45,6 +45,28 @@ def _time(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
     return out
 
 
+def _time_graph(fn, iters: int) -> float | None:
+    """GPU-side time of `fn` (ms): `iters` calls captured in one CUDA graph, replayed; no host in the loop."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e) / iters
+    except Exception as exc:  # noqa: BLE001 - reported as missing
+        print(f"graph timing failed: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
 def calibrate_slow_link(topo: Topology, group, device, ctas_list, mb: float, iters: int) -> dict:
     """GB/s per rank of inter-node traffic over a CTA-capped communicator (what the emulated link achieves)."""
     rank, world = dist.get_rank(group), topo.world_size
@@ -104,25 +126,38 @@ def _bench_rank(opts: dict) -> dict | None:
         cols = max(1, int(mb * 1e6 / 2 / world))
         send = torch.randn(world, cols, device=device).to(torch.bfloat16)
         row = {"MB_per_rank": send.numel() * 2 / 1e6}
+        reference = flat.start(send).wait().clone()
         for name, strat in routes.items():
             stats.reset()
-            strat.start(send).wait()
+            got = strat.start(send).wait()
+            row[f"{name}_equals_flat"] = bool(torch.equal(got, reference))
             row[f"{name}_msgs_by_tier"] = list(stats.messages_by_tier)
             row[f"{name}_bytes_by_tier"] = list(stats.bytes_by_tier)
             times = _time(lambda: strat.start(send).wait(), 3, opts["iters"], cuda)
             t = statistics.median(times)
             row[f"{name}_ms"] = t
             row[f"{name}_GBps"] = send.numel() * 2 / t / 1e6
+            if cuda:
+                row[f"{name}_graph_ms"] = _time_graph(lambda: strat.start(send).wait(), 10)
         row["auto_choice"] = auto.choose(send).name
         row["auto_ms"] = row[f"{row['auto_choice']}_ms"]
         row["tapa_best_ms"] = min(row["tapa_ms"], row["tapa/2_ms"], row["tapa/4_ms"])
         row["auto_vs_flat"] = row["flat_ms"] / row["auto_ms"]
         row["tapa_vs_flat"] = row["flat_ms"] / row["tapa_best_ms"]
+        if cuda and row.get("flat_graph_ms"):
+            gt = [row.get(f"{n}_graph_ms") for n in ("tapa", "tapa/2", "tapa/4")]
+            gt = [t for t in gt if t]
+            if gt:
+                row["tapa_vs_flat_graph"] = row["flat_graph_ms"] / min(gt)
         rows.append(row)
         if rank == 0:
             print(f"{row['MB_per_rank']:7.2f} MB  flat {row['flat_ms']:.3f} ms  tapa {row['tapa_ms']:.3f}  "
                   f"tapa/2 {row['tapa/2_ms']:.3f}  tapa/4 {row['tapa/4_ms']:.3f}  auto={row['auto_choice']} "
-                  f"({row['auto_vs_flat']:.2f}x flat)", flush=True)
+                  f"({row['auto_vs_flat']:.2f}x flat)"
+                  + (f" | graph: flat {row['flat_graph_ms']:.3f} tapa {row.get('tapa_graph_ms') or float('nan'):.3f} "
+                     f"tapa/4 {row.get('tapa/4_graph_ms') or float('nan'):.3f}" if cuda else "")
+                  + ("" if all(v for k, v in row.items() if k.endswith("_equals_flat")) else "  MISMATCH"),
+                  flush=True)
     result["rows"] = rows
     if rank != 0:
         return None
@@ -143,7 +178,8 @@ def plot_a2a(result: dict, path: Path) -> None:
     rows = result["rows"]
     mb = [r["MB_per_rank"] for r in rows]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and k not in ("auto_ms", "tapa_best_ms")]
+    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and not k.endswith("graph_ms")
+             and k not in ("auto_ms", "tapa_best_ms")]
     for name in names:
         ax.plot(mb, [r[f"{name}_ms"] for r in rows], "o-" if name.startswith("tapa") else "s--", label=name)
     ax.plot(mb, [r["auto_ms"] for r in rows], "k:", lw=2, label="auto plan")
@@ -160,6 +196,8 @@ def plot_a2a(result: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     ax2.plot(mb, [r["tapa_vs_flat"] for r in rows], "o-", label="best TAPA / flat")
     ax2.plot(mb, [r["auto_vs_flat"] for r in rows], "k:", lw=2, label="auto plan / flat")
+    if any("tapa_vs_flat_graph" in r for r in rows):
+        ax2.plot(mb, [r.get("tapa_vs_flat_graph") for r in rows], "^-", label="best TAPA / flat, graph-replayed")
     ax2.axhline(1.0, color="gray", lw=0.8)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("MB sent per rank")
@@ -179,7 +217,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-ctas", default="auto", help="CTA cap of the emulated slow link, or 'auto' (calibrate)")
     p.add_argument("--calibrate-ctas", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--target-GBps", type=float, default=50.0, help="per-GPU bandwidth of the emulated real link")
-    p.add_argument("--sizes", type=float, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="MB per rank")
+    p.add_argument("--sizes", type=float, nargs="+", default=[0.0625, 0.25, 1, 2, 4, 8, 16, 32, 64],
+                   help="MB per rank")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--ranks", type=int, default=None, help="ranks to start without a launcher")
     p.add_argument("--cpu", action="store_true")
