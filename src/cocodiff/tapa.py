@@ -94,8 +94,13 @@ class TapaAllToAll:
         order = list(range(1, n_dest_left + 1)) + [0] + list(range(n_dest_left + 1, recv.dim()))
         return recv.permute(order)
 
-    def _run_chunk(self, x: torch.Tensor, async_ops: bool, streams=None) -> tuple[torch.Tensor, list]:
-        """All phases of one chunk. `x`: (D_{T-1}, ..., D_0, X_CHUNK). Returns (S_{T-1}, ..., S_0, X_CHUNK)."""
+    def _run_chunk(self, x: torch.Tensor, async_ops: bool, streams=None, keep: list | None = None):
+        """All phases of one chunk. `x`: (D_{T-1}, ..., D_0, X_CHUNK).
+
+        Returns (S_{T-1}, ..., S_0, X_CHUNK), the works, and the stream of the last phase. Every buffer a
+        phase allocates is appended to `keep`: the caller records them on the stream that waits for the
+        last phase, so the caching allocator cannot hand their memory to another stream while NCCL still
+        reads or writes it (the exchange after this one may start before this one is waited for)."""
         n_tiers = len(self.sizes)
         works = []
         prev_stream = None
@@ -116,6 +121,8 @@ class TapaAllToAll:
                     x.record_stream(stream)
                 send = self._phase_send(x, k)
                 recv = torch.empty_like(send)
+                if keep is not None:
+                    keep.extend((send, recv))
                 work = dist.all_to_all_single(recv, send, group=self.groups[k], async_op=True)
                 if not async_ops:
                     work.wait()
@@ -148,10 +155,13 @@ class TapaAllToAll:
             last = None
             for c in range(chunks):
                 piece = flat[:, bounds[c] : bounds[c + 1]].reshape(grid + (bounds[c + 1] - bounds[c],))
-                res, works, last = self._run_chunk(piece, async_ops=True, streams=streams)
+                keep: list[torch.Tensor] = []
+                res, works, last = self._run_chunk(piece, async_ops=True, streams=streams, keep=keep)
                 with torch.cuda.stream(last):
-                    works[-1].wait()
+                    works[-1].wait()  # the last phase done implies every earlier phase of this chunk done
                     out[:, bounds[c] : bounds[c + 1]].copy_(res.reshape(P, -1))
+                    for t in keep:
+                        t.record_stream(last)
             out.record_stream(last)
 
             def join():
