@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="cocodiff-out/demo", help="output directory")
     demo.add_argument("--cpu", action="store_true", help="use CPU ranks even when GPUs are present")
     demo.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
+    demo.add_argument("--timeout", type=float, default=120.0,
+                      help="seconds a rank waits in a collective before giving up (a failed peer never hangs the run)")
     _add_parallel_args(demo)
 
     from . import bench_a2a
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a failed rank: one clear line, the tracebacks after it
         name = type(exc).__name__
         first = str(exc).splitlines()[0] if str(exc) else name
-        print(f"cocodiff {args.command}: {name}: {first}", file=sys.stderr)
+        print(f"\ncocodiff {args.command}: {name}: {first}", file=sys.stderr)
         rest = "\n".join(str(exc).splitlines()[1:])
         if rest:
             print(rest, file=sys.stderr)

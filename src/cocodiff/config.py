@@ -84,8 +84,13 @@ class ParallelConfig:
         tapa_chunks: pipeline chunks of the "phases" plan (1 = phases strictly one after the other).
         emulate_slow_tier: a `SlowTierEmulation` to run the outermost tier over slowed links (one host).
         sync: debug switch: wait for every exchange right after starting it (no overlap).
-        check_inputs: at the first call, compare the input shapes of all ranks with one small collective and
-            raise a clear error if they differ (ranks that disagree would otherwise hang or be silently wrong).
+        check_inputs: True: at the first call, compare the input shapes of all ranks with one small collective
+            and raise a clear error if they differ (ranks that disagree would otherwise hang or be silently
+            wrong), and check the communication buffers against free memory on every rank together;
+            "every_call": the same at every call (debug mode: catches ranks whose inputs diverge later;
+            skipped inside CUDA-graph capture); False: no check. Ranks that make different numbers of calls
+            are caught by the process group's timeout (set it in init_process_group / `cocodiff demo --timeout`).
+        memory_budget_gb: refuse shapes whose communication buffers exceed this (default: free memory).
     """
 
     all_to_all: Literal["flat", "tapa"] = "flat"
@@ -96,7 +101,8 @@ class ParallelConfig:
     tapa_chunks: int = 1
     emulate_slow_tier: SlowTierEmulation | None = None
     sync: bool = False
-    check_inputs: bool = True
+    check_inputs: bool | Literal["every_call"] = True
+    memory_budget_gb: float | None = None
     preset_name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +132,10 @@ class ParallelConfig:
             )
         if self.topology is not None:
             parse_topology_spec(self.topology)  # raises ValueError naming the bad spec
+        if self.check_inputs not in (True, False, "every_call"):
+            raise ValueError(f"ParallelConfig.check_inputs={self.check_inputs!r} must be True, False or 'every_call'")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"ParallelConfig.memory_budget_gb={self.memory_budget_gb!r} must be > 0 or None")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ParallelConfig":

@@ -7,6 +7,7 @@ short markdown report (time per step, bytes exchanged per tier, the error agains
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -63,7 +64,11 @@ def _demo_rank(opts: dict) -> dict | None:
     step_ms: list[float] = []
     last = [time.perf_counter()]
 
+    fail_rank = os.environ.get("COCODIFF_DEBUG_FAIL_RANK")  # fault injection for the failure tests
+
     def on_step(i, x):
+        if fail_rank is not None and int(fail_rank) == rank and i == int(os.environ.get("COCODIFF_DEBUG_FAIL_STEP", 1)):
+            raise RuntimeError(f"injected failure on rank {rank} at step {i}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         now = time.perf_counter()
@@ -130,7 +135,7 @@ def run_demo(args) -> int:
         backend = "nccl" if torch.cuda.is_available() and not args.cpu else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
         try:
             report = _demo_rank(opts)
         finally:
@@ -147,7 +152,8 @@ def run_demo(args) -> int:
             backend = "gloo"
         if world < 1:
             raise ValueError(f"--ranks must be >= 1, got {world}")
-        report = spawn(_demo_rank, world, opts, backend=backend, timeout_s=3600)[0]
+        report = spawn(_demo_rank, world, opts, backend=backend, timeout_s=3600,
+                       collective_timeout_s=args.timeout)[0]
     if report is not None:
         print(_markdown(report))
         print(f"wrote {args.out}/images.png, report.json, report.md")

@@ -72,8 +72,17 @@ def _pool_worker(rank, world, port, threads, collective_timeout_s, tasks, result
             out = fn(*args, **kwargs)
             results.put((rank, "ok", out))
         except BaseException:  # noqa: BLE001 - reported to the parent
-            results.put((rank, "err", traceback.format_exc()))
+            _die(results, (rank, "err", traceback.format_exc()))
     dist.destroy_process_group()
+
+
+def _die(results, item) -> None:
+    """Report and exit at once: closing this process's sockets makes peers blocked in a collective with
+    it fail now ("connection closed") instead of at their timeout; a group that saw a failure is not reused."""
+    results.put(item)
+    results.close()
+    results.join_thread()
+    os._exit(1)
 
 
 class WorkerPool:
@@ -131,7 +140,7 @@ class WorkerPool:
                 out[rank] = payload
         if errors:
             self.broken = True  # a failed collective can leave the group unusable: start a new pool
-            raise RankError(f"{what} failed on ranks {sorted(errors)}" + _fmt(errors))
+            raise RankError(f"{what}: {summarize(errors)}" + _fmt(errors))
         return out
 
     def run(self, fn: Callable, *args, timeout_s: float | None = None, **kwargs) -> list[Any]:
@@ -155,6 +164,35 @@ class WorkerPool:
                 p.kill()
 
 
+_SECONDARY = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe",
+              "nccl communicator was aborted", "watchdog")
+
+
+def _last_line(tb: str) -> str:
+    lines = [ln for ln in tb.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "unknown error"
+
+
+def _is_secondary(tb: str) -> bool:
+    """A rank that failed only because a peer was gone (timeout, closed connection)."""
+    return any(k in _last_line(tb).lower() for k in _SECONDARY)
+
+
+def summarize(errors: dict[int, str]) -> str:
+    """One line naming the rank(s) that failed first and the ranks that then stopped waiting for them."""
+    roots = sorted(r for r, tb in errors.items() if not _is_secondary(tb)) or sorted(errors)
+    waiting = sorted(r for r in errors if r not in roots)
+    by_msg: dict[str, list[int]] = {}
+    for r in roots:
+        by_msg.setdefault(_last_line(errors[r]), []).append(r)
+    head = "; ".join(
+        f"{'rank ' + str(rs[0]) if len(rs) == 1 else 'ranks ' + str(rs)} failed: {msg}" for msg, rs in by_msg.items()
+    )
+    if waiting:
+        head += f"; ranks {waiting} stopped waiting for it ({_last_line(errors[waiting[0]])[:120]})"
+    return head
+
+
 def _fmt(errors: dict[int, str]) -> str:
     return "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
 
@@ -165,10 +203,9 @@ def _spawn_entry(rank, world, port, backend, collective_timeout_s, fn, args, res
         out = fn(*args)
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - reported to the parent
-        results.put((rank, "err", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _die(results, (rank, "err", traceback.format_exc()))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def spawn(fn: Callable, world: int, *args, backend: str = "gloo", timeout_s: float = 3600.0,
@@ -196,8 +233,9 @@ def spawn(fn: Callable, world: int, *args, backend: str = "gloo", timeout_s: flo
             try:
                 rank, status, payload = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead and not errors:
+                dead = [r for r, p in enumerate(procs)
+                        if not p.is_alive() and p.exitcode not in (0, None) and out[r] is None and r not in errors]
+                if dead and not errors and results.empty():
                     raise RankError(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
                 continue
             got += 1
@@ -211,5 +249,5 @@ def spawn(fn: Callable, world: int, *args, backend: str = "gloo", timeout_s: flo
             if p.is_alive():
                 p.kill()
     if errors:
-        raise RankError(f"failed on ranks {sorted(errors)}" + _fmt(errors))
+        raise RankError(summarize(errors) + _fmt(errors))
     return out

@@ -90,6 +90,9 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
         )
 
     engine = UlyssesEngine(config, group, topology)
+    engine.inner_dim = max(
+        getattr(attn, "inner_dim", attn.heads * getattr(attn, "head_dim", 0)) for _, attn in plan.attention_modules(model)
+    )
     plan.install_processors(model, engine)
     engine.hooks = PlanHooks(model, plan, engine, device)
     engine.plan = plan

@@ -158,10 +158,12 @@ class PlanHooks:
         bound = _bind(module, args, kwargs)
         if self.plan.check_call is not None:
             self.plan.check_call(bound)
-        self._check_tensors(bound)
+        self._check_tensors(module, bound)
         n_img, n_txt = self.plan.token_counts(module, bound)
-        if self.engine.config.check_inputs and not self._checked:
-            self._check_ranks_agree(bound)
+        mode = self.engine.config.check_inputs
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and ((mode is True and not self._checked) or mode == "every_call"):
+            self._check_ranks_agree(bound, self._memory_need(module, bound, n_img, n_txt))
             self._checked = True
         self.engine.begin_forward(n_img, n_txt)
         spec = self.plan.split_inputs.get("", {})
@@ -198,27 +200,64 @@ class PlanHooks:
         return hook
 
     # ---- validation (before any collective) -----------------------------------------------------
-    def _check_tensors(self, bound: dict[str, Any]) -> None:
+    def _check_tensors(self, module: nn.Module, bound: dict[str, Any]) -> None:
+        param = next(module.parameters(), None)
         for name, v in bound.items():
             if not isinstance(v, torch.Tensor):
                 continue
-            if v.device.type != self.device.type:
+            if v.device.type != self.device.type or (
+                v.device.type == "cuda" and v.device.index not in (None, self.device.index)
+            ):
                 raise ValueError(
-                    f"cocodiff: input {name!r} is on {v.device}, but this process group communicates on "
-                    f"{self.device.type}; move the inputs (and model) to {self.device}"
+                    f"cocodiff: input {name!r} is on {v.device}, but this rank communicates on {self.device}; "
+                    f"move the inputs (and model) to {self.device}"
+                )
+            if name in ("hidden_states", "encoder_hidden_states") and param is not None and v.dtype != param.dtype:
+                raise TypeError(
+                    f"cocodiff: input {name!r} is {v.dtype} but the model is {param.dtype}; cast the inputs to "
+                    f"{param.dtype}"
                 )
 
-    def _check_ranks_agree(self, bound: dict[str, Any]) -> None:
-        """One small all-gather at the first call: ranks that disagree on input shapes fail loudly."""
-        sig = torch.tensor(_input_signature(bound), dtype=torch.int64, device=self.device)
+    def _memory_need(self, module: nn.Module, bound: dict[str, Any], n_img: int, n_txt: int) -> tuple[int, int]:
+        """(bytes the exchange buffers need at peak, bytes available) for this call's shapes on this rank."""
+        from .memory import comm_buffer_bytes, free_bytes
+        from .ulysses import TokenLayout
+
+        layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.engine.world)
+        l_max = max(layout.lengths(("txt", "img")))
+        param = next(module.parameters(), None)
+        elem = param.element_size() if param is not None else 4
+        batch = bound["hidden_states"].shape[0]
+        phases = sum(1 for s in self.engine.topology.sizes if s > 1) if self.engine.config.all_to_all == "tapa" else 0
+        need = comm_buffer_bytes(l_max=l_max, batch=batch, inner_dim=self.engine.inner_dim, elem=elem,
+                                 world=self.engine.world, tapa_phases=phases)
+        budget = self.engine.config.memory_budget_gb
+        have = int(budget * 2**30) if budget is not None else free_bytes(self.device)
+        return need, have
+
+    def _check_ranks_agree(self, bound: dict[str, Any], memory: tuple[int, int]) -> None:
+        """One small all-gather: ranks that disagree on input shapes, or any rank short of memory for the
+        exchange buffers, make every rank raise the same clear error (no rank is left in a collective)."""
+        from .memory import format_gb
+
+        sig = torch.tensor(_input_signature(bound) + list(memory), dtype=torch.int64, device=self.device)
         world = self.engine.world
         out = torch.empty(world * sig.numel(), dtype=torch.int64, device=self.device)
         all_gather_into(out, sig, group=self.engine.group)
         rows = out.view(world, -1).cpu().tolist()
+        short = [(r, row[-2], row[-1]) for r, row in enumerate(rows) if row[-2] > row[-1]]
+        if short:
+            r, need, have = short[0]
+            raise ValueError(
+                f"cocodiff: rank {r} needs {format_gb(need)} for communication buffers but has {format_gb(have)} "
+                f"{'within memory_budget_gb' if self.engine.config.memory_budget_gb else 'free'}; use fewer "
+                "tokens or a smaller batch, more ranks, or a larger budget"
+            )
+        rows = [row[:-2] for row in rows]
         bad = [r for r, row in enumerate(rows) if row != rows[0]]
         if bad:
             raise ValueError(
-                f"cocodiff: ranks disagree on the inputs of the first call (ranks {bad} differ from rank 0 in "
+                f"cocodiff: ranks disagree on the inputs of this call (ranks {bad} differ from rank 0 in "
                 "tensor shapes, dtypes or scalar arguments); every rank must call the model with the same "
                 "full inputs (same seed / broadcast them)"
             )

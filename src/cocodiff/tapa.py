@@ -327,6 +327,35 @@ def _slow_options(group, max_ctas: int):
     return opts
 
 
+class _GroupFactory:
+    """Creates the sub-groups of one engine.
+
+    For the default group every rank calls `new_group` for every sub-group (the usual collective contract).
+    For a proper sub-group of the world, only its members run `parallelize`, so sub-groups are created with
+    local synchronisation (only members call); such groups are named by their rank list, so one rank list
+    maps to one group, reused when asked again.
+    """
+
+    def __init__(self, group):
+        self.parent = dist.get_process_group_ranks(group)
+        self.local_sync = len(self.parent) != dist.get_world_size()
+        self.me = dist.get_rank()
+        self._made: dict[tuple, object] = {}
+
+    def make(self, members: list[int], opts=None):
+        """`members` are group ranks; returns the new group if this rank is a member, else None."""
+        ranks = [self.parent[m] for m in members]
+        if not self.local_sync:
+            g = dist.new_group(ranks, pg_options=opts)
+            return g if self.me in ranks else None
+        if self.me not in ranks:
+            return None
+        key = tuple(ranks)
+        if key not in self._made:
+            self._made[key] = dist.new_group(ranks, pg_options=opts, use_local_synchronization=True)
+        return self._made[key]
+
+
 def build_exchange(config, group, topology: Topology):
     """The block all-to-all strategy an engine uses, with its process groups (collective: all ranks call it).
 
@@ -345,7 +374,7 @@ def build_exchange(config, group, topology: Topology):
             f"ParallelConfig.emulate_slow_tier needs a topology of at least 2 tiers, got {topology.spec!r}; "
             "set topology='2x2' (2 emulated nodes of 2 ranks), for example"
         )
-    parent = dist.get_process_group_ranks(group)
+    factory = _GroupFactory(group)
     outer = len(topology.tiers) - 1
     slow_opts = _slow_options(group, emul.max_ctas) if emul is not None else None
     tier_groups: dict[int, object] = {}
@@ -354,18 +383,17 @@ def build_exchange(config, group, topology: Topology):
             continue
         opts = slow_opts if t == outer else None
         for members in topology.tier_groups(t):
-            g = dist.new_group([parent[m] for m in members], pg_options=opts)
-            if rank in members:
+            g = factory.make(members, opts)
+            if g is not None:
                 tier_groups[t] = g
     if emul is not None:
         local = topology.world_size // topology.sizes[outer]
         node_group = None
         for node in range(topology.sizes[outer]):
-            members = list(range(node * local, (node + 1) * local))
-            g = dist.new_group([parent[m] for m in members])
-            if rank in members:
+            g = factory.make(list(range(node * local, (node + 1) * local)))
+            if g is not None:
                 node_group = g
-        slow_world = dist.new_group(parent, pg_options=slow_opts)
+        slow_world = factory.make(list(range(topology.world_size)), slow_opts)
         flat = FairFlatAllToAll(topology=topology, node_group=node_group, slow_world=slow_world, rank=rank,
                                 stats=stats, sync=config.sync)
     else:

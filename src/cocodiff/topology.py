@@ -4,8 +4,9 @@ A world of P ranks is P = N_0 x N_1 x ... with tier 0 the fastest (e.g. tiles of
 node) and the last tier the slowest (nodes). Ranks are numbered with the innermost coordinate varying
 fastest, as torchrun numbers them (all local ranks of node 0, then node 1, ...).
 
-The topology is built once and passed explicitly; it owns the process groups of each tier (built lazily,
-collectively, by `build_groups`). Nothing here touches diffusers.
+The topology is built once and passed explicitly; `tier_groups` lists the rank sets of each tier's
+sub-groups, which the exchange builder (`tapa.build_exchange`) turns into process groups once per engine.
+Nothing here touches diffusers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import re
 from dataclasses import dataclass
 
-import torch.distributed as dist
 
 _DEFAULT_NAMES = {1: ("local",), 2: ("local", "node"), 3: ("tile", "gpu", "node")}
 
@@ -61,7 +61,6 @@ class Topology:
             raise ValueError(f"topology has {len(sizes)} tiers but {len(names)} names: {names}")
         self.tiers = tuple(Tier(n, s) for n, s in zip(names, sizes))
         self.world_size = math.prod(sizes)
-        self._groups: dict[int, object] | None = None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -175,19 +174,6 @@ class Topology:
             seen.add(base)
             groups.append([base + i * stride for i in range(size)])
         return groups
-
-    def build_groups(self, parent_ranks: list[int]) -> dict[int, object]:
-        """Create the per-tier sub-groups (collective over the parent group: every rank must call it in
-        the same order). `parent_ranks[i]` is the global rank of group rank i."""
-        if self._groups is None:
-            groups: dict[int, object] = {}
-            for t in range(len(self.tiers)):
-                for members in self.tier_groups(t):
-                    g = dist.new_group([parent_ranks[m] for m in members])
-                    if dist.get_rank() in [parent_ranks[m] for m in members]:
-                        groups[t] = g
-            self._groups = groups
-        return self._groups
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{t.name}={t.size}" for t in self.tiers)
