@@ -197,3 +197,69 @@ def model_with_config(family, world, cfg_kwargs, cases):
         diffs.append((out - ref).abs().max().item())
     decisions = getattr(par.cocodiff.a2a, "decisions", {})
     return diffs, sorted(set(decisions.values())), par.cocodiff.step_stats.as_dict()
+
+
+def _flux_on(world, **cfg):
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None, None
+    model = zoo.build_model("flux", "tiny", seed=0)
+    cocodiff.parallelize(model, cocodiff.ParallelConfig(**cfg), group=group)
+    return model, group
+
+
+def memory_budget_refused(world):
+    """A budget too small for the exchange buffers: every rank raises the same error, none hangs."""
+    model, _ = _flux_on(world, memory_budget_gb=1e-7)
+    if model is None:
+        return None
+    try:
+        with torch.no_grad():
+            model(**zoo.make_inputs("flux", model, rows=4, cols=4, n_txt=4))
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def dtype_mismatch_refused(world):
+    model, _ = _flux_on(world)
+    if model is None:
+        return None
+    inputs = zoo.make_inputs("flux", model, rows=4, cols=4, n_txt=4)
+    inputs["hidden_states"] = inputs["hidden_states"].double()
+    try:
+        model(**inputs)
+    except TypeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def inputs_diverge_later(world):
+    """With check_inputs="every_call", ranks whose second call differs are caught at that call."""
+    model, _ = _flux_on(world, check_inputs="every_call")
+    if model is None:
+        return None
+    with torch.no_grad():
+        model(**zoo.make_inputs("flux", model, rows=4, cols=4, n_txt=4))
+        cols = 5 if dist.get_rank() == 1 else 4
+        try:
+            model(**zoo.make_inputs("flux", model, rows=4, cols=cols, n_txt=4))
+        except ValueError as exc:
+            return str(exc)
+    return "no error"
+
+
+def generate_twice(world, seed_a, seed_b):
+    """The small model's images on `world` ranks for two seeds (same config, same process)."""
+    from cocodiff.smallmodel import generate, random_small_model
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    sm = random_small_model(seed=0)
+    cocodiff.parallelize(sm.transformer, cocodiff.ParallelConfig(v_first=True), group=group)
+    labels = torch.zeros(2, dtype=torch.long)
+    a = generate(sm, labels, steps=3, seed=seed_a)
+    b = generate(sm, labels, steps=3, seed=seed_b)
+    return a, b

@@ -126,6 +126,8 @@ def _markdown(r: dict) -> str:
 
 def run_demo(args) -> int:
     cfg = _config_from_args(args)
+    if args.model is not None and not Path(args.model).exists():
+        raise FileNotFoundError(f"--model {args.model}: no such directory")
     opts = dict(
         model=args.model, num_images=args.num_images, steps=args.steps, seed=args.seed, out=args.out,
         config=cfg, config_label=cfg.label, reference=not args.no_reference,
