@@ -263,3 +263,32 @@ def generate_twice(world, seed_a, seed_b):
     a = generate(sm, labels, steps=3, seed=seed_a)
     b = generate(sm, labels, steps=3, seed=seed_b)
     return a, b
+
+
+def property_case(case: dict):
+    """One generated case: the parallel model equals the single-process model, or a clear ValueError is
+    raised on every participating rank before any collective."""
+    world = case["world"]
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    fam, heads, hd = case["family"], case["heads"], case["head_dim"]
+    if fam == "flux":
+        over = dict(num_attention_heads=heads, attention_head_dim=hd, axes_dims_rope=(hd // 4, hd // 4, hd // 2))
+    else:
+        over = dict(num_attention_heads=heads, attention_head_dim=hd, caption_projection_dim=heads * hd)
+    model = zoo.build_model(fam, "tiny", seed=case["seed"], **over)
+    par = copy.deepcopy(model)
+    cfg = cocodiff.ParallelConfig(topology=case["spec"], **case["config"])
+    try:
+        cocodiff.parallelize(par, cfg, group=group)
+    except ValueError as exc:
+        return ("error", str(exc))
+    inputs = zoo.make_inputs(fam, model, rows=case["rows"], cols=case["cols"], n_txt=case["n_txt"],
+                             batch=case["batch"], seed=case["seed"])
+    with torch.no_grad():
+        ref = model(**inputs).sample
+        out = par(**inputs).sample
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=3e-5)
+    return ("ok", (out - ref).abs().max().item())

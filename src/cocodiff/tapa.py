@@ -328,32 +328,19 @@ def _slow_options(group, max_ctas: int):
 
 
 class _GroupFactory:
-    """Creates the sub-groups of one engine.
-
-    For the default group every rank calls `new_group` for every sub-group (the usual collective contract).
-    For a proper sub-group of the world, only its members run `parallelize`, so sub-groups are created with
-    local synchronisation (only members call); such groups are named by their rank list, so one rank list
-    maps to one group, reused when asked again.
-    """
+    """Creates the sub-groups of one engine. Every rank of the default group calls `new_group` for every
+    sub-group (torch's collective contract), so engines with sub-groups need the default group as their
+    group (checked in `build_exchange`)."""
 
     def __init__(self, group):
         self.parent = dist.get_process_group_ranks(group)
-        self.local_sync = len(self.parent) != dist.get_world_size()
         self.me = dist.get_rank()
-        self._made: dict[tuple, object] = {}
 
     def make(self, members: list[int], opts=None):
         """`members` are group ranks; returns the new group if this rank is a member, else None."""
         ranks = [self.parent[m] for m in members]
-        if not self.local_sync:
-            g = dist.new_group(ranks, pg_options=opts)
-            return g if self.me in ranks else None
-        if self.me not in ranks:
-            return None
-        key = tuple(ranks)
-        if key not in self._made:
-            self._made[key] = dist.new_group(ranks, pg_options=opts, use_local_synchronization=True)
-        return self._made[key]
+        g = dist.new_group(ranks, pg_options=opts)
+        return g if self.me in ranks else None
 
 
 def build_exchange(config, group, topology: Topology):
@@ -369,6 +356,15 @@ def build_exchange(config, group, topology: Topology):
     emul = config.emulate_slow_tier
     if config.all_to_all == "flat" and emul is None:
         return FlatAllToAll(group=group, topology=topology, sync=config.sync, stats=stats), stats
+    if dist.get_world_size(group) != dist.get_world_size():
+        # Sub-groups of a sub-group would need every rank of the world to take part in creating them
+        # (torch's new_group contract), and local-synchronisation groups hang after ordinary new_group
+        # calls (torch 2.13, gloo): refuse clearly instead.
+        raise ValueError(
+            f"cocodiff: all_to_all='tapa' and emulate_slow_tier need the engine's group to span the whole "
+            f"default process group (this group has {dist.get_world_size(group)} of {dist.get_world_size()} ranks); "
+            "use all_to_all='flat' on sub-groups, or start a process group of exactly these ranks"
+        )
     if emul is not None and len(topology.tiers) < 2:
         raise ValueError(
             f"ParallelConfig.emulate_slow_tier needs a topology of at least 2 tiers, got {topology.spec!r}; "
