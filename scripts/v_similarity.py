@@ -38,7 +38,7 @@ def _plot(results: dict, path: Path) -> None:
     axes[0][0].set_ylabel("per-token ||V_t - V_t-1||_1 / ||V_t-1||_1")
     axes[0][-1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 

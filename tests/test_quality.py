@@ -62,6 +62,8 @@ def test_masks():
 def test_modes_build_or_raise_cleanly():
     assert [m for m, _ in MODES][:2] == ["flat", "flat+vfirst"]
     assert build_config(dict(MODES)["flat+vfirst"]).v_first is True
+    assert build_config(dict(MODES)["tapa-2x2"]).topology == "2x2"
+    assert build_config(dict(MODES)["flat"], "2x2").topology == "2x2"
     for label, spec in MODES:
         try:
             build_config(spec)
@@ -73,19 +75,26 @@ def test_quality_command_lossless_modes_match_single_process(tmp_path):
     from cocodiff.cli import main
 
     argv = ["quality", "--ranks", "2,4", "--steps", "2", "--per-class", "1", "--tasks", "center,generate",
-            "--modes", "flat,flat+vfirst,tapa", "--out", str(tmp_path)]
+            "--modes", "flat,flat+vfirst,tapa-2x2,cocodiff", "--out", str(tmp_path)]
     assert main(argv) == 0
     for name in ("quality.json", "quality.md", "quality.png", "quality_images.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     report = json.loads((tmp_path / "quality.json").read_text())
     rows = {(r["mode"], r["ranks"]): r for r in report["rows"]}
     assert rows[("single", 1)]["metrics"]["center"]["psnr_vs_single"] == "inf"
-    for world in (2, 4):
-        assert rows[("tapa", world)]["status"] == "skipped"  # not implemented yet: a note, not a crash
-        for mode in ("flat", "flat+vfirst"):
-            row = rows[(mode, world)]
-            assert row["status"] == "ok"
-            for task in ("center", "generate"):
-                assert row["metrics"][task]["max_abs_diff_vs_single"] < 1e-4, (mode, world, task)
-            assert sum(row["bytes_per_rank"].values()) > 0
+    assert rows[("tapa-2x2", 2)]["status"] == "skipped"  # a 2x2 topology needs 4 ranks: a note, not a crash
+    assert "needs 4 ranks" in rows[("tapa-2x2", 2)]["note"]
+    expected_ok = [("flat", 2), ("flat+vfirst", 2), ("flat", 4), ("flat+vfirst", 4), ("tapa-2x2", 4)]
+    for key in expected_ok:
+        assert rows[key]["status"] == "ok", rows[key]
+    checked = 0
+    for (mode, world), row in rows.items():
+        if row["status"] != "ok" or not row["lossless"] or world == 1:
+            continue
+        for task in ("center", "generate"):
+            assert row["metrics"][task]["max_abs_diff_vs_single"] < 1e-4, (mode, world, task)
+        assert sum(row["bytes_per_rank"].values()) > 0
+        checked += 1
+    assert checked >= len(expected_ok)
+    assert set(rows[("tapa-2x2", 4)]["bytes_per_rank"]) == {"local", "node"}
     assert "| flat | 4 | center |" in (tmp_path / "quality.md").read_text()

@@ -97,17 +97,21 @@ def plot_metrics(report: dict, path: Path) -> None:
 
 
 def plot_images(outputs: dict[str, torch.Tensor], truth: torch.Tensor, known: torch.Tensor, tasks: list[str],
-                n: int, path: Path, max_cols: int = 6) -> None:
-    """Grid: per task a block of columns (crops), rows = truth, masked input, then every output."""
+                n: int, path: Path, max_cols: int = 3) -> None:
+    """Grid: per task a block of columns (crops), rows = truth, masked input, the single-process output and
+    each mode's output at the largest rank count run (smaller counts are in the metrics, not the picture)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = min(n, max_cols)
-    picks = [k * n + j * max(1, n // cols) for k in range(len(tasks)) for j in range(cols)]
+    stride = max(1, n // cols)
+    picks = [k * n + (j * stride + k) % n for k in range(len(tasks)) for j in range(cols)]  # vary crops by task
     masked = truth * known + (1 - known) * 0.0  # unknown pixels shown mid-gray
-    rows = [("truth", truth), ("input", masked)] + list(outputs.items())
+    top = max((int(k.rsplit("@", 1)[1]) for k in outputs if "@" in k), default=1)
+    shown = [(k, v) for k, v in outputs.items() if "@" not in k or k.endswith(f"@{top}")]
+    rows = [("truth", truth), ("input", masked)] + shown
     fig, axes = plt.subplots(len(rows), len(picks), figsize=(0.75 * len(picks) + 1, 0.8 * len(rows) + 0.4),
                              squeeze=False)
     for r, (name, imgs) in enumerate(rows):
@@ -121,7 +125,7 @@ def plot_images(outputs: dict[str, torch.Tensor], truth: torch.Tensor, known: to
             if r == 0 and c % cols == 0:
                 ax.set_title(tasks[c // cols], fontsize=7, loc="left")
     fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
 
 

@@ -49,6 +49,9 @@ class ClassConditioner(nn.Module):
 
 @dataclass
 class SmallDiT:
+    """A small model ready to sample: transformer, class conditioner, class names and image geometry.
+    `trained` is False for random weights (reports say so); `meta` holds the training record."""
+
     transformer: nn.Module
     conditioner: ClassConditioner
     classes: list[str]
@@ -166,6 +169,7 @@ def default_model(device="cpu") -> SmallDiT:
 
 
 def make_scheduler(steps: int):
+    """FLUX's Euler flow-matching scheduler (shift 1): sigmas from 1 to ~0 over `steps`, timesteps = 1000 sigma."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
