@@ -121,6 +121,11 @@ def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torc
     for needed in (path / "transformer" / "config.json", path / "conditioner.safetensors"):
         if not needed.is_file():
             raise FileNotFoundError(f"incomplete cocodiff small model at {path} (missing {needed.relative_to(path)})")
+    from .checkpoint import inspect_checkpoint
+
+    cfg = inspect_checkpoint(path / "transformer")  # one clear line for a foreign class or a newer diffusers
+    if cfg["_class_name"] != "FluxTransformer2DModel":
+        raise ValueError(f"{path / 'transformer'} holds a {cfg['_class_name']}; the small model is a FluxTransformer2DModel")
     try:
         meta = json.loads(meta_file.read_text())
         classes, n_tokens = list(meta["classes"]), int(meta["n_text_tokens"])
