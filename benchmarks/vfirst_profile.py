@@ -1,0 +1,230 @@
+"""V-First on the GPU timeline, and "Equation 2" per model family.
+
+1. Profile: one FLUX.1-sized step (P GPUs, eager, flat + V-First) under torch.profiler. From the CUDA kernel
+   timeline it measures, for every NCCL all-to-all kernel, how much of its time overlaps compute kernels on
+   other streams, separately for V's exchange (the first all-to-all of each attention layer under V-First)
+   and for Q/K/O's; writes the summary JSON, a PNG of one layer's timeline and the compressed trace.
+2. Equation 2: per family (FLUX.1, SD3.5, Qwen-Image, FLUX.2 dims) and batch size, CUDA-event timings of
+   T(V projection), T(V exchange), T(Q/K work: projections, RMSNorm, RoPE) for one attention layer of one
+   rank at P GPUs; the overlap holds when T(V proj) + T(V exchange) <= T(Q/K work).
+
+    torchrun --nproc-per-node 4 benchmarks/vfirst_profile.py --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from cocodiff import ParallelConfig, parallelize, zoo  # noqa: E402
+from cocodiff.launch import set_multi_gpu_env  # noqa: E402
+
+FAMILY_DIMS = {  # hidden = heads x head dim, text tokens, image tokens at 1024^2
+    "flux": dict(heads=24, head_dim=128, txt=512, img=4096),
+    "sd3.5-large": dict(heads=38, head_dim=64, txt=333, img=4096),
+    "qwenimage": dict(heads=24, head_dim=128, txt=256, img=4096),
+    "flux2": dict(heads=48, head_dim=128, txt=512, img=4096),
+}
+
+
+def _events(fn, iters=20, warmup=5):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def equation2(world: int, device, group) -> list[dict]:
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    rows = []
+    for fam, d in FAMILY_DIMS.items():
+        H, D = d["heads"], d["head_dim"]
+        if H % world:
+            rows.append({"family": fam, "skipped": f"{H} heads do not divide over {world} GPUs"})
+            continue
+        C = H * D
+        for size, scale in (("1024", 1), ("2048", 4)):
+            for B in (1, 2, 4):
+                S = d["txt"] + d["img"] * scale
+                L = -(-S // world)
+                x = torch.randn(B, L, C, device=device, dtype=torch.bfloat16)
+                wq, wk, wv = (torch.nn.Linear(C, C, device=device, dtype=torch.bfloat16) for _ in range(3))
+                nq, nk = (torch.nn.RMSNorm(D, device=device, dtype=torch.bfloat16) for _ in range(2))
+                cos = torch.randn(L, D, device=device)
+                sin = torch.randn(L, D, device=device)
+                v = wv(x).unflatten(-1, (H, D))
+                send = v.view(B, L, world, H // world, D).permute(2, 1, 0, 3, 4).contiguous()
+                recv = torch.empty_like(send)
+
+                def vproj():
+                    return wv(x)
+
+                def vex():
+                    dist.all_to_all_single(recv, send, group=group)
+
+                def qk():
+                    q = nq(wq(x).unflatten(-1, (H, D)))
+                    k = nk(wk(x).unflatten(-1, (H, D)))
+                    return apply_rotary_emb(q, (cos, sin), sequence_dim=1), apply_rotary_emb(k, (cos, sin), sequence_dim=1)
+
+                tv, tx, tqk = _events(vproj), _events(vex), _events(qk)
+                rows.append({"family": fam, "size": size, "batch": B, "tokens": S, "local_tokens": L,
+                             "v_proj_ms": tv, "v_exchange_ms": tx, "qk_work_ms": tqk,
+                             "lhs_ms": tv + tx, "holds": tv + tx <= tqk,
+                             "exposed_ms": max(0.0, tv + tx - tqk)})
+                del x, wq, wk, wv, send, recv
+    return rows
+
+
+def overlap_summary(events: list[dict]) -> dict:
+    """From chrome-trace kernel events: per NCCL kernel, the fraction of its time that overlaps compute
+    kernels on other streams. NCCL kernels are taken in launch order; under V-First each attention layer
+    issues V, Q, K (seq->head) and then O (head->seq): index % 4 == 0 is V's exchange."""
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    nccl = sorted((e for e in kernels if "nccl" in e["name"].lower()), key=lambda e: e["ts"])
+    compute = sorted((e for e in kernels if "nccl" not in e["name"].lower()), key=lambda e: e["ts"])
+    starts = [c["ts"] for c in compute]
+    import bisect
+
+    def covered(e):
+        a, b = e["ts"], e["ts"] + e["dur"]
+        i = max(0, bisect.bisect_left(starts, a) - 200)
+        iv = []
+        for c in compute[i:]:
+            if c["ts"] >= b:
+                break
+            lo, hi = max(a, c["ts"]), min(b, c["ts"] + c["dur"])
+            if hi > lo and c.get("tid") != e.get("tid"):
+                iv.append((lo, hi))
+        iv.sort()
+        tot, cur = 0.0, None
+        for lo, hi in iv:
+            if cur is None or lo > cur[1]:
+                if cur:
+                    tot += cur[1] - cur[0]
+                cur = [lo, hi]
+            else:
+                cur[1] = max(cur[1], hi)
+        if cur:
+            tot += cur[1] - cur[0]
+        return tot
+
+    out = {"nccl_kernels": len(nccl), "groups": {}}
+    for name, sel in (("V", lambda i: i % 4 == 0), ("Q,K", lambda i: i % 4 in (1, 2)), ("O", lambda i: i % 4 == 3)):
+        ks = [e for i, e in enumerate(nccl) if sel(i)]
+        dur = sum(e["dur"] for e in ks)
+        cov = sum(covered(e) for e in ks)
+        out["groups"][name] = {"kernels": len(ks), "total_us": dur, "overlapped_us": cov,
+                               "hidden_fraction": cov / dur if dur else None}
+    tot = sum(g["total_us"] for g in out["groups"].values())
+    out["all_hidden_fraction"] = sum(g["overlapped_us"] for g in out["groups"].values()) / tot if tot else None
+    return out
+
+
+def plot_layer(events, path, layer=10):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kernels = sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"])
+    nccl = [e for e in kernels if "nccl" in e["name"].lower()]
+    if len(nccl) < 4 * (layer + 1):
+        layer = 0
+    t0 = nccl[4 * layer]["ts"] - 50
+    t1 = nccl[4 * layer + 3]["ts"] + nccl[4 * layer + 3]["dur"] + 20
+    win = [e for e in kernels if e["ts"] < t1 and e["ts"] + e["dur"] > t0]
+    tids = sorted({e.get("tid") for e in win}, key=str)
+    fig, ax = plt.subplots(figsize=(12, 2 + 0.4 * len(tids)))
+    labels = ["V a2a", "Q a2a", "K a2a", "O a2a"]
+    for e in win:
+        y = tids.index(e.get("tid"))
+        is_nccl = "nccl" in e["name"].lower()
+        ax.broken_barh([(e["ts"] - t0, e["dur"])], (y - 0.4, 0.8), color="tab:red" if is_nccl else "tab:blue")
+    for j in range(4):
+        e = nccl[4 * layer + j]
+        ax.text(e["ts"] - t0, tids.index(e.get("tid")) + 0.45, labels[j], fontsize=7)
+    ax.set_yticks(range(len(tids)))
+    ax.set_yticklabels([f"stream {t}" for t in tids], fontsize=7)
+    ax.set_xlabel("us from the layer's first all-to-all")
+    ax.set_title(f"FLUX.1-sized step, attention layer {layer}, flat + V-First (red: NCCL all-to-all, blue: compute)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--size", type=int, default=1024)
+    args = ap.parse_args()
+    set_multi_gpu_env()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", local)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    eq2 = equation2(world, device, dist.group.WORLD)
+    torch.cuda.empty_cache()
+
+    model = zoo.build_model("flux", "full", dtype=torch.bfloat16, device=device, seed=0)
+    parallelize(model, ParallelConfig(v_first=True))
+    rows, cols = zoo.image_tokens("flux", model, args.size, args.size)
+    inputs = zoo.make_inputs("flux", model, rows=rows, cols=cols, n_txt=512, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):
+            model(**inputs)
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            model(**inputs)
+            torch.cuda.synchronize()
+    if rank == 0:
+        trace = out / "trace_rank0.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+        summary = overlap_summary(events)
+        summary.update({"P": world, "size": args.size, "config": "flat+vfirst, eager",
+                        "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__})
+        plot_layer(events, out / "vfirst_layer_timeline.png")
+        kern = [e for e in events if e.get("cat") == "kernel"]
+        with gzip.open(out / "trace_rank0_kernels.json.gz", "wt") as f:
+            json.dump(kern, f)
+        trace.unlink()
+        (out / "vfirst_overlap.json").write_text(json.dumps(summary, indent=1))
+        (out / "equation2.json").write_text(json.dumps({"P": world, "rows": eq2}, indent=1))
+        print(json.dumps(summary, indent=1))
+        for r in eq2:
+            if "skipped" in r:
+                print(r)
+            else:
+                print(f"{r['family']:12s} {r['size']} B={r['batch']}: V proj {r['v_proj_ms']:.3f} + V a2a "
+                      f"{r['v_exchange_ms']:.3f} = {r['lhs_ms']:.3f} vs Q/K {r['qk_work_ms']:.3f} ms -> "
+                      f"{'holds' if r['holds'] else 'EXPOSED %.3f ms' % r['exposed_ms']}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
