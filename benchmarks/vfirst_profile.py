@@ -139,7 +139,7 @@ def overlap_summary(events: list[dict]) -> dict:
     return out
 
 
-def plot_layer(events, path, layer=10):
+def plot_layer(events, path, layer=10, title=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,7 +165,8 @@ def plot_layer(events, path, layer=10):
     ax.set_yticks(range(len(tids)))
     ax.set_yticklabels([f"stream {t}" for t in tids], fontsize=7)
     ax.set_xlabel("us from the layer's first all-to-all")
-    ax.set_title(f"FLUX.1-sized step, attention layer {layer}, flat + V-First (red: NCCL all-to-all, blue: compute)", fontsize=9)
+    ax.set_title(f"FLUX.1-sized step, attention layer {layer}, flat + V-First (red: NCCL all-to-all, blue: compute)"
+                 + (f" — {title}" if title else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -174,6 +175,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays (no host in the step)")
+    ap.add_argument("--skip-eq2", action="store_true")
     args = ap.parse_args()
     set_multi_gpu_env()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -184,36 +187,51 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    eq2 = equation2(world, device, dist.group.WORLD)
+    eq2 = [] if args.skip_eq2 else equation2(world, device, dist.group.WORLD)
     torch.cuda.empty_cache()
 
     model = zoo.build_model("flux", "full", dtype=torch.bfloat16, device=device, seed=0)
     parallelize(model, ParallelConfig(v_first=True))
     rows, cols = zoo.image_tokens("flux", model, args.size, args.size)
     inputs = zoo.make_inputs("flux", model, rows=rows, cols=cols, n_txt=512, device=device, dtype=torch.bfloat16)
+    from torch.profiler import ProfilerActivity, profile
+
     with torch.no_grad():
         for _ in range(3):
             model(**inputs)
         torch.cuda.synchronize()
-        from torch.profiler import ProfilerActivity, profile
+        if args.graph:
+            from cocodiff.graph import GraphedStep
 
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            model(**inputs)
+            step = GraphedStep(model)
+            step(**inputs)
+            for _ in range(3):
+                step.replay_only()
             torch.cuda.synchronize()
+            dist.barrier()
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                step.replay_only()
+                torch.cuda.synchronize()
+        else:
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                model(**inputs)
+                torch.cuda.synchronize()
     if rank == 0:
         trace = out / "trace_rank0.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
         summary = overlap_summary(events)
-        summary.update({"P": world, "size": args.size, "config": "flat+vfirst, eager",
+        summary.update({"P": world, "size": args.size, "config": f"flat+vfirst, {'graph replay' if args.graph else 'eager'}",
                         "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__})
-        plot_layer(events, out / "vfirst_layer_timeline.png")
+        tag = "graph" if args.graph else "eager"
+        plot_layer(events, out / f"vfirst_layer_timeline_{tag}.png", title=tag)
         kern = [e for e in events if e.get("cat") == "kernel"]
-        with gzip.open(out / "trace_rank0_kernels.json.gz", "wt") as f:
+        with gzip.open(out / f"trace_rank0_kernels_{tag}.json.gz", "wt") as f:
             json.dump(kern, f)
         trace.unlink()
-        (out / "vfirst_overlap.json").write_text(json.dumps(summary, indent=1))
-        (out / "equation2.json").write_text(json.dumps({"P": world, "rows": eq2}, indent=1))
+        (out / f"vfirst_overlap_{tag}.json").write_text(json.dumps(summary, indent=1))
+        if eq2:
+            (out / "equation2.json").write_text(json.dumps({"P": world, "rows": eq2}, indent=1))
         print(json.dumps(summary, indent=1))
         for r in eq2:
             if "skipped" in r:
