@@ -292,3 +292,36 @@ def property_case(case: dict):
         out = par(**inputs).sample
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=3e-5)
     return ("ok", (out - ref).abs().max().item())
+
+
+def one_rank_bad_input(world):
+    """Only rank 1 passes float64 inputs: rank 1 raises its TypeError, the others a ValueError naming it."""
+    model, _ = _flux_on(world)
+    if model is None:
+        return None
+    inputs = zoo.make_inputs("flux", model, rows=4, cols=4, n_txt=4)
+    if dist.get_rank() == 1:
+        inputs["hidden_states"] = inputs["hidden_states"].double()
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except (TypeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def fused_projections_refused(world):
+    """Fused QKV projections are refused at parallelize, on every rank, before any engine exists."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    model = zoo.build_model("flux", "tiny", seed=0)
+    if dist.get_rank() == 0:
+        model.fuse_qkv_projections()  # only one rank is wrong: the others must still raise
+    before = {n: type(m.processor).__name__ for n, m in model.named_modules() if hasattr(m, "processor")}
+    try:
+        cocodiff.parallelize(model, cocodiff.ParallelConfig(), group=group)
+    except ValueError as exc:
+        after = {n: type(m.processor).__name__ for n, m in model.named_modules() if hasattr(m, "processor")}
+        return str(exc), before == after, getattr(model, "cocodiff", None) is None
+    return "no error", None, None

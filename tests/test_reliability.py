@@ -111,3 +111,16 @@ def test_demo_with_a_missing_model_exits_2_with_one_line(tmp_path):
     from cocodiff.cli import main
 
     assert main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+
+
+def test_one_rank_with_bad_input_makes_all_ranks_raise(pools):
+    out = pools(4).run(cases.one_rank_bad_input, 2, timeout_s=60)
+    assert out[1].startswith("TypeError") and "cast the inputs" in out[1], out[1]
+    assert out[0].startswith("ValueError") and "ranks [1] refused their inputs" in out[0], out[0]
+
+
+def test_fused_projections_refused_before_the_engine_exists(pools):
+    out = pools(4).run(cases.fused_projections_refused, 2, timeout_s=60)
+    assert "fused QKV projections" in out[0][0] and "ranks [0] refused" in out[1][0]
+    for msg, untouched, no_engine in out[:2]:
+        assert untouched and no_engine, msg

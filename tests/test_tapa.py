@@ -24,6 +24,7 @@ def test_tapa_bit_identical_to_flat(pools, world, spec, lengths):
     # one phase per tier of size > 1: a rank sends (N_t - 1) messages over tier t
     sizes = list(reversed([int(s) for s in spec.split("x")]))
     assert list(msgs[0]) == [2 * (s - 1) for s in sizes]  # two exchanges: seq->head, head->seq
+    assert list(msgs[1]) == [3 * 2 * (s - 1) for s in sizes]  # 3 chunks: every chunk runs each phase
 
 
 @pytest.mark.parametrize("world, spec", [(4, "2x2"), (8, "2x2x2")])

@@ -13,7 +13,8 @@ import sys
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="flat", help="ParallelConfig preset (flat, tapa, vfirst, cocodiff)")
+    p.add_argument("--preset", default="flat",
+                   help="ParallelConfig preset: flat, tapa, vfirst (cocodiff = V-Major: not available yet)")
     p.add_argument("--v-first", action="store_true", help="project V first and overlap its exchange")
     p.add_argument("--topology", default=None, help="tier spec, outermost first, e.g. 2x2")
 

@@ -38,10 +38,13 @@ def all_gather_into(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class CommStats:
-    """Bytes this rank sent, per tier, and how many collective calls it issued.
+    """Bytes and messages this rank sent, per tier, and how many exchanges it started.
 
-    `bytes_by_tier[t]` counts payload bytes leaving this rank over tier t (bytes to itself are not counted).
-    Padding rows are payload too: they are counted, since they travel.
+    `bytes_by_tier[t]` counts payload bytes leaving this rank over tier t (bytes to itself are not counted);
+    `messages_by_tier[t]` counts point-to-point messages (one per peer per collective: a chunked TAPA phase
+    counts once per chunk); `exchanges` counts block all-to-alls started (one may issue several collectives).
+    Padding rows are payload too: they are counted, since they travel. Counters cover the last forward call
+    (`engine.step_stats`); a CUDA-graph replay does not update them (the capture call's values stand).
     """
 
     tier_names: tuple[str, ...]

@@ -1,10 +1,13 @@
 """Memory the engine needs beyond the model: communication buffers, estimated before the first exchange.
 
-Per attention layer, the exchanges keep up to nine buffers of one padded sequence x all heads in flight:
-Q, K and V each as a send and a receive buffer, the attention output, and the output exchange's send and
-receive buffers. TAPA adds two more per phase of the tensor in flight (its permuted copy and its receive
-buffer) for each of Q, K, V and the output. Buffers are freed between layers, so this is a peak, not a
-sum over layers. (V-Major's cache, when it exists, adds per-layer Q/K/V copies and is accounted there.)
+Peak of one attention layer, in units of one padded local sequence x all heads (L_MAX x B x H x D): before
+the seq->head exchanges are waited for, the local Q, K, V projections, their packed send buffers and their
+receive buffers are alive (9); after attention the engine drops Q/K/V and their handles, so the output
+exchange (attention output, send, receive, unpacked result: 4) stays below that. TAPA adds, per phase, a
+permuted copy and a receive buffer for each tensor in flight (2 x 4 per phase, counted generously).
+Not counted: the model's own activations, padding compaction copies for uneven lengths (at most one
+buffer at a time), the automatic plan's one-off tuning sample. (V-Major's cache, when it exists, adds
+per-layer Q/K/V copies and is accounted there.)
 """
 
 from __future__ import annotations

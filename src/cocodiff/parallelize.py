@@ -38,6 +38,50 @@ def _group_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def _validate(obj, config: ParallelConfig, group, world: int, device: torch.device):
+    from .models._common import check_unfused
+
+    model = _find_transformer(obj)
+    if getattr(model, "cocodiff", None) is not None:
+        raise ValueError("cocodiff.parallelize: this model is already parallelised")
+    plan = plan_for(model)
+    topology = Topology.resolve(config.topology, world, dist.get_process_group_ranks(group))
+    for name, attn in plan.attention_modules(model):
+        heads = attn.heads
+        if heads % world:
+            raise ValueError(
+                f"cocodiff.parallelize: attention {name!r} has {heads} heads, which do not divide over the "
+                f"Ulysses degree {world}; use a degree that divides {heads} (e.g. "
+                f"{max(d for d in range(1, world + 1) if heads % d == 0)})"
+            )
+        check_unfused(attn)
+    param = next(model.parameters(), None)
+    if param is not None and (param.device.type != device.type or
+                              (device.type == "cuda" and param.device.index != device.index)):
+        raise ValueError(
+            f"cocodiff.parallelize: the model is on {param.device} but this rank communicates on {device} "
+            f"({dist.get_backend(group)}); move the model to {device} first"
+        )
+    return model, plan, topology
+
+
+def _raise_together(error: Exception | None, group, device: torch.device) -> None:
+    """All ranks learn whether any rank failed its local checks and raise together: a rank raising alone
+    would leave the others waiting in their next collective."""
+    from .comm import all_gather_into
+
+    world = dist.get_world_size(group)
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
+    flags = torch.empty(world, dtype=torch.int64, device=device)
+    all_gather_into(flags, flag, group=group)
+    failed = [r for r, f in enumerate(flags.cpu().tolist()) if f]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"cocodiff.parallelize: ranks {failed} refused the model or config (their own error "
+                         "names the problem); no engine was set up")
+
+
 def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     """Shard `obj`'s transformer with Ulysses sequence parallelism, in place.
 
@@ -52,8 +96,9 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
 
     Raises:
         TypeError: for an unsupported model class.
-        ValueError: for a head count that does not divide by the degree, a bad topology, or a model already
-            parallelised; raised before any collective starts.
+        ValueError: for a head count that does not divide by the degree, a bad topology, fused projections, a
+            model on the wrong device or already parallelised. Every rank checks locally, then one small
+            all-gather lets all ranks raise together (the only collective before the engine exists).
     """
     config = config or ParallelConfig.preset("flat")
     if not isinstance(config, ParallelConfig):
@@ -63,31 +108,17 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
             "cocodiff.parallelize needs torch.distributed to be initialised (launch with torchrun, or call "
             "torch.distributed.init_process_group first)"
         )
-    model = _find_transformer(obj)
-    if getattr(model, "cocodiff", None) is not None:
-        raise ValueError("cocodiff.parallelize: this model is already parallelised")
-    plan = plan_for(model)
     group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
-
-    # ---- validation, before any collective ----------------------------------------------------
-    global_ranks = dist.get_process_group_ranks(group)
-    topology = Topology.resolve(config.topology, world, global_ranks)
-    for name, attn in plan.attention_modules(model):
-        heads = attn.heads
-        if heads % world:
-            raise ValueError(
-                f"cocodiff.parallelize: attention {name!r} has {heads} heads, which do not divide over the "
-                f"Ulysses degree {world}; use a degree that divides {heads} (e.g. "
-                f"{max(d for d in range(1, world + 1) if heads % d == 0)})"
-            )
     device = _group_device(group)
-    param = next(model.parameters(), None)
-    if param is not None and param.device.type != device.type:
-        raise ValueError(
-            f"cocodiff.parallelize: the model is on {param.device} but the process group "
-            f"({dist.get_backend(group)}) communicates on {device.type}; move the model to {device} first"
-        )
+
+    # ---- validation: local checks, then one agreement round, before any other collective --------
+    error = None
+    try:
+        model, plan, topology = _validate(obj, config, group, world, device)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _raise_together(error, group, device)
 
     engine = UlyssesEngine(config, group, topology)
     engine.inner_dim = max(

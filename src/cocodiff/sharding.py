@@ -114,8 +114,8 @@ def _input_signature(bound: dict[str, Any]) -> list[int]:
         v = bound[k]
         if isinstance(v, torch.Tensor):
             desc.append(f"{k}:{tuple(v.shape)}:{v.dtype}")
-        elif isinstance(v, (int, float, bool, str)) or v is None:
-            desc.append(f"{k}={v!r}")
+        elif isinstance(v, (int, float, bool, str, list, tuple)) or v is None:
+            desc.append(f"{k}={v!r}")  # lists/tuples too: Qwen-Image's img_shapes set the RoPE tables
     text = ";".join(desc)
     return [zlib.crc32(text.encode()), len(text)]
 
@@ -156,14 +156,24 @@ class PlanHooks:
 
     def _root_pre(self, module, args, kwargs):
         bound = _bind(module, args, kwargs)
-        if self.plan.check_call is not None:
-            self.plan.check_call(bound)
-        self._check_tensors(module, bound)
-        n_img, n_txt = self.plan.token_counts(module, bound)
         mode = self.engine.config.check_inputs
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and ((mode is True and not self._checked) or mode == "every_call"):
-            self._check_ranks_agree(bound, self._memory_need(module, bound, n_img, n_txt))
+        checking = not capturing and ((mode is True and not self._checked) or mode == "every_call")
+        local_error = None
+        try:
+            if self.plan.check_call is not None:
+                self.plan.check_call(bound)
+            self._check_tensors(module, bound)
+            n_img, n_txt = self.plan.token_counts(module, bound)
+        except (ValueError, TypeError) as exc:
+            if not checking:
+                raise  # no agreement round at this call: the caller's contract is that ranks agree
+            local_error = exc
+        if checking:
+            # one all-gather: every rank learns whether any rank refused its inputs, disagrees on them, or
+            # lacks memory, and all raise together (a rank raising alone would leave its peers waiting)
+            memory = (0, 1) if local_error is not None else self._memory_need(module, bound, n_img, n_txt)
+            self._check_ranks_agree(bound, memory, local_error)
             self._checked = True
         self.engine.begin_forward(n_img, n_txt)
         spec = self.plan.split_inputs.get("", {})
@@ -189,6 +199,8 @@ class PlanHooks:
             out = list(output)
             for i, s in spec.items():
                 out[i] = self.engine.split(out[i], s.kind, s.dim)
+            if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+                return type(output)(*out)
             return type(output)(out) if isinstance(output, tuple) else out
 
         return hook
@@ -235,16 +247,26 @@ class PlanHooks:
         have = int(budget * 2**30) if budget is not None else free_bytes(self.device)
         return need, have
 
-    def _check_ranks_agree(self, bound: dict[str, Any], memory: tuple[int, int]) -> None:
-        """One small all-gather: ranks that disagree on input shapes, or any rank short of memory for the
-        exchange buffers, make every rank raise the same clear error (no rank is left in a collective)."""
+    def _check_ranks_agree(self, bound: dict[str, Any], memory: tuple[int, int], local_error=None) -> None:
+        """One small all-gather: a rank that refused its inputs, ranks that disagree on input shapes, or any
+        rank short of memory for the exchange buffers make every rank raise a clear error together."""
         from .memory import format_gb
 
-        sig = torch.tensor(_input_signature(bound) + list(memory), dtype=torch.int64, device=self.device)
+        flag = [1 if local_error is not None else 0]
+        sig = torch.tensor(_input_signature(bound) + flag + list(memory), dtype=torch.int64, device=self.device)
         world = self.engine.world
         out = torch.empty(world * sig.numel(), dtype=torch.int64, device=self.device)
         all_gather_into(out, sig, group=self.engine.group)
         rows = out.view(world, -1).cpu().tolist()
+        refused = [r for r, row in enumerate(rows) if row[-3]]
+        if local_error is not None:
+            raise local_error
+        if refused:
+            raise ValueError(
+                f"cocodiff: ranks {refused} refused their inputs (their own error names the problem); every rank "
+                "must call the model with the same valid inputs"
+            )
+        rows = [row[:-3] + row[-2:] for row in rows]
         short = [(r, row[-2], row[-1]) for r, row in enumerate(rows) if row[-2] > row[-1]]
         if short:
             r, need, have = short[0]

@@ -19,11 +19,13 @@ capturable. On CPU (gloo) phases run one after the other.
 
 Also here: `FairFlatAllToAll`, the flat exchange under slow-tier emulation (each rank pair's bytes over the
 same emulated link as TAPA uses), and `AutoAllToAll`, which picks the faster route per message shape by
-timing both at first use (timings max-reduced over ranks, so every rank picks the same).
+timing the candidates (flat, TAPA, TAPA in 4 chunks) at first use (timings max-reduced over ranks, so
+every rank picks the same).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -32,10 +34,6 @@ import torch.distributed as dist
 
 from .comm import CommStats, Handle
 from .topology import Topology
-
-
-def _cuda_streams_ok(t: torch.Tensor) -> bool:
-    return t.is_cuda
 
 
 class TapaAllToAll:
@@ -67,12 +65,12 @@ class TapaAllToAll:
         if self.chunks > 1:
             self.name = f"tapa/{self.chunks}"
 
-    def _account(self, send: torch.Tensor) -> None:
+    def _account(self, send: torch.Tensor, chunks: int) -> None:
         total = send.numel() * send.element_size()
         for t in self.phases:
             n = self.sizes[t]
             self.stats.bytes_by_tier[t] += total // n * (n - 1)
-            self.stats.messages_by_tier[t] += n - 1
+            self.stats.messages_by_tier[t] += chunks * (n - 1)  # every chunk runs its own phase
         self.stats.exchanges += 1
 
     def _stream(self, device: torch.device, k: int) -> "torch.cuda.Stream":
@@ -114,7 +112,7 @@ class TapaAllToAll:
                 stream = streams[k]
                 ctx = torch.cuda.stream(stream)
             else:
-                stream, ctx = None, _null_ctx()
+                stream, ctx = None, contextlib.nullcontext()
             with ctx:
                 if streams is not None and works:
                     works[-1].wait()  # this phase's stream waits for the previous phase (no host wait)
@@ -134,10 +132,10 @@ class TapaAllToAll:
     def start(self, send: torch.Tensor, post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Handle:
         if send.shape[0] != self.world:
             raise ValueError(f"block all-to-all needs dim 0 == P={self.world}, got shape {tuple(send.shape)}")
-        self._account(send)
         P = self.world
         flat = send.reshape(P, -1)
         X = flat.shape[1]
+        self._account(send, min(self.chunks, X) if X > 0 else 1)
         # (P, X) -> (D_{T-1}, ..., D_0, X)
         grid = tuple(reversed(self.sizes))
         out = torch.empty_like(flat)
@@ -146,7 +144,7 @@ class TapaAllToAll:
             return Handle([], out.view_as(send), post)
         chunks = min(self.chunks, X) if X > 0 else 1
         bounds = [X * c // chunks for c in range(chunks + 1)]
-        if _cuda_streams_ok(flat):
+        if flat.is_cuda:
             cur = torch.cuda.current_stream(flat.device)
             streams = {k: self._stream(flat.device, k) for k in self.phases}
             for s in streams.values():
@@ -163,10 +161,18 @@ class TapaAllToAll:
                     for t in keep:
                         t.record_stream(last)
             out.record_stream(last)
+            # Events recorded now mark the end of *this* exchange on every phase stream: waiting on them (not
+            # on the streams) does not also wait for exchanges started later, and rejoins every side stream.
+            done = []
+            for s in streams.values():
+                ev = torch.cuda.Event()
+                ev.record(s)
+                done.append(ev)
 
             def join():
                 cur_now = torch.cuda.current_stream(flat.device)
-                cur_now.wait_stream(last)
+                for ev in done:
+                    cur_now.wait_event(ev)
 
             handle = Handle([], out.view_as(send), post, join=join)
         else:
@@ -178,14 +184,6 @@ class TapaAllToAll:
         if self.sync:
             handle.wait()
         return handle
-
-
-class _null_ctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class FairFlatAllToAll:
@@ -365,9 +363,10 @@ def build_exchange(config, group, topology: Topology):
             f"default process group (this group has {dist.get_world_size(group)} of {dist.get_world_size()} ranks); "
             "use all_to_all='flat' on sub-groups, or start a process group of exactly these ranks"
         )
-    if emul is not None and len(topology.tiers) < 2:
+    if emul is not None and (len(topology.tiers) < 2 or topology.sizes[-1] == 1):
         raise ValueError(
-            f"ParallelConfig.emulate_slow_tier needs a topology of at least 2 tiers, got {topology.spec!r}; "
+            f"ParallelConfig.emulate_slow_tier needs a topology whose outermost tier has at least 2 members, got "
+            f"{topology.spec!r}; "
             "set topology='2x2' (2 emulated nodes of 2 ranks), for example"
         )
     factory = _GroupFactory(group)
@@ -375,7 +374,7 @@ def build_exchange(config, group, topology: Topology):
     slow_opts = _slow_options(group, emul.max_ctas) if emul is not None else None
     tier_groups: dict[int, object] = {}
     for t in range(len(topology.tiers)):
-        if topology.sizes[t] == 1:
+        if topology.sizes[t] == 1 or config.all_to_all != "tapa":
             continue
         opts = slow_opts if t == outer else None
         for members in topology.tier_groups(t):

@@ -91,7 +91,8 @@ class UlyssesEngine:
             changes["v_first"] = v_first
         if sync is not None:
             changes["sync"] = sync
-            for strat in getattr(self.a2a, "candidates", [self.a2a]):
+            routes = getattr(self, "_auto", None) or self.a2a
+            for strat in getattr(routes, "candidates", [routes]):
                 strat.sync = sync
         if changes:
             self.config = self.config.with_(preset_name=None, **changes)
@@ -209,7 +210,12 @@ class UlyssesEngine:
             hk = start_seq_to_head(k, lay, self.a2a)
             hv = start_seq_to_head(v, lay, self.a2a)
         mask = None if key_mask is None else key_mask[:, None, None, :]
+        if not self.config.v_first:
+            del v
+        del q, k  # the local projections are not needed any more: free them before the output exchange
         # (B, H_LOCAL, S, D) each
         out = F.scaled_dot_product_attention(hq.wait(), hk.wait(), hv.wait(), attn_mask=mask)
+        del hq, hk, hv
         h = start_head_to_seq(out, lay, self.a2a)
+        del out
         return h.wait().flatten(2, 3)

@@ -11,7 +11,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import rotate, attention_modules_by_class, check_unfused, refuse, refuse_attention_kwargs
+from ._common import rotate, attention_modules_by_class, refuse, refuse_attention_kwargs
 
 
 class FluxUlyssesProcessor:
@@ -78,7 +78,6 @@ def _attention_modules(model):
 def _install(model, engine):
     mods = _attention_modules(model)
     for _, m in mods:
-        check_unfused(m)
         m.set_processor(FluxUlyssesProcessor(engine))
     return len(mods)
 

@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_flux2 import Flux2Attention, Flux
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import rotate, check_unfused, refuse_attention_kwargs
+from ._common import rotate, refuse_attention_kwargs
 
 
 class Flux2UlyssesProcessor:
@@ -130,8 +130,7 @@ def _install(model, engine):
         if isinstance(m, Flux2ParallelSelfAttention):
             m.set_processor(Flux2SingleUlyssesProcessor(engine))
         else:
-            check_unfused(m)
-            m.set_processor(Flux2UlyssesProcessor(engine))
+                m.set_processor(Flux2UlyssesProcessor(engine))
     return len(mods)
 
 

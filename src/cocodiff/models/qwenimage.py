@@ -12,7 +12,7 @@ from diffusers.models.transformers.transformer_qwenimage import QwenImageTransfo
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import rotate, check_unfused, refuse, refuse_attention_kwargs
+from ._common import rotate, refuse, refuse_attention_kwargs
 
 
 class QwenUlyssesProcessor:
@@ -102,7 +102,6 @@ def _install(model, engine):
     for _, m in mods:
         if not isinstance(m, Attention):
             raise TypeError(f"cocodiff: unexpected Qwen-Image attention class {type(m).__name__}")
-        check_unfused(m)
         m.set_processor(QwenUlyssesProcessor(engine))
     return len(mods)
 

@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import Attention
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import attention_modules_by_class, check_unfused, refuse, refuse_attention_kwargs
+from ._common import attention_modules_by_class, refuse, refuse_attention_kwargs
 
 
 class SD3UlyssesProcessor:
@@ -91,7 +91,6 @@ def _attention_modules(model):
 def _install(model, engine):
     mods = _attention_modules(model)
     for _, m in mods:
-        check_unfused(m)
         m.set_processor(SD3UlyssesProcessor(engine))
     return len(mods)
 
