@@ -12,6 +12,7 @@ import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -128,10 +129,12 @@ class WorkerPool:
             try:
                 rank, status, payload = self._results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
-                if dead and not errors:
-                    self.close()
-                    raise RankError(f"ranks {dead} died during {what}")
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and out[r] is None and r not in errors]
+                if dead and not errors and self._results.empty():
+                    time.sleep(0.5)  # a rank that reported and exited: its report may still be in the pipe
+                    if self._results.empty():
+                        self.close()
+                        raise RankError(f"ranks {dead} died during {what} without reporting an error")
                 continue
             got += 1
             if status == "err":
@@ -236,7 +239,10 @@ def spawn(fn: Callable, world: int, *args, backend: str = "gloo", timeout_s: flo
                 dead = [r for r, p in enumerate(procs)
                         if not p.is_alive() and p.exitcode not in (0, None) and out[r] is None and r not in errors]
                 if dead and not errors and results.empty():
-                    raise RankError(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
+                    time.sleep(0.5)  # a rank that reported and exited: its report may still be in the pipe
+                    if results.empty():
+                        raise RankError(f"ranks {dead} died without reporting an error "
+                                        f"(exit codes {[procs[r].exitcode for r in dead]})")
                 continue
             got += 1
             if status == "err":
