@@ -30,22 +30,13 @@ from cocodiff import ParallelConfig, parallelize, zoo  # noqa: E402
 from cocodiff.config import SlowTierEmulation  # noqa: E402
 from cocodiff.graph import GraphedStep  # noqa: E402
 from cocodiff.launch import set_multi_gpu_env  # noqa: E402
+from cocodiff.timing import time_ms  # noqa: E402
 
 TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 
 
 def time_fn(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    return time_ms(fn, warmup=warmup, iters=iters)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

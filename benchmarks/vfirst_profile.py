@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cocodiff import ParallelConfig, parallelize, zoo  # noqa: E402
 from cocodiff.launch import set_multi_gpu_env  # noqa: E402
+from cocodiff.timing import time_ms  # noqa: E402
 
 FAMILY_DIMS = {  # hidden = heads x head dim, text tokens, image tokens at 1024^2
     "flux": dict(heads=24, head_dim=128, txt=512, img=4096),
@@ -38,17 +39,7 @@ FAMILY_DIMS = {  # hidden = heads x head dim, text tokens, image tokens at 1024^
 
 
 def _events(fn, iters=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    return statistics.median(time_ms(fn, warmup=warmup, iters=iters))
 
 
 def equation2(world: int, device, group) -> list[dict]:

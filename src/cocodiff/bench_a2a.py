@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,26 +22,12 @@ from .comm import CommStats, FlatAllToAll
 from .config import ParallelConfig, SlowTierEmulation
 from .launch import set_multi_gpu_env, spawn
 from .tapa import FairFlatAllToAll, TapaAllToAll, _slow_options, build_exchange
+from .timing import time_ms
 from .topology import Topology
 
 
 def _time(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(iters):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            out.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
+    return time_ms(fn, warmup=warmup, iters=iters, cuda=cuda)
 
 
 def _time_graph(fn, iters: int) -> float | None:

@@ -26,7 +26,7 @@ every rank picks the same).
 from __future__ import annotations
 
 import contextlib
-import time
+import statistics
 from typing import Callable
 
 import torch
@@ -265,24 +265,14 @@ class AutoAllToAll:
         self._chosen: dict[tuple, object] = {}
 
     def _time(self, strat, sample: torch.Tensor) -> float:
+        """Median ms of `reps` exchanges (2 warm-up), leaving the byte counters as they were."""
+        from .timing import time_ms
+
         saved = (list(self.stats.bytes_by_tier), list(self.stats.messages_by_tier), self.stats.exchanges)
-        strat.start(sample).wait()  # warm-up
-        if sample.is_cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(self.reps):
-                strat.start(sample).wait()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end) / self.reps
-        else:
-            t0 = time.perf_counter()
-            for _ in range(self.reps):
-                strat.start(sample).wait()
-            ms = (time.perf_counter() - t0) * 1e3 / self.reps
+        times = time_ms(lambda: strat.start(sample).wait(), warmup=2, iters=self.reps, cuda=sample.is_cuda)
         self.stats.bytes_by_tier[:], self.stats.messages_by_tier[:] = saved[0], saved[1]
         self.stats.exchanges = saved[2]
-        return ms
+        return statistics.median(times)
 
     def choose(self, send: torch.Tensor):
         key = (tuple(send.shape), send.dtype, send.device.type)

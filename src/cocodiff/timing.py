@@ -1,0 +1,32 @@
+"""Timing helpers shared by the benchmarks: device events on CUDA (warm-up excluded), a host clock on CPU."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], *, warmup: int, iters: int, cuda: bool = True) -> list[float]:
+    """Milliseconds of each of `iters` calls of `fn` after `warmup` untimed calls.
+
+    On CUDA each call is bracketed by CUDA events on the current stream (the device time of the call,
+    including any gap the host leaves); on CPU a perf_counter around the call.
+    """
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
