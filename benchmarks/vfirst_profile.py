@@ -81,7 +81,6 @@ def equation2(world: int, device, group) -> list[dict]:
                              "v_proj_ms": tv, "v_exchange_ms": tx, "qk_work_ms": tqk,
                              "lhs_ms": tv + tx, "holds": tv + tx <= tqk,
                              "exposed_ms": max(0.0, tv + tx - tqk)})
-                del x, wq, wk, wv, send, recv
     return rows
 
 

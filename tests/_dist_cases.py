@@ -122,7 +122,6 @@ def ranks_disagree(world):
 
 def bad_heads(world):
     """Heads that do not divide: ValueError at parallelize, naming heads and degree, before any collective."""
-    rank = dist.get_rank()
     model = zoo.build_model("flux", "tiny", seed=0, num_attention_heads=3, attention_head_dim=8)
     try:
         cocodiff.parallelize(model, cocodiff.ParallelConfig())

@@ -2,7 +2,6 @@
 parallel output equals the single-process output, or a clear ValueError comes before any collective.
 Every case is bounded in time by the worker pool (a hang fails the case instead of the suite)."""
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .comm import CommStats, FlatAllToAll
 from .config import ParallelConfig, SlowTierEmulation
 from .launch import set_multi_gpu_env, spawn
-from .tapa import FairFlatAllToAll, TapaAllToAll, _slow_options, build_exchange
+from .tapa import TapaAllToAll, _slow_options, build_exchange
 from .timing import time_ms
 from .topology import Topology
 

@@ -17,7 +17,7 @@ import os
 import torch
 
 
-def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, world: int, tapa_phases: int = 0) -> int:
+def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, tapa_phases: int = 0) -> int:
     """Peak bytes of exchange buffers for one attention layer.
 
     Args:

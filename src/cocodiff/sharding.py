@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .comm import all_gather_into
@@ -140,6 +139,7 @@ class PlanHooks:
     # ---- hooks --------------------------------------------------------------------------------
     def _install(self) -> None:
         model, plan = self.model, self.plan
+        self._root_names = _param_names(model)  # once: the root hook runs on every forward
         self.handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._root_post))
         for pattern, spec in plan.split_inputs.items():
@@ -177,7 +177,7 @@ class PlanHooks:
             self._checked = True
         self.engine.begin_forward(n_img, n_txt)
         spec = self.plan.split_inputs.get("", {})
-        return _split_args(self.engine, _param_names(module), spec, args, dict(kwargs))
+        return _split_args(self.engine, self._root_names, spec, args, dict(kwargs))
 
     def _root_post(self, module, args, output):
         self.engine.end_forward()
@@ -242,7 +242,7 @@ class PlanHooks:
         batch = bound["hidden_states"].shape[0]
         phases = sum(1 for s in self.engine.topology.sizes if s > 1) if self.engine.config.all_to_all == "tapa" else 0
         need = comm_buffer_bytes(l_max=l_max, batch=batch, inner_dim=self.engine.inner_dim, elem=elem,
-                                 world=self.engine.world, tapa_phases=phases)
+                                 tapa_phases=phases)
         budget = self.engine.config.memory_budget_gb
         have = int(budget * 2**30) if budget is not None else free_bytes(self.device)
         return need, have

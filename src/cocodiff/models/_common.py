@@ -11,7 +11,7 @@ def refuse(bound: dict[str, Any], names: tuple[str, ...], why: str) -> None:
     """Raise a ValueError if any of the named call arguments is set."""
     for n in names:
         v = bound.get(n)
-        if v is not None and v is not False and v != 0:
+        if v is not None and not (isinstance(v, (bool, int)) and not v):  # tensors/lists: set means refused
             raise ValueError(f"cocodiff: argument {n!r} is not supported under sequence parallelism ({why})")
 
 

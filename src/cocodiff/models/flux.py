@@ -11,18 +11,19 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import rotate, attention_modules_by_class, refuse, refuse_attention_kwargs
+from ._common import attention_modules_by_class, refuse, refuse_attention_kwargs, rotate
 
 
 class FluxUlyssesProcessor:
-    """Sharded replacement of diffusers' `FluxAttnProcessor` (same math, local tokens, Ulysses exchange)."""
+    """Sharded replacement of diffusers' `FluxAttnProcessor` and of FLUX.2's `Flux2AttnProcessor` (same math,
+    local tokens, Ulysses exchange): both attentions have the same projections, norms and output layers."""
 
     def __init__(self, engine: UlyssesEngine):
         self.engine = engine
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
-            raise ValueError("cocodiff: FLUX attention_mask is not supported under sequence parallelism")
+            raise ValueError("cocodiff: FLUX/FLUX.2 attention_mask is not supported under sequence parallelism")
         joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
         d = attn.head_dim
 
@@ -56,6 +57,8 @@ class FluxUlyssesProcessor:
             out = attn.to_out[1](attn.to_out[0](out.contiguous()))
             enc_out = attn.to_add_out(enc_out.contiguous())
             return out, enc_out
+        if hasattr(attn, "to_out"):  # FLUX.1 single blocks are pre-only (no output projection here)
+            out = attn.to_out[1](attn.to_out[0](out))
         return out
 
 

@@ -8,54 +8,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux2 import Flux2Attention, Flux2ParallelSelfAttention
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2Attention,
+    Flux2ParallelSelfAttention,
+)
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import rotate, refuse_attention_kwargs
-
-
-class Flux2UlyssesProcessor:
-    """Sharded replacement of diffusers' `Flux2AttnProcessor` (double-stream blocks)."""
-
-    def __init__(self, engine: UlyssesEngine):
-        self.engine = engine
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if attention_mask is not None:
-            raise ValueError("cocodiff: FLUX.2 attention_mask is not supported under sequence parallelism")
-        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        d = attn.head_dim
-
-        def project_v():
-            v = attn.to_v(hidden_states).unflatten(-1, (-1, d))
-            if joint:
-                v = torch.cat([attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, d)), v], dim=1)
-            return v
-
-        def project_qk():
-            q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, d)))
-            k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, d)))
-            if joint:
-                eq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, d)))
-                ek = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, d)))
-                q = torch.cat([eq, q], dim=1)
-                k = torch.cat([ek, k], dim=1)
-            if image_rotary_emb is not None:
-                q = rotate(apply_rotary_emb, q, image_rotary_emb, sequence_dim=1)
-                k = rotate(apply_rotary_emb, k, image_rotary_emb, sequence_dim=1)
-            return q, k
-
-        out = self.engine.attend(project_v=project_v, project_qk=project_qk, kinds=(TXT, IMG))
-        out = out.to(hidden_states.dtype)
-        if encoder_hidden_states is not None:
-            n_txt = encoder_hidden_states.shape[1]
-            enc_out, out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
-            enc_out = attn.to_add_out(enc_out)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if encoder_hidden_states is not None:
-            return out, enc_out
-        return out
+from ._common import refuse_attention_kwargs, rotate
+from .flux import FluxUlyssesProcessor
 
 
 class Flux2SingleUlyssesProcessor:
@@ -130,7 +91,7 @@ def _install(model, engine):
         if isinstance(m, Flux2ParallelSelfAttention):
             m.set_processor(Flux2SingleUlyssesProcessor(engine))
         else:
-                m.set_processor(Flux2UlyssesProcessor(engine))
+                m.set_processor(FluxUlyssesProcessor(engine))  # double-stream: same math as FLUX.1's
     return len(mods)
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.attention_processor import Attention
-from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock, apply_rotary_emb_qwen
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenImageTransformerBlock,
+    apply_rotary_emb_qwen,
+)
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import rotate, refuse, refuse_attention_kwargs
+from ._common import refuse, refuse_attention_kwargs, rotate
 
 
 class QwenUlyssesProcessor:
