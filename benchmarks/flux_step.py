@@ -34,6 +34,66 @@ from cocodiff.timing import time_ms  # noqa: E402
 
 TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 
+# name -> (exchange route, v_first, overlap_output); None: follow v_first
+CONFIGS = {
+    "flat": ("flat", False, None),
+    "vfirst": ("flat", True, None),               # V, then Q, then K; output exchange under single-block MLPs
+    "vfirst-nooverlap": ("flat", True, False),   # V-First alone (output exchange exposed)
+    "tapa": ("auto", False, None),
+    "tapa-vfirst": ("auto", True, None),
+    "tapa-phases": ("tapa", False, None),
+    "ce": ("copy_engine", False, None),
+    "ce-vfirst": ("copy_engine", True, None),
+    "nocomm-vfirst": ("none", True, None),       # lower bound: exchanges replaced by no-ops (wrong output)
+}
+
+
+class NoExchange:
+    """Timing lower bound: every exchange returns its send buffer unchanged (same shapes, no bytes move)."""
+
+    name = "none"
+
+    def start(self, send, post=None):
+        from cocodiff.comm import Handle
+
+        return Handle([], send, post)
+
+
+KERNEL_CATEGORIES = (  # first match wins
+    ("nccl", ("nccl",)),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_")),
+)
+
+
+def kernel_breakdown(fn) -> dict:
+    """GPU time per kernel category of one call of `fn` (torch.profiler trace; sums of kernel durations, so
+    concurrent kernels both count), plus the span from the first kernel's start to the last one's end."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text())["traceEvents"]
+    ms: dict[str, float] = {}
+    count: dict[str, int] = {}
+    first, last = float("inf"), 0.0
+    for e in events:
+        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in e:
+            continue
+        name = e["name"].lower()
+        cat = "memcpy/memset" if e["cat"] != "kernel" else next(
+            (c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        ms[cat] = ms.get(cat, 0.0) + e["dur"] / 1e3
+        count[cat] = count.get(cat, 0) + 1
+        first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
+    return {"kernel_ms": ms, "kernels": count, "span_ms": (last - first) / 1e3}
+
 
 def time_fn(fn, warmup: int, iters: int) -> list[float]:
     return time_ms(fn, warmup=warmup, iters=iters)
@@ -49,7 +109,9 @@ def main() -> None:
     ap.add_argument("--family", default="flux", choices=zoo.FAMILIES)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--configs", nargs="+", default=["flat"],
-                    help="flat, vfirst (flat + V-First), tapa (automatic plan), tapa-vfirst, tapa-phases")
+                    help=", ".join(CONFIGS))
+    ap.add_argument("--sdpa", default="default", choices=["default", "flash", "cudnn", "efficient"],
+                    help="SDPA backend for every attention (eager runs and graph captures)")
     ap.add_argument("--topology", default=None, help="tier spec for the parallel runs, e.g. 2x2")
     ap.add_argument("--emulate", action="store_true", help="emulate a slow outermost tier (CTA-capped NCCL)")
     ap.add_argument("--max-ctas", type=int, default=1, help="CTA cap of the emulated slow link")
@@ -57,6 +119,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
+    ap.add_argument("--profile", action="store_true", help="with --graph: kernel time per category of one replay")
     ap.add_argument("--ref-dir", required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -94,12 +157,28 @@ def main() -> None:
         "sizes": {},
     }
     configs = ["single"] if world == 1 else args.configs
+    unknown = [c for c in configs if c not in CONFIGS and c != "single"]
+    if unknown:
+        raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
     emu = SlowTierEmulation(max_ctas=args.max_ctas) if args.emulate else None
     result["topology"] = args.topology
     result["emulation"] = None if emu is None else {"max_ctas": emu.max_ctas, "stands_for": emu.stands_for}
     if world > 1:
         # one engine with every route (flat, TAPA 1 and 4 chunks, automatic plan); configs switch between them
         parallelize(model, ParallelConfig(all_to_all="tapa", topology=args.topology, emulate_slow_tier=emu))
+        eng = model.cocodiff
+        extra_routes = {"none": NoExchange()}
+        if any(CONFIGS[c][0] == "copy_engine" for c in configs):
+            from cocodiff.ce import CopyEngineAllToAll
+
+            extra_routes["copy_engine"] = CopyEngineAllToAll(group=eng.group, topology=eng.topology, stats=eng.stats)
+    result["sdpa_backend"] = args.sdpa
+    if args.sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        sdpa_ctx = sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                                 "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa]])
+        sdpa_ctx.__enter__()  # for the whole run: eager calls and graph captures alike
     for size in args.sizes:
         rows, cols = zoo.image_tokens(args.family, model, size, size)
         inputs = zoo.make_inputs(args.family, model, rows=rows, cols=cols, n_txt=TEXT_TOKENS[args.family],
@@ -108,10 +187,13 @@ def main() -> None:
         ref_path = ref_dir / f"{args.family}_{size}.pt"
         for name in configs:
             if world > 1:
-                eng = model.cocodiff
-                eng.set_schedule(v_first=name.endswith("vfirst"))
-                eng.use_exchange({"flat": "flat", "vfirst": "flat", "tapa": "auto", "tapa-vfirst": "auto",
-                                  "tapa-phases": "tapa"}[name])
+                route, v_first, overlap = CONFIGS[name]
+                eng.set_schedule(v_first=v_first, overlap_output=overlap)
+                if route in extra_routes:
+                    eng.use_exchange("flat")
+                    eng.a2a = extra_routes[route]
+                else:
+                    eng.use_exchange(route)
             torch.cuda.reset_peak_memory_stats(device)
 
             def eager():
@@ -134,7 +216,7 @@ def main() -> None:
                     row["auto_timings_ms"] = {str(k[0]): v for k, v in auto.timings.items()}
             if world == 1 and rank == 0:
                 torch.save(out.cpu(), ref_path)
-            elif ref_path.exists():
+            elif ref_path.exists() and CONFIGS[name][0] != "none":
                 row["rel_err_vs_1gpu"] = rel_err(out, torch.load(ref_path))
             if args.graph:
                 try:
@@ -143,9 +225,11 @@ def main() -> None:
                     gtimes = time_fn(step.replay_only, args.warmup, args.iters)
                     row["graph_ms_median"] = statistics.median(gtimes)
                     row["graph_ms_min"] = min(gtimes)
-                    if ref_path.exists() and world > 1:
+                    if ref_path.exists() and world > 1 and CONFIGS[name][0] != "none":
                         row["graph_rel_err_vs_1gpu"] = rel_err(gout, torch.load(ref_path))
                     row["graph_vs_eager_max_abs"] = (gout.float() - out.float()).abs().max().item()
+                    if args.profile:
+                        row["graph_profile"] = kernel_breakdown(step.replay_only)
                     del step, gout
                 except Exception as exc:  # report, don't hide: the eager numbers still stand
                     row["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]

@@ -115,6 +115,15 @@ class Handle:
             self._done = True
         return self._result
 
+    def then(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Handle":
+        """Chain `fn` after the post-processing (runs at `wait()`); returns this handle."""
+        if self._done:
+            self._result = fn(self._result)
+            return self
+        post = self._post
+        self._post = fn if post is None else (lambda x: fn(post(x)))
+        return self
+
 
 class FlatAllToAll:
     """The paper's Flat baseline: one all-to-all over the whole group per tensor.
@@ -192,6 +201,15 @@ class SeqLayout:
         return idx
 
 
+def send_buffer(a2a, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An empty contiguous send buffer for `a2a.start`: the strategy's own (e.g. the copy-engine exchange's
+    symmetric-memory slot, which saves it a copy) or a fresh tensor."""
+    make = getattr(a2a, "send_buffer", None)
+    if make is None:
+        return like.new_empty(shape)
+    return make(shape, like.dtype, like.device)
+
+
 def start_seq_to_head(x: torch.Tensor, layout: SeqLayout, a2a: FlatAllToAll) -> Handle:
     """Start the seq->head exchange of one tensor.
 
@@ -208,13 +226,11 @@ def start_seq_to_head(x: torch.Tensor, layout: SeqLayout, a2a: FlatAllToAll) -> 
         raise ValueError(f"seq->head: {H} heads do not divide over {P} ranks")
     h_local = H // P
     # (B, L, H, D) -> (B, L, P, H_LOCAL, D) -> (P, L, B, H_LOCAL, D)
-    send = x.view(B, L, P, h_local, D).permute(2, 1, 0, 3, 4)
+    blocks = x.view(B, L, P, h_local, D).permute(2, 1, 0, 3, 4)
+    send = send_buffer(a2a, (P, layout.l_max, B, h_local, D), x)
+    send[:, :L].copy_(blocks)
     if L != layout.l_max:
-        padded = x.new_zeros(P, layout.l_max, B, h_local, D)
-        padded[:, :L].copy_(send)
-        send = padded
-    else:
-        send = send.contiguous()
+        send[:, L:].zero_()  # padding rows: dropped after the exchange, zero for reproducible bytes
 
     def post(recv: torch.Tensor) -> torch.Tensor:
         # (P, L_MAX, B, H_LOCAL, D) -> (P * L_MAX, B, H_LOCAL, D) -> drop padding -> (S, B, H_LOCAL, D)
@@ -241,13 +257,14 @@ def start_head_to_seq(o: torch.Tensor, layout: SeqLayout, a2a: FlatAllToAll) -> 
         raise ValueError(f"head->seq: got {S} tokens, layout says {layout.total}")
     # (B, H_LOCAL, S, D) -> (S, B, H_LOCAL, D)
     tokens = o.permute(2, 0, 1, 3)
+    send = send_buffer(a2a, (P, layout.l_max, B, h_local, D), o)
+    rows = send.view(P * layout.l_max, B, h_local, D)
     if layout.uniform:
-        # (S, B, H_LOCAL, D) -> (P, L, B, H_LOCAL, D)
-        send = tokens.reshape(P, layout.l_max, B, h_local, D)
+        # (S, B, H_LOCAL, D) -> (P * L, B, H_LOCAL, D) = (P, L, B, H_LOCAL, D)
+        rows.copy_(tokens)
     else:
-        send = o.new_zeros(P * layout.l_max, B, h_local, D)
-        send.index_copy_(0, layout.real_rows(o.device), tokens)
-        send = send.view(P, layout.l_max, B, h_local, D)
+        rows.zero_()
+        rows.index_copy_(0, layout.real_rows(o.device), tokens)
     L = layout.local
 
     def post(recv: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from .topology import parse_topology_spec
 
-ALL_TO_ALL_KINDS = ("flat", "tapa")
+ALL_TO_ALL_KINDS = ("flat", "tapa", "copy_engine")
 TAPA_PLANS = ("auto", "phases")
 PRESETS = ("flat", "tapa", "vfirst", "cocodiff")
 
@@ -73,9 +73,14 @@ class ParallelConfig:
     """How `cocodiff.parallelize` shards a DiT.
 
     Args:
-        all_to_all: "flat" (one all-to-all over the whole group, the paper's baseline) or "tapa"
-            (one phase per topology tier).
-        v_first: project V first and start its exchange while Q/K projection, norm and RoPE run. Exact.
+        all_to_all: "flat" (one all-to-all over the whole group, the paper's baseline), "tapa"
+            (one phase per topology tier) or "copy_engine" (one host, NCCL group: peer-to-peer memcpys on the
+            GPUs' copy engines through PyTorch symmetric memory instead of NCCL's SM kernels).
+        v_first: project V first and start its exchange while Q/K projection, norm and RoPE run; Q's
+            exchange likewise runs under K's projection. Exact.
+        overlap_output: in blocks with work that does not need the attention output (FLUX.1's single-block
+            MLP branch, FLUX.2's single-block MLP projection), start the output exchange first and run that
+            work under it. Exact (same operations, another launch order). None (default): on with v_first.
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
         topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
             outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
@@ -93,8 +98,9 @@ class ParallelConfig:
         memory_budget_gb: refuse shapes whose communication buffers exceed this (default: free memory).
     """
 
-    all_to_all: Literal["flat", "tapa"] = "flat"
+    all_to_all: Literal["flat", "tapa", "copy_engine"] = "flat"
     v_first: bool = False
+    overlap_output: bool | None = None
     v_major: VMajorConfig | None = None
     topology: str | None = None
     tapa_plan: Literal["auto", "phases"] = "auto"
@@ -110,6 +116,9 @@ class ParallelConfig:
             raise ValueError(
                 f"ParallelConfig.all_to_all={self.all_to_all!r} is not one of {ALL_TO_ALL_KINDS}"
             )
+        if self.all_to_all == "copy_engine" and self.emulate_slow_tier is not None:
+            raise ValueError("ParallelConfig: all_to_all='copy_engine' runs on one host's links; it cannot be "
+                             "combined with emulate_slow_tier (use all_to_all='flat' or 'tapa')")
         if self.tapa_plan not in TAPA_PLANS:
             raise ValueError(f"ParallelConfig.tapa_plan={self.tapa_plan!r} is not one of {TAPA_PLANS}")
         if not isinstance(self.tapa_chunks, int) or self.tapa_chunks < 1:
@@ -121,6 +130,8 @@ class ParallelConfig:
             )
         if not isinstance(self.v_first, bool):
             raise TypeError(f"ParallelConfig.v_first must be a bool, got {self.v_first!r}")
+        if self.overlap_output is not None and not isinstance(self.overlap_output, bool):
+            raise TypeError(f"ParallelConfig.overlap_output must be None or a bool, got {self.overlap_output!r}")
         if self.v_major is not None:
             if not isinstance(self.v_major, VMajorConfig):
                 raise TypeError(
@@ -152,6 +163,11 @@ class ParallelConfig:
         else:
             raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
         return cfg
+
+    @property
+    def overlaps_output(self) -> bool:
+        """Whether the output exchange runs under independent work (`overlap_output`, default: `v_first`)."""
+        return self.v_first if self.overlap_output is None else self.overlap_output
 
     def with_(self, **changes) -> "ParallelConfig":
         """A copy with some fields changed (validated again)."""

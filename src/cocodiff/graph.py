@@ -72,7 +72,9 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool), torch.no_grad():
+        # thread_local: CUDA calls of other threads (NCCL's watchdog polling its events) must not invalidate
+        # the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), torch.no_grad():
             static_out = self._call(args)
         torch.cuda.synchronize()
         return _Captured(graph, static_in, static_out)

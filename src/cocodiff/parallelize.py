@@ -55,6 +55,18 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
                 f"{max(d for d in range(1, world + 1) if heads % d == 0)})"
             )
         check_unfused(attn)
+    if config.all_to_all == "copy_engine":
+        if dist.get_backend(group) != "nccl":
+            raise ValueError(
+                f"cocodiff.parallelize: all_to_all='copy_engine' needs CUDA ranks on an NCCL process group, this "
+                f"group uses {dist.get_backend(group)}; use all_to_all='flat'"
+            )
+        hosts = Topology.from_launcher(world, dist.get_process_group_ranks(group))
+        if len(hosts.tiers) > 1:
+            raise ValueError(
+                f"cocodiff.parallelize: all_to_all='copy_engine' needs all ranks on one host, the launcher puts "
+                f"them on {hosts.sizes[-1]} hosts; use all_to_all='flat' or 'tapa' across hosts"
+            )
     param = next(model.parameters(), None)
     if param is not None and (param.device.type != device.type or
                               (device.type == "cuda" and param.device.index != device.index)):

@@ -342,6 +342,10 @@ def build_exchange(config, group, topology: Topology):
     rank = dist.get_rank(group)
     stats = CommStats(tuple(t.name for t in topology.tiers))
     emul = config.emulate_slow_tier
+    if config.all_to_all == "copy_engine":
+        from .ce import CopyEngineAllToAll
+
+        return CopyEngineAllToAll(group=group, topology=topology, sync=config.sync, stats=stats), stats
     if config.all_to_all == "flat" and emul is None:
         return FlatAllToAll(group=group, topology=topology, sync=config.sync, stats=stats), stats
     if dist.get_world_size(group) != dist.get_world_size():

@@ -1,0 +1,151 @@
+"""Block all-to-all over the GPUs' copy engines (PyTorch symmetric memory), for ranks of one host.
+
+NCCL's all-to-all runs as a kernel: while V's exchange hides under the Q/K projections it occupies SMs the
+projections could use. Here the bytes move as peer-to-peer memcpys, which the copy engines execute, and
+only two tiny barrier kernels run on SMs. The pattern is "publish, pull" (as PyTorch's low-contention
+all-gather does):
+
+1. the sender's blocks are written into its slot of a symmetric buffer (the copy that makes the send
+   buffer contiguous writes there directly, see `send_buffer`);
+2. barrier: every rank has published;
+3. each rank pulls block `rank` from every peer's slot, one stream per peer so the copies run in parallel;
+4. barrier: every peer has pulled, so the slot may be written again.
+
+Slots form a ring, so V, Q and K can be in flight together; a slot is reused only after the main stream
+has waited for its previous exchange's final barrier. There is no host synchronisation: the steps are
+stream operations and capture in a CUDA graph. Buffers are allocated (a collective rendezvous) the first
+time a message size is seen, which must happen outside graph capture: the eager warm-up does it.
+
+Requires CUDA, an NCCL process group (for the rendezvous) and all ranks on one host (peer mappings).
+Whether it is faster than NCCL is measured, not assumed: `benchmarks/overlap_probe.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .comm import CommStats, Handle
+from .topology import Topology
+
+_ALIGN = 256  # bytes: slot starts stay aligned for the copy engines
+
+
+class CopyEngineAllToAll:
+    """Drop-in for `FlatAllToAll` (same `start` contract) that moves blocks with copy-engine memcpys.
+
+    Args:
+        group: process group of the P ranks (NCCL, one host).
+        topology: used for byte accounting only.
+        slots: exchanges that may be in flight at once (V, Q, K and the output: 4).
+        sync: debug switch: wait right after starting.
+    """
+
+    name = "copy_engine"
+
+    def __init__(self, *, group, topology: Topology, slots: int = 4, sync: bool = False,
+                 stats: CommStats | None = None):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self._symm_mem = symm_mem
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.sync = sync
+        self.stats = stats if stats is not None else CommStats(tuple(t.name for t in topology.tiers))
+        self._peers = topology.peers_per_tier(self.rank)
+        self.slots = slots
+        self._slot_bytes = 0
+        self._buf = None
+        self._hdl = None
+        self._next = 0
+        self._slot_done: list[tuple[torch.cuda.Event, bool] | None] = [None] * slots
+        self._pending: tuple[int, torch.Tensor] | None = None  # (slot, tensor handed out by send_buffer)
+        self._stream = None
+        self._peer_streams: list[torch.cuda.Stream] = []
+
+    # ---- buffers ------------------------------------------------------------------------------------
+    def _ensure(self, nbytes: int, device: torch.device) -> None:
+        need = -(-nbytes // _ALIGN) * _ALIGN
+        if need <= self._slot_bytes:
+            return
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"cocodiff copy-engine exchange: a {nbytes}-byte message appeared during CUDA-graph capture; "
+                "run the step eagerly once before capturing (GraphedStep does) so buffers are allocated"
+            )
+        torch.cuda.synchronize(device)  # in-flight exchanges still use the old buffer
+        self._buf = None
+        self._buf = self._symm_mem.empty(self.slots * need, dtype=torch.uint8, device=device)
+        self._hdl = self._symm_mem.rendezvous(self._buf, self.group.group_name)
+        self._slot_bytes = need
+        self._slot_done = [None] * self.slots
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+            self._peer_streams = [torch.cuda.Stream(device) for _ in range(self.world - 1)]
+
+    def _slot_view(self, rank: int, slot: int, shape, dtype) -> torch.Tensor:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return self._hdl.get_buffer(rank, tuple(shape), dtype, slot * self._slot_bytes // elem)
+
+    def send_buffer(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor to write the next send buffer into (this rank's slot of the symmetric buffer): `start`
+        on it then needs no publishing copy."""
+        numel = 1
+        for s in shape:
+            numel *= s
+        self._ensure(numel * torch.empty((), dtype=dtype).element_size(), device)
+        slot = self._next
+        self._next = (slot + 1) % self.slots
+        done = self._slot_done[slot]
+        capturing = torch.cuda.is_current_stream_capturing()
+        # an event recorded outside the capture in progress cannot be waited for inside it; the eager
+        # warm-up before a capture ends with a device synchronisation, so that slot is free anyway
+        if done is not None and done[1] == capturing:
+            torch.cuda.current_stream().wait_event(done[0])
+        view = self._slot_view(self.rank, slot, shape, dtype)
+        self._pending = (slot, view)
+        return view
+
+    # ---- the exchange -------------------------------------------------------------------------------
+    def start(self, send: torch.Tensor, post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Handle:
+        """Start a block all-to-all of `send` `(P, ...)` (block i to rank i); see `FlatAllToAll.start`."""
+        if send.shape[0] != self.world:
+            raise ValueError(f"block all-to-all needs dim 0 == P={self.world}, got shape {tuple(send.shape)}")
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[1].data_ptr() == send.data_ptr() and pending[1].shape == send.shape:
+            slot = pending[0]
+        else:
+            mine = self.send_buffer(send.shape, send.dtype, send.device)
+            mine.copy_(send)
+            slot, self._pending = self._pending[0], None
+        block_bytes = send[0].numel() * send.element_size()
+        for t, n in enumerate(self._peers):
+            self.stats.bytes_by_tier[t] += n * block_bytes
+            self.stats.messages_by_tier[t] += n
+        self.stats.exchanges += 1
+
+        cur = torch.cuda.current_stream()
+        recv = torch.empty_like(send)
+        recv[self.rank].copy_(send[self.rank])  # own block: a local copy on the caller's stream
+        side = self._stream
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            self._hdl.barrier(channel=slot)  # every rank has published into this slot
+            for i, ps in enumerate(self._peer_streams):
+                peer = (self.rank + 1 + i) % self.world
+                ps.wait_stream(side)
+                with torch.cuda.stream(ps):
+                    recv[peer].copy_(self._slot_view(peer, slot, send.shape, send.dtype)[self.rank])
+            for ps in self._peer_streams:
+                side.wait_stream(ps)
+            self._hdl.barrier(channel=slot)  # every peer has pulled from this slot: it may be rewritten
+            done = torch.cuda.Event()
+            done.record(side)
+        self._slot_done[slot] = (done, torch.cuda.is_current_stream_capturing())
+        handle = Handle([], recv, post, join=lambda: cur.wait_event(done))
+        if self.sync:
+            handle.wait()
+        return handle
