@@ -324,3 +324,66 @@ def fused_projections_refused(world):
         after = {n: type(m.processor).__name__ for n, m in model.named_modules() if hasattr(m, "processor")}
         return str(exc), before == after, getattr(model, "cocodiff", None) is None
     return "no error", None, None
+
+
+def overlap_output_order(family, world):
+    """Where the MLP branch of a single-stream block runs: with overlap_output its activation runs while
+    exchanges are in flight (FLUX.1: the first half under V/Q/K's, the second under the output's; FLUX.2:
+    the SwiGLU gate under V/Q/K's), without it with none in flight. Both orders give the same output (up to
+    the rounding of half-width GEMMs). Returns {overlap_output: [exchanges in flight at each activation]}."""
+    from cocodiff import comm
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, "tiny", seed=0)
+    cocodiff.parallelize(model, cocodiff.ParallelConfig(v_first=True), group=group)
+    eng = model.cocodiff
+    block = model.single_transformer_blocks[0]
+    act = block.act_mlp if family == "flux" else block.attn.mlp_act_fn.gate_fn
+    waited = [0]
+    original_wait = comm.Handle.wait
+
+    def counting_wait(self):
+        waited[0] += not self._done
+        return original_wait(self)
+
+    seen = {}
+    block.register_forward_pre_hook(lambda m, a: seen.update(block=eng.stats.exchanges - waited[0], act=[]))
+    act.register_forward_pre_hook(lambda m, a: seen["act"].append(eng.stats.exchanges - waited[0] - seen["block"]))
+    inputs = zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=2, seed=3)
+    res = {}
+    comm.Handle.wait = counting_wait
+    try:
+        for overlap in (False, True):
+            eng.set_schedule(overlap_output=overlap)
+            with torch.no_grad():
+                out = model(**inputs).sample
+            res[overlap] = (seen["act"], out)
+    finally:
+        comm.Handle.wait = original_wait
+    torch.testing.assert_close(res[False][1], res[True][1], rtol=1e-5, atol=1e-6)
+    return {k: v[0] for k, v in res.items()}
+
+
+def hooked_projection_called_whole(family, world):
+    """A hooked (or LoRA-wrapped) projection is never replaced by weight slices: a forward hook that changes
+    the single blocks' MLP/fused projection output must act the same in the parallel model under V-First
+    and overlap_output. Returns the max abs difference against the single process."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, "tiny", seed=0)
+    for block in model.single_transformer_blocks:
+        proj = block.proj_mlp if family == "flux" else block.attn.to_qkv_mlp_proj
+        proj.register_forward_hook(lambda m, a, out: out * 1.5 + 0.25)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+    inputs = zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=1, seed=4)
+    with torch.no_grad():
+        ref = model(**inputs).sample
+        out = par(**inputs).sample
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item()

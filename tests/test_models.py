@@ -32,3 +32,14 @@ def test_heads_not_divisible_raise_before_any_collective(pools):
     out = pools(4).run(cases.bad_heads, 4)
     for msg in out:
         assert "3 heads" in msg and "degree 4" in msg, msg
+
+
+@pytest.mark.parametrize("family,expected", [("flux", [3, 1]), ("flux2", [3])])
+def test_exchanges_run_under_the_single_block_mlp(pools, family, expected):
+    for in_flight in pools(4).run(cases.overlap_output_order, family, 2)[:2]:
+        assert in_flight == {False: [0], True: expected}, in_flight
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_hooked_projections_are_not_sliced(pools, family):
+    assert pools(4).run(cases.hooked_projection_called_whole, family, 2)[0] < 2e-5

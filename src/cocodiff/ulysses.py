@@ -3,8 +3,8 @@
 `UlyssesEngine` is the one object a parallelised model holds. It owns the process group, the topology, the
 exchange strategy and the byte counters, and it knows, for the forward pass in progress, how many image
 and text tokens each rank holds (`TokenLayout`). Attention processors of every model family call
-`engine.attend(...)` with closures that project V and Q/K; the schedule (which projection runs first and
-when each exchange starts and is waited for) lives here, in one place.
+`engine.attend(...)` (or `start_attend`) with closures that project V, Q and K; the schedule (which
+projection runs first and when each exchange starts and is waited for) lives here, in one place.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .comm import CommStats, SeqLayout, gather_seq, start_head_to_seq, start_seq_to_head
+from .comm import CommStats, Handle, SeqLayout, gather_seq, start_head_to_seq, start_seq_to_head
 from .config import ParallelConfig
 from .tapa import build_exchange
 from .topology import Topology
 
 IMG, TXT = "img", "txt"
+UnsetMarker = object()  # "argument not given" where None is a meaningful value
 
 
 def split_sizes(n: int, world: int) -> tuple[int, ...]:
@@ -84,11 +85,14 @@ class UlyssesEngine:
         self._seq_layouts: dict[tuple[int, ...], SeqLayout] = {}
         self._mask_cache: dict = {}
 
-    def set_schedule(self, *, v_first: bool | None = None, sync: bool | None = None) -> None:
-        """Switch schedule options that do not change how tokens are sharded (for A/B runs on one model)."""
+    def set_schedule(self, *, v_first: bool | None = None, overlap_output=UnsetMarker, sync: bool | None = None) -> None:
+        """Switch schedule options that do not change how tokens are sharded (for A/B runs on one model).
+        `overlap_output` takes None (follow v_first) or a bool; leave it out to keep the current value."""
         changes = {}
         if v_first is not None:
             changes["v_first"] = v_first
+        if overlap_output is not UnsetMarker:
+            changes["overlap_output"] = overlap_output
         if sync is not None:
             changes["sync"] = sync
             routes = getattr(self, "_auto", None) or self.a2a
@@ -178,44 +182,64 @@ class UlyssesEngine:
         return mask
 
     # ---- the per-layer schedule -----------------------------------------------------------------
-    def attend(
+    def start_attend(
         self,
         *,
         project_v: Callable[[], torch.Tensor],
-        project_qk: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        project_q: Callable[[], torch.Tensor],
+        project_k: Callable[[], torch.Tensor],
         kinds: tuple[str, ...],
         key_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Sharded attention of this rank's tokens.
+        out_dtype: torch.dtype | None = None,
+        before_attention: Callable[[], None] | None = None,
+    ) -> Handle:
+        """Sharded attention of this rank's tokens, returned while its output exchange is still in flight.
+
+        The caller may run work that does not need the attention output (FLUX's single-block MLP branch)
+        before `wait()`; the output exchange then runs under it.
+
+        Schedule. Without V-First (the paper's baseline order): project Q, K, V, then start their exchanges.
+        With V-First: project V and start its exchange, then project Q (norm, RoPE) and start its exchange,
+        then K; each transfer runs under the projections that follow it, and only K's is left exposed.
 
         Args:
             project_v: returns V `(B, L, H, D)` for the local tokens.
-            project_qk: returns (Q, K) `(B, L, H, D)` for the local tokens, norms and RoPE applied.
+            project_q: returns Q `(B, L, H, D)` for the local tokens, norm and RoPE applied.
+            project_k: returns K `(B, L, H, D)` for the local tokens, norm and RoPE applied.
             kinds: token kinds of the local sequence, in local order (for the per-rank lengths).
             key_mask: optional `(B, S)` bool key mask in exchange order (see `joint_key_mask`).
+            out_dtype: dtype of the returned output (default: the attention's).
+            before_attention: work that needs no attention input (part of a block's MLP), run after the
+                input exchanges started and before the attention waits for them: it hides K's exchange.
         Returns:
-            `(B, L, H * D)`: attention output for the local tokens, all heads.
+            a handle yielding `(B, L, H * D)`: attention output for the local tokens, all heads.
         """
         lay = self.seq_layout(kinds)
         if self.config.v_first:
-            # V needs only its projection: start its exchange first, hide it under Q/K work.
             hv = start_seq_to_head(project_v(), lay, self.a2a)
-            q, k = project_qk()
-            hq = start_seq_to_head(q, lay, self.a2a)
-            hk = start_seq_to_head(k, lay, self.a2a)
+            hq = start_seq_to_head(project_q(), lay, self.a2a)
+            hk = start_seq_to_head(project_k(), lay, self.a2a)
         else:
-            q, k = project_qk()
-            v = project_v()
+            q, k, v = project_q(), project_k(), project_v()
             hq = start_seq_to_head(q, lay, self.a2a)
             hk = start_seq_to_head(k, lay, self.a2a)
             hv = start_seq_to_head(v, lay, self.a2a)
+            del q, k, v  # the exchanges hold their own send buffers: free the projections early
+        if before_attention is not None:
+            before_attention()
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        if not self.config.v_first:
-            del v
-        del q, k  # the local projections are not needed any more: free them before the output exchange
-        # (B, H_LOCAL, S, D) each
+        # (B, H_LOCAL, S, D) each; wait for each input only when the kernel needs it
         out = F.scaled_dot_product_attention(hq.wait(), hk.wait(), hv.wait(), attn_mask=mask)
         del hq, hk, hv
         h = start_head_to_seq(out, lay, self.a2a)
         del out
-        return h.wait().flatten(2, 3)
+
+        def finish(x: torch.Tensor) -> torch.Tensor:
+            x = x.flatten(2, 3)
+            return x if out_dtype is None else x.to(out_dtype)
+
+        return h.then(finish)
+
+    def attend(self, **kwargs) -> torch.Tensor:
+        """`start_attend(...)` waited for at once: `(B, L, H * D)`."""
+        return self.start_attend(**kwargs).wait()

@@ -39,3 +39,10 @@ def rotate(fn, x, *args, **kwargs):
     if x.numel() == 0:
         return x
     return fn(x, *args, **kwargs)
+
+
+def plain_linear(m: nn.Module) -> bool:
+    """True if `m` is a bare `nn.Linear` (no subclass, no hooks): only then may its weight be used in row
+    slices (`F.linear(x, w[lo:hi])`) in place of calling it. A LoRA wrapper or a hooked layer computes more
+    than its base weight, so slicing would silently drop that: such layers are called whole."""
+    return type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks

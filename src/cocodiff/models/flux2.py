@@ -1,7 +1,8 @@
 """FLUX.2 (`Flux2Transformer2DModel`): double blocks with joint [text, image] attention, then single blocks
 whose fused `to_qkv_mlp_proj` projects Q, K, V and the MLP input in one matrix. Split like FLUX.1 (tokens
-and their 4-axis RoPE ids). With V-First, the fused projection is computed as three row slices of the same
-weight (V, then Q/K, then the MLP part), which gives the same numbers up to GEMM rounding order."""
+and their 4-axis RoPE ids). With V-First, the fused projection is computed as row slices of the same weight
+(V, Q, K, then the MLP part, which with `overlap_output` runs in two halves while K's and the attention
+output's exchanges are in flight); this gives the same numbers up to GEMM rounding order."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2Attention,
     Flux2ParallelSelfAttention,
+    Flux2SwiGLU,
 )
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import refuse_attention_kwargs, rotate
+from ._common import plain_linear, refuse_attention_kwargs, rotate
 from .flux import FluxUlyssesProcessor
 
 
@@ -28,8 +30,11 @@ class Flux2SingleUlyssesProcessor:
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
             raise ValueError("cocodiff: FLUX.2 attention_mask is not supported under sequence parallelism")
+        cfg = self.engine.config
         d, inner = attn.head_dim, attn.inner_dim
         w, b = attn.to_qkv_mlp_proj.weight, attn.to_qkv_mlp_proj.bias
+        # row slices of the fused projection: V first, and the MLP part in the exchanges' shadow
+        sliced = cfg.v_first and plain_linear(attn.to_qkv_mlp_proj)
         state = {}
 
         def rows(lo, hi):
@@ -41,30 +46,40 @@ class Flux2SingleUlyssesProcessor:
                 state["fused"] = attn.to_qkv_mlp_proj(hidden_states)
             return state["fused"]
 
-        def project_v():
-            if self.engine.config.v_first:
-                v = rows(2 * inner, 3 * inner)
-            else:
-                v = fused()[..., 2 * inner : 3 * inner]
-            return v.unflatten(-1, (-1, d))
+        def project(i, norm=None):
+            lo, hi = i * inner, (i + 1) * inner
+            x = (rows(lo, hi) if sliced else fused()[..., lo:hi]).unflatten(-1, (-1, d))
+            if norm is not None:
+                x = norm(x)
+                if image_rotary_emb is not None:
+                    x = rotate(apply_rotary_emb, x, image_rotary_emb, sequence_dim=1)
+            return x
 
-        def project_qk():
-            if self.engine.config.v_first:
-                qk = rows(0, 2 * inner)
-            else:
-                qk = fused()[..., : 2 * inner]
-            q, k = qk.chunk(2, dim=-1)
-            q = attn.norm_q(q.unflatten(-1, (-1, d)))
-            k = attn.norm_k(k.unflatten(-1, (-1, d)))
-            if image_rotary_emb is not None:
-                q = rotate(apply_rotary_emb, q, image_rotary_emb, sequence_dim=1)
-                k = rotate(apply_rotary_emb, k, image_rotary_emb, sequence_dim=1)
-            return q, k
+        # SwiGLU's gate half runs while K's exchange is in flight, its other half while the output's is
+        mlp_lo, mlp_hi = 3 * inner, w.shape[0]
+        split_mlp = (cfg.overlaps_output and sliced and type(attn.mlp_act_fn) is Flux2SwiGLU
+                     and not attn.mlp_act_fn._forward_hooks and not attn.mlp_act_fn._forward_pre_hooks)
+        mid = mlp_lo + (mlp_hi - mlp_lo) // 2
 
-        out = self.engine.attend(project_v=project_v, project_qk=project_qk, kinds=(TXT, IMG))
-        out = out.to(hidden_states.dtype)
-        mlp_in = rows(3 * inner, w.shape[0]) if self.engine.config.v_first else fused()[..., 3 * inner :]
-        mlp = attn.mlp_act_fn(mlp_in)
+        def gate():
+            state["gate"] = attn.mlp_act_fn.gate_fn(rows(mlp_lo, mid))
+
+        pending = self.engine.start_attend(
+            project_v=lambda: project(2),
+            project_q=lambda: project(0, attn.norm_q),
+            project_k=lambda: project(1, attn.norm_k),
+            kinds=(TXT, IMG),
+            out_dtype=hidden_states.dtype,
+            before_attention=gate if split_mlp else None,
+        )
+        if not cfg.overlaps_output:
+            out = pending.wait()
+        if split_mlp:
+            mlp = state["gate"] * rows(mid, mlp_hi)  # Flux2SwiGLU: silu(x[..., :half]) * x[..., half:]
+        else:
+            mlp = attn.mlp_act_fn(rows(mlp_lo, mlp_hi) if sliced else fused()[..., mlp_lo:])
+        if cfg.overlaps_output:
+            out = pending.wait()
         return attn.to_out(torch.cat([out, mlp], dim=-1))
 
 

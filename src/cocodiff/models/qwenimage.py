@@ -39,38 +39,32 @@ class QwenUlyssesProcessor:
             raise ValueError("cocodiff: Qwen-Image takes encoder_hidden_states_mask, not attention_mask")
         d = attn.inner_dim // attn.heads
 
-        def project_v():
-            # (B, L, H * D) -> (B, L, H, D), order [text, image]
-            tv = attn.add_v_proj(encoder_hidden_states).unflatten(-1, (-1, d))
-            iv = attn.to_v(hidden_states).unflatten(-1, (-1, d))
-            return torch.cat([tv, iv], dim=1)
+        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
 
-        def project_qk():
-            iq = attn.to_q(hidden_states).unflatten(-1, (-1, d))
-            ik = attn.to_k(hidden_states).unflatten(-1, (-1, d))
-            tq = attn.add_q_proj(encoder_hidden_states).unflatten(-1, (-1, d))
-            tk = attn.add_k_proj(encoder_hidden_states).unflatten(-1, (-1, d))
-            if attn.norm_q is not None:
-                iq = attn.norm_q(iq)
-            if attn.norm_k is not None:
-                ik = attn.norm_k(ik)
-            if attn.norm_added_q is not None:
-                tq = attn.norm_added_q(tq)
-            if attn.norm_added_k is not None:
-                tk = attn.norm_added_k(tk)
-            if image_rotary_emb is not None:
-                img_freqs, txt_freqs = image_rotary_emb
-                iq = rotate(apply_rotary_emb_qwen, iq, img_freqs, use_real=False)
-                ik = rotate(apply_rotary_emb_qwen, ik, img_freqs, use_real=False)
-                tq = rotate(apply_rotary_emb_qwen, tq, txt_freqs, use_real=False)
-                tk = rotate(apply_rotary_emb_qwen, tk, txt_freqs, use_real=False)
-            return torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1)
+        def project(proj, added_proj, norm=None, added_norm=None, rope=False):
+            # (B, L, H * D) -> (B, L, H, D), local order [text, image]
+            i = proj(hidden_states).unflatten(-1, (-1, d))
+            t = added_proj(encoder_hidden_states).unflatten(-1, (-1, d))
+            if norm is not None:
+                i = norm(i)
+            if added_norm is not None:
+                t = added_norm(t)
+            if rope and image_rotary_emb is not None:
+                i = rotate(apply_rotary_emb_qwen, i, img_freqs, use_real=False)
+                t = rotate(apply_rotary_emb_qwen, t, txt_freqs, use_real=False)
+            return torch.cat([t, i], dim=1)
 
         key_mask = None
         if encoder_hidden_states_mask is not None:
             key_mask = self.engine.joint_key_mask(encoder_hidden_states_mask, (TXT, IMG))
-        out = self.engine.attend(project_v=project_v, project_qk=project_qk, kinds=(TXT, IMG), key_mask=key_mask)
-        out = out.to(hidden_states.dtype)
+        out = self.engine.attend(
+            project_v=lambda: project(attn.to_v, attn.add_v_proj),
+            project_q=lambda: project(attn.to_q, attn.add_q_proj, attn.norm_q, attn.norm_added_q, rope=True),
+            project_k=lambda: project(attn.to_k, attn.add_k_proj, attn.norm_k, attn.norm_added_k, rope=True),
+            kinds=(TXT, IMG),
+            key_mask=key_mask,
+            out_dtype=hidden_states.dtype,
+        )
         n_txt = encoder_hidden_states.shape[1]
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
         img_out = attn.to_out[0](img_out.contiguous())

@@ -30,33 +30,27 @@ class SD3UlyssesProcessor:
             # (B, L, H * D) -> (B, L, H, D)
             return x.view(B, -1, H, x.shape[-1] // H)
 
-        def project_v():
-            v = heads(attn.to_v(hidden_states))
+        def project(proj, added_proj, norm=None, added_norm=None):
+            # local order [image, text]
+            x = heads(proj(hidden_states))
+            if norm is not None:
+                x = norm(x)
             if joint:
-                v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states))], dim=1)
-            return v
-
-        def project_qk():
-            q = heads(attn.to_q(hidden_states))
-            k = heads(attn.to_k(hidden_states))
-            if attn.norm_q is not None:
-                q = attn.norm_q(q)
-            if attn.norm_k is not None:
-                k = attn.norm_k(k)
-            if joint:
-                eq = heads(attn.add_q_proj(encoder_hidden_states))
-                ek = heads(attn.add_k_proj(encoder_hidden_states))
-                if attn.norm_added_q is not None:
-                    eq = attn.norm_added_q(eq)
-                if attn.norm_added_k is not None:
-                    ek = attn.norm_added_k(ek)
-                q = torch.cat([q, eq], dim=1)
-                k = torch.cat([k, ek], dim=1)
-            return q, k
+                e = heads(added_proj(encoder_hidden_states))
+                if added_norm is not None:
+                    e = added_norm(e)
+                x = torch.cat([x, e], dim=1)
+            return x
 
         kinds = (IMG, TXT) if joint else (IMG,)
-        out = self.engine.attend(project_v=project_v, project_qk=project_qk, kinds=kinds)
-        out = out.to(hidden_states.dtype)
+        added = (lambda name: getattr(attn, name)) if joint else (lambda name: None)
+        out = self.engine.attend(
+            project_v=lambda: project(attn.to_v, added("add_v_proj")),
+            project_q=lambda: project(attn.to_q, added("add_q_proj"), attn.norm_q, added("norm_added_q")),
+            project_k=lambda: project(attn.to_k, added("add_k_proj"), attn.norm_k, added("norm_added_k")),
+            kinds=kinds,
+            out_dtype=hidden_states.dtype,
+        )
         if joint:
             n_img = hidden_states.shape[1]
             out, enc_out = out[:, :n_img], out[:, n_img:]
