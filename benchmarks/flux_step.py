@@ -82,6 +82,7 @@ def kernel_breakdown(fn) -> dict:
         events = json.loads(Path(path).read_text())["traceEvents"]
     ms: dict[str, float] = {}
     count: dict[str, int] = {}
+    by_name: dict[str, float] = {}
     first, last = float("inf"), 0.0
     for e in events:
         if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in e:
@@ -91,8 +92,11 @@ def kernel_breakdown(fn) -> dict:
             (c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
         ms[cat] = ms.get(cat, 0.0) + e["dur"] / 1e3
         count[cat] = count.get(cat, 0) + 1
+        if cat == "other":
+            by_name[e["name"][:120]] = by_name.get(e["name"][:120], 0.0) + e["dur"] / 1e3
         first, last = min(first, e["ts"]), max(last, e["ts"] + e["dur"])
-    return {"kernel_ms": ms, "kernels": count, "span_ms": (last - first) / 1e3}
+    top = dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:15])
+    return {"kernel_ms": ms, "kernels": count, "span_ms": (last - first) / 1e3, "top_other_ms": top}
 
 
 def time_fn(fn, warmup: int, iters: int) -> list[float]:
@@ -119,6 +123,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
+    ap.add_argument("--single-fused", action="store_true",
+                    help="1 GPU: also time the model through cocodiff (1 rank) with fuse_qk, as the fair baseline")
     ap.add_argument("--profile", action="store_true", help="with --graph: kernel time per category of one replay")
     ap.add_argument("--ref-dir", required=True)
     ap.add_argument("--out", required=True)
@@ -128,7 +134,7 @@ def main() -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
+    if world > 1 or args.single_fused:
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
     rank = dist.get_rank() if world > 1 else 0
     device = torch.device("cuda", local_rank)
@@ -156,8 +162,8 @@ def main() -> None:
         "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
         "sizes": {},
     }
-    configs = ["single"] if world == 1 else args.configs
-    unknown = [c for c in configs if c not in CONFIGS and c != "single"]
+    configs = (["single"] + (["single+fused"] if args.single_fused else [])) if world == 1 else args.configs
+    unknown = [c for c in configs if c.removesuffix("+fused") not in CONFIGS and c != "single" and world > 1]
     if unknown:
         raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
     emu = SlowTierEmulation(max_ctas=args.max_ctas) if args.emulate else None
@@ -168,10 +174,15 @@ def main() -> None:
         parallelize(model, ParallelConfig(all_to_all="tapa", topology=args.topology, emulate_slow_tier=emu))
         eng = model.cocodiff
         extra_routes = {"none": NoExchange()}
-        if any(CONFIGS[c][0] == "copy_engine" for c in configs):
+        if any(CONFIGS[c.removesuffix("+fused")][0] == "copy_engine" for c in configs):
             from cocodiff.ce import CopyEngineAllToAll
 
             extra_routes["copy_engine"] = CopyEngineAllToAll(group=eng.group, topology=eng.topology, stats=eng.stats)
+    models = {name: model for name in configs}
+    if "single+fused" in configs:  # a second copy of the same weights, through the engine on one rank
+        fused_model = zoo.build_model(args.family, "full", dtype=torch.bfloat16, device=device, seed=0)
+        parallelize(fused_model, ParallelConfig(v_first=True, fuse_qk=True))
+        models["single+fused"] = fused_model
     result["sdpa_backend"] = args.sdpa
     if args.sdpa != "default":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -186,9 +197,11 @@ def main() -> None:
         entry = {"image_tokens": rows * cols, "text_tokens": TEXT_TOKENS[args.family]}
         ref_path = ref_dir / f"{args.family}_{size}.pt"
         for name in configs:
+            model = models[name]
+            base, fused = name.removesuffix("+fused"), name.endswith("+fused")
             if world > 1:
-                route, v_first, overlap = CONFIGS[name]
-                eng.set_schedule(v_first=v_first, overlap_output=overlap)
+                route, v_first, overlap = CONFIGS[base]
+                eng.set_schedule(v_first=v_first, overlap_output=overlap, fuse_qk=fused)
                 if route in extra_routes:
                     eng.use_exchange("flat")
                     eng.a2a = extra_routes[route]
@@ -208,15 +221,15 @@ def main() -> None:
                 "eager_ms_all": times,
                 "peak_mem_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
             }
-            if world > 1:
+            if world > 1 or fused:
                 row["bytes_per_step"] = model.cocodiff.step_stats.as_dict()
                 auto = getattr(model.cocodiff, "_auto", None)
                 if auto is not None and name.startswith("tapa"):
                     row["auto_decisions"] = {str(k[0]): v for k, v in auto.decisions.items()}
                     row["auto_timings_ms"] = {str(k[0]): v for k, v in auto.timings.items()}
-            if world == 1 and rank == 0:
+            if name == "single" and rank == 0:
                 torch.save(out.cpu(), ref_path)
-            elif ref_path.exists() and CONFIGS[name][0] != "none":
+            elif ref_path.exists() and "nocomm" not in name:
                 row["rel_err_vs_1gpu"] = rel_err(out, torch.load(ref_path))
             if args.graph:
                 try:
@@ -225,7 +238,7 @@ def main() -> None:
                     gtimes = time_fn(step.replay_only, args.warmup, args.iters)
                     row["graph_ms_median"] = statistics.median(gtimes)
                     row["graph_ms_min"] = min(gtimes)
-                    if ref_path.exists() and world > 1 and CONFIGS[name][0] != "none":
+                    if ref_path.exists() and name != "single" and "nocomm" not in name:
                         row["graph_rel_err_vs_1gpu"] = rel_err(gout, torch.load(ref_path))
                     row["graph_vs_eager_max_abs"] = (gout.float() - out.float()).abs().max().item()
                     if args.profile:
@@ -244,7 +257,7 @@ def main() -> None:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{args.family}_P{world}{args.tag}.json").write_text(json.dumps(result, indent=1))
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

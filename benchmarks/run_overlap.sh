@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device session's worth of V-First evidence on one host (up to 4 GPUs): GPU tests, the copy-engine /
-# SDPA probe, and the FLUX.1-sized step on 1 and P GPUs for each SDPA backend in $SDPA_LIST.
-# Usage: benchmarks/run_overlap.sh OUT_DIR [configs...]   (SKIP_TESTS=1 / SKIP_PROBE=1 to leave parts out)
+# One device session's worth of V-First evidence on one host (up to 4 GPUs): the GPU tests and the
+# FLUX.1-sized step on 1 and P GPUs for each SDPA backend in $SDPA_LIST.
+# Usage: benchmarks/run_overlap.sh OUT_DIR [configs...]   (SKIP_TESTS=1 leaves the tests out)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${1:?usage: run_overlap.sh OUT_DIR [configs...]}; shift
@@ -13,14 +13,10 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rs >"$OUT/test_gpu.log" 2>&1
   echo "test_gpu rc=$?"; tail -3 "$OUT/test_gpu.log"
 fi
-if [ -z "${SKIP_PROBE:-}" ]; then
-  timeout 150 torchrun --standalone --nproc-per-node "$P" "$here/overlap_probe.py" --out "$OUT" >"$OUT/probe.log" 2>&1
-  echo "probe rc=$?"; grep -v '^W1' "$OUT/probe.log" | tail -5
-fi
 for SDPA in ${SDPA_LIST:-default}; do
   REF=/tmp/cocodiff_ref_$SDPA
   ARGS="--graph --sdpa $SDPA --tag _$SDPA --ref-dir $REF --out $OUT ${STEP_ARGS:-}"
-  timeout 150 torchrun --standalone --nproc-per-node 1 "$here/flux_step.py" $ARGS
+  timeout ${P1_TIMEOUT:-150} torchrun --standalone --nproc-per-node 1 "$here/flux_step.py" $ARGS
   echo "P1 $SDPA rc=$?"
   timeout ${P_TIMEOUT:-300} torchrun --standalone --nproc-per-node "$P" "$here/flux_step.py" $ARGS --configs $CONFIGS
   echo "P$P $SDPA rc=$?"

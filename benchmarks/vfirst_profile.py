@@ -165,7 +165,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--graph", action="store_true", help="profile CUDA-graph replays (no host in the step)")
+    ap.add_argument("--graph", action="store_true",
+                    help="profile a call replayed as a CUDA graph (ParallelConfig(cuda_graph=True): the user's path)")
+    ap.add_argument("--fuse-qk", action="store_true", help="ParallelConfig(fuse_qk=True)")
+    ap.add_argument("--all-to-all", default="flat", choices=["flat", "copy_engine"])
     ap.add_argument("--skip-eq2", action="store_true")
     args = ap.parse_args()
     set_multi_gpu_env()
@@ -181,7 +184,8 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     model = zoo.build_model("flux", "full", dtype=torch.bfloat16, device=device, seed=0)
-    parallelize(model, ParallelConfig(v_first=True))
+    config = ParallelConfig(v_first=True, fuse_qk=args.fuse_qk, all_to_all=args.all_to_all, cuda_graph=args.graph)
+    parallelize(model, config)
     rows, cols = zoo.image_tokens("flux", model, args.size, args.size)
     inputs = zoo.make_inputs("flux", model, rows=rows, cols=cols, n_txt=512, device=device, dtype=torch.bfloat16)
     from torch.profiler import ProfilerActivity, profile
@@ -191,16 +195,12 @@ def main() -> None:
             model(**inputs)
         torch.cuda.synchronize()
         if args.graph:
-            from cocodiff.graph import GraphedStep
-
-            step = GraphedStep(model)
-            step(**inputs)
-            for _ in range(3):
-                step.replay_only()
+            for _ in range(3):  # the first call captures, the others replay
+                model(**inputs)
             torch.cuda.synchronize()
             dist.barrier()
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-                step.replay_only()
+                model(**inputs)
                 torch.cuda.synchronize()
         else:
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
@@ -211,7 +211,9 @@ def main() -> None:
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
         summary = overlap_summary(events)
-        summary.update({"P": world, "size": args.size, "config": f"flat+vfirst, {'graph replay' if args.graph else 'eager'}",
+        summary.update({"P": world, "size": args.size,
+                        "config": f"{args.all_to_all}+vfirst{'+fuse_qk' if args.fuse_qk else ''}, "
+                                  f"{'cuda_graph=True (replay)' if args.graph else 'eager'}",
                         "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__})
         tag = "graph" if args.graph else "eager"
         plot_layer(events, out / f"vfirst_layer_timeline_{tag}.png", title=tag)

@@ -387,3 +387,51 @@ def hooked_projection_called_whole(family, world):
         out = par(**inputs).sample
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return (out - ref).abs().max().item()
+
+
+def fused_qk_path_matches(family, world):
+    """`fuse_qk` wiring on CPU ranks: the fused path is forced on (its uncompiled reference stands in for the
+    CUDA kernel) and must reproduce the single-process model; returns (max diff, fused calls)."""
+    from cocodiff import kernels
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, "tiny", seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True, fuse_qk=True), group=group)
+    calls = [0]
+
+    def reference():
+        calls[0] += 1
+        return kernels.norm_cat_rope_reference
+
+    saved = kernels.fused_device, kernels.kernel
+    kernels.fused_device, kernels.kernel = (lambda x: True), reference
+    try:
+        inputs = zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=2, seed=5)
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+    finally:
+        kernels.fused_device, kernels.kernel = saved
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item(), calls[0]
+
+
+def gpu_options_refused_on_cpu_ranks(world):
+    """GPU-only engine options on gloo ranks: every rank raises the same clear error, nothing is installed."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    msgs = []
+    for cfg in (cocodiff.ParallelConfig(cuda_graph=True), cocodiff.ParallelConfig(all_to_all="copy_engine")):
+        model = zoo.build_model("flux", "tiny", seed=0)
+        try:
+            cocodiff.parallelize(model, cfg, group=group)
+            msgs.append("no error")
+        except ValueError as exc:
+            assert getattr(model, "cocodiff", None) is None
+            msgs.append(str(exc))
+    return msgs

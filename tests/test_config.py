@@ -6,6 +6,7 @@ import torch
 import cocodiff
 from cocodiff import ParallelConfig, Topology, VMajorConfig
 from cocodiff.comm import SeqLayout
+from cocodiff.config import SlowTierEmulation
 from cocodiff.models import plan_for
 from cocodiff.topology import parse_topology_spec
 from cocodiff.ulysses import TokenLayout, split_sizes
@@ -36,6 +37,10 @@ def test_config_is_keyword_only_and_frozen():
         (dict(tapa_plan="fast"), "tapa_plan='fast'"),
         (dict(tapa_chunks=0), "tapa_chunks=0"),
         (dict(emulate_slow_tier="yes"), "SlowTierEmulation"),
+        (dict(overlap_output="yes"), "overlap_output"),
+        (dict(fuse_qk=1), "fuse_qk"),
+        (dict(cuda_graph="on"), "cuda_graph"),
+        (dict(all_to_all="copy_engine", emulate_slow_tier=SlowTierEmulation()), "copy_engine"),
     ],
 )
 def test_bad_config_names_the_value(kwargs, words):
@@ -120,3 +125,10 @@ def test_plan_for_unsupported_class():
 def test_parallelize_needs_a_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         cocodiff.parallelize(torch.nn.Linear(2, 2), ParallelConfig())
+
+
+def test_overlap_output_follows_v_first_unless_set():
+    assert ParallelConfig(v_first=True).overlaps_output
+    assert not ParallelConfig().overlaps_output
+    assert not ParallelConfig(v_first=True, overlap_output=False).overlaps_output
+    assert ParallelConfig(overlap_output=True).overlaps_output

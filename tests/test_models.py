@@ -43,3 +43,10 @@ def test_exchanges_run_under_the_single_block_mlp(pools, family, expected):
 @pytest.mark.parametrize("family", ["flux", "flux2"])
 def test_hooked_projections_are_not_sliced(pools, family):
     assert pools(4).run(cases.hooked_projection_called_whole, family, 2)[0] < 2e-5
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_fused_qk_path_equals_single_process(pools, family):
+    diff, calls = pools(4).run(cases.fused_qk_path_matches, family, 2)[0]
+    assert diff < 2e-5
+    assert calls > 0  # the fused path was taken (2 per attention layer)

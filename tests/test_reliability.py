@@ -124,3 +124,16 @@ def test_fused_projections_refused_before_the_engine_exists(pools):
     assert "fused QKV projections" in out[0][0] and "ranks [0] refused" in out[1][0]
     for msg, untouched, no_engine in out[:2]:
         assert untouched and no_engine, msg
+
+
+def test_gpu_only_options_refused_on_cpu_ranks(pools):
+    for graph_msg, ce_msg in pools(4).run(cases.gpu_options_refused_on_cpu_ranks, 2, timeout_s=60)[:2]:
+        assert "cuda_graph=True needs CUDA ranks" in graph_msg, graph_msg
+        assert "copy_engine' needs CUDA ranks" in ce_msg, ce_msg
+
+
+def test_demo_refuses_gpu_flags_on_cpu_ranks_before_starting_them(tmp_path, capsys):
+    from cocodiff.cli import main
+
+    assert main(["demo", "--cpu", "--cuda-graph", "--out", str(tmp_path)]) == 2
+    assert "--cuda-graph need GPU ranks" in capsys.readouterr().err

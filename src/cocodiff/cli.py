@@ -12,11 +12,17 @@ import argparse
 import sys
 
 
-def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+def _add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = False) -> None:
     p.add_argument("--preset", default="flat",
                    help="ParallelConfig preset: flat, tapa, vfirst (cocodiff = V-Major: not available yet)")
     p.add_argument("--v-first", action="store_true", help="project V first and overlap its exchange")
     p.add_argument("--topology", default=None, help="tier spec, outermost first, e.g. 2x2")
+    if not engine_options:
+        return
+    p.add_argument("--all-to-all", default=None, choices=["flat", "tapa", "copy_engine"],
+                   help="exchange route (default: the preset's)")
+    p.add_argument("--fuse-qk", action="store_true", help="GPU: fused Q/K RMSNorm + RoPE kernel (torch.compile)")
+    p.add_argument("--cuda-graph", action="store_true", help="GPU: replay each step as a CUDA graph")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
     demo.add_argument("--timeout", type=float, default=120.0,
                       help="seconds a rank waits in a collective before giving up (a failed peer never hangs the run)")
-    _add_parallel_args(demo)
+    _add_parallel_args(demo, engine_options=True)
 
     from . import bench_a2a
 

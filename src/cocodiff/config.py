@@ -81,6 +81,11 @@ class ParallelConfig:
         overlap_output: in blocks with work that does not need the attention output (FLUX.1's single-block
             MLP branch, FLUX.2's single-block MLP projection), start the output exchange first and run that
             work under it. Exact (same operations, another launch order). None (default): on with v_first.
+        fuse_qk: FLUX.1/FLUX.2 on CUDA: Q/K RMSNorm, the [text, image] concatenation and RoPE in one
+            `torch.compile`d kernel per shape (cocodiff.kernels) instead of diffusers' chain of eager kernels.
+            Same math; agrees with the eager path to bf16 rounding. The first call per shape compiles (seconds).
+        cuda_graph: CUDA ranks: capture the sharded step as a CUDA graph per input signature and replay it on
+            later calls (`cocodiff.graph`), so the host leaves the step; pipelines need no change.
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
         topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
             outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
@@ -101,6 +106,8 @@ class ParallelConfig:
     all_to_all: Literal["flat", "tapa", "copy_engine"] = "flat"
     v_first: bool = False
     overlap_output: bool | None = None
+    fuse_qk: bool = False
+    cuda_graph: bool = False
     v_major: VMajorConfig | None = None
     topology: str | None = None
     tapa_plan: Literal["auto", "phases"] = "auto"
@@ -130,6 +137,9 @@ class ParallelConfig:
             )
         if not isinstance(self.v_first, bool):
             raise TypeError(f"ParallelConfig.v_first must be a bool, got {self.v_first!r}")
+        for name in ("fuse_qk", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ParallelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.overlap_output is not None and not isinstance(self.overlap_output, bool):
             raise TypeError(f"ParallelConfig.overlap_output must be None or a bool, got {self.overlap_output!r}")
         if self.v_major is not None:

@@ -24,9 +24,14 @@ from .launch import set_multi_gpu_env, spawn
 
 def _config_from_args(args) -> ParallelConfig:
     cfg = ParallelConfig.preset(args.preset, topology=args.topology)
+    changes = {}
     if args.v_first:
-        cfg = cfg.with_(v_first=True, preset_name=None)
-    return cfg
+        changes["v_first"] = True
+    for name in ("all_to_all", "fuse_qk", "cuda_graph"):
+        value = getattr(args, name, None)
+        if value:
+            changes[name] = value
+    return cfg.with_(preset_name=None, **changes) if changes else cfg
 
 
 def save_grid(images: torch.Tensor, path: Path, scale: int = 4) -> None:
@@ -133,13 +138,18 @@ def run_demo(args) -> int:
     cfg = _config_from_args(args)
     if args.model is not None and not Path(args.model).exists():
         raise FileNotFoundError(f"--model {args.model}: no such directory")
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    gpu_only = [flag for flag, on in (("--cuda-graph", cfg.cuda_graph), ("--fuse-qk", cfg.fuse_qk),
+                                      ("--all-to-all copy_engine", cfg.all_to_all == "copy_engine")) if on]
+    if gpu_only and not on_gpu:
+        raise ValueError(f"{', '.join(gpu_only)} need GPU ranks; this run uses CPU ranks (drop the flag)")
     opts = dict(
         model=args.model, num_images=args.num_images, steps=args.steps, seed=args.seed, out=args.out,
         config=cfg, config_label=cfg.label, reference=not args.no_reference,
     )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         set_multi_gpu_env()
-        backend = "nccl" if torch.cuda.is_available() and not args.cpu else "gloo"
+        backend = "nccl" if on_gpu else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.timeout))
@@ -148,7 +158,7 @@ def run_demo(args) -> int:
         finally:
             dist.destroy_process_group()
     else:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() and not args.cpu else 0
+        gpus = torch.cuda.device_count() if on_gpu else 0
         if gpus:
             world = args.ranks or gpus
             if world > gpus:

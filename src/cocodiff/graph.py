@@ -1,29 +1,39 @@
-"""Replay a transformer step as a CUDA graph: the host leaves the step.
+"""Replay the transformer step as a CUDA graph: the host leaves the step.
 
 At 1024^2 on 4 H200s the per-rank GPU work of a FLUX-sized step is ~45 ms, while Python and kernel
 launches of a 57-block model take several times that; replaying the captured step removes the host
 from the critical path. The sharded step has no host synchronisation (exchanges only make streams wait
-on each other; token layouts and index maps are computed once in the eager warm-up), so it captures with
-its NCCL collectives inside.
+on each other; token layouts, index maps, exchange plans and buffers are set up in the eager warm-up), so
+it captures with its collectives inside.
 
-    step = GraphedStep(transformer)
-    out = step(hidden_states=..., encoder_hidden_states=..., ...)   # first call per shape: warm-up + capture
+Two ways in:
 
-Each distinct input signature (tensor shapes/dtypes and non-tensor arguments) gets its own graph. Inputs
-are copied into the graph's static buffers before each replay; the output is returned as a fresh tensor.
+- `ParallelConfig(cuda_graph=True)`: the switch. `parallelize` wraps the model's `forward`, so a diffusers
+  pipeline (or any caller) gets graph replays without changing a line: the first call with a new input
+  signature runs eagerly twice and captures, later calls copy their inputs into the graph's buffers and
+  replay. The wrapper sits inside the sharding hooks: it sees this rank's shard of the inputs and returns
+  the gathered output.
+- `GraphedStep(model)`: an explicit wrapper for benchmarks (`replay_only` replays without copying inputs).
+
+Each distinct signature (tensor shapes/dtypes/devices and the values of other arguments) gets its own
+graph, in one memory pool. Changing the schedule (`engine.set_schedule`, `use_exchange`) drops the graphs.
+Parameters are read from their memory at replay: updating weights in place (LoRA fusing, `load_state_dict`)
+is seen by the graph; replacing parameter tensors by new ones after capture is not, so call
+`engine.graphs.clear()` after doing that. Calls with gradients enabled, or with tensors inside container
+arguments, run eagerly.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 
 
-def _key(kwargs: dict[str, Any]):
+def _key(args: tuple, kwargs: dict[str, Any]):
     parts = []
-    for k in sorted(kwargs):
-        v = kwargs[k]
+    for k, v in list(enumerate(args)) + sorted(kwargs.items()):
         if isinstance(v, torch.Tensor):
             parts.append((k, tuple(v.shape), v.dtype, v.device))
         else:
@@ -31,42 +41,66 @@ def _key(kwargs: dict[str, Any]):
     return tuple(parts)
 
 
+def _nested_tensor(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return any(isinstance(x, torch.Tensor) or _nested_tensor(x) for x in v)
+    if isinstance(v, dict):
+        return any(isinstance(x, torch.Tensor) or _nested_tensor(x) for x in v.values())
+    return False
+
+
+def _clone_out(out):
+    """A copy of the graph's static output (the next replay overwrites it)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if hasattr(out, "to_tuple") and isinstance(out, dict):  # diffusers BaseOutput
+        return type(out)(**{k: _clone_out(v) for k, v in out.items()})
+    if isinstance(out, (tuple, list)):
+        return type(out)(_clone_out(v) for v in out)
+    return out
+
+
 class _Captured:
-    def __init__(self, graph, static_in: dict[str, torch.Tensor], static_out: torch.Tensor):
+    def __init__(self, graph, static_args: tuple, static_kwargs: dict, static_out):
         self.graph = graph
-        self.static_in = static_in
+        self.static_args = static_args
+        self.static_kwargs = static_kwargs
         self.static_out = static_out
 
 
-class GraphedStep:
-    """Callable wrapper that captures `model(**kwargs)` per input signature and replays it.
+class StepGraphs:
+    """Captured CUDA graphs of `fn`, one per input signature; calling it replays (capturing on first sight).
 
     Args:
-        model: the (possibly parallelised) transformer, on CUDA.
-        warmup: eager calls on a side stream before capture (lets lazy state settle: index maps,
-            cuBLAS workspaces, the first-call input check).
+        fn: the step (e.g. a model's original `forward`); must not synchronise with the host.
+        warmup: eager calls on a side stream before capture (lets lazy state settle: index maps, exchange
+            buffers and plans, cuBLAS workspaces, compiled kernels).
     """
 
-    def __init__(self, model: torch.nn.Module, *, warmup: int = 2):
+    def __init__(self, fn: Callable, *, warmup: int = 2):
         if not torch.cuda.is_available():
-            raise RuntimeError("GraphedStep needs CUDA")
-        self.model = model
+            raise RuntimeError("CUDA graphs need CUDA")
+        self.fn = fn
         self.warmup = warmup
         self._graphs: dict[Any, _Captured] = {}
         self._pool = None
+        self._warned = False
 
-    def _call(self, kwargs):
-        out = self.model(**kwargs, return_dict=False)
-        return out[0] if isinstance(out, (tuple, list)) else out
+    def clear(self) -> None:
+        """Drop every captured graph (the next call per signature captures again)."""
+        self._graphs.clear()
 
-    def _capture(self, kwargs: dict[str, Any]) -> _Captured:
-        static_in = {k: v.clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        args = {**kwargs, **static_in}
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def _capture(self, args: tuple, kwargs: dict[str, Any]) -> _Captured:
+        static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        static_kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(self.warmup):
-                self._call(args)
+                self.fn(*static_args, **static_kwargs)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -75,23 +109,63 @@ class GraphedStep:
         # thread_local: CUDA calls of other threads (NCCL's watchdog polling its events) must not invalidate
         # the capture
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), torch.no_grad():
-            static_out = self._call(args)
+            static_out = self.fn(*static_args, **static_kwargs)
         torch.cuda.synchronize()
-        return _Captured(graph, static_in, static_out)
+        return _Captured(graph, static_args, static_kwargs, static_out)
 
-    def __call__(self, **kwargs) -> torch.Tensor:
-        kwargs.pop("return_dict", None)
-        key = _key(kwargs)
+    def __call__(self, *args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():  # inside an outer capture (GraphedStep of a switched model)
+            return self.fn(*args, **kwargs)
+        if torch.is_grad_enabled() or any(_nested_tensor(v) for v in list(args) + list(kwargs.values())):
+            if not self._warned:
+                warnings.warn("cocodiff cuda_graph: a call with gradients enabled or with tensors inside container "
+                              "arguments runs eagerly (no graph)", stacklevel=2)
+                self._warned = True
+            return self.fn(*args, **kwargs)
+        key = _key(args, kwargs)
         cap = self._graphs.get(key)
         if cap is None:
-            cap = self._capture(kwargs)
+            cap = self._capture(args, kwargs)
             self._graphs[key] = cap
         else:
-            for k, buf in cap.static_in.items():
-                buf.copy_(kwargs[k])
+            for buf, a in zip(cap.static_args, args):
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(a)
+            for k, buf in cap.static_kwargs.items():
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(kwargs[k])
         cap.graph.replay()
-        return cap.static_out.clone()
+        return _clone_out(cap.static_out)
 
     def replay_only(self) -> None:
         """Replay the last captured graph without copying inputs (for timing)."""
         next(reversed(self._graphs.values())).graph.replay()
+
+
+class GraphedStep(StepGraphs):
+    """`model(**kwargs)` captured per input signature and replayed; returns the output tensor (`sample`).
+
+    Args:
+        model: the (possibly parallelised) transformer, on CUDA.
+        warmup: see `StepGraphs`.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, warmup: int = 2):
+        self.model = model
+        super().__init__(self._call, warmup=warmup)
+
+    def _call(self, **kwargs):
+        out = self.model(**kwargs, return_dict=False)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def __call__(self, **kwargs) -> torch.Tensor:
+        kwargs.pop("return_dict", None)
+        return super().__call__(**kwargs)
+
+
+def install_cuda_graph(model: torch.nn.Module, engine) -> StepGraphs:
+    """The `cuda_graph=True` switch: route `model.forward` through per-signature graph replays."""
+    graphs = StepGraphs(model.forward)
+    model.forward = graphs  # an instance attribute: nn.Module.__call__ runs the hooks, then this
+    engine.graphs = graphs
+    return graphs

@@ -55,6 +55,11 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
                 f"{max(d for d in range(1, world + 1) if heads % d == 0)})"
             )
         check_unfused(attn)
+    if config.cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"cocodiff.parallelize: cuda_graph=True needs CUDA ranks (NCCL), this group uses "
+            f"{dist.get_backend(group)}; use cuda_graph=False"
+        )
     if config.all_to_all == "copy_engine":
         if dist.get_backend(group) != "nccl":
             raise ValueError(
@@ -139,5 +144,9 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     plan.install_processors(model, engine)
     engine.hooks = PlanHooks(model, plan, engine, device)
     engine.plan = plan
+    if config.cuda_graph:
+        from .graph import install_cuda_graph
+
+        install_cuda_graph(model, engine)
     model.cocodiff = engine
     return obj

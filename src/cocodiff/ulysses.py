@@ -83,12 +83,16 @@ class UlyssesEngine:
         self.calls = 0
         self.step_stats = CommStats(tuple(t.name for t in topology.tiers))
         self._seq_layouts: dict[tuple[int, ...], SeqLayout] = {}
+        self.graphs = None  # the StepGraphs of cuda_graph=True
         self._mask_cache: dict = {}
 
-    def set_schedule(self, *, v_first: bool | None = None, overlap_output=UnsetMarker, sync: bool | None = None) -> None:
-        """Switch schedule options that do not change how tokens are sharded (for A/B runs on one model).
+    def set_schedule(self, *, v_first: bool | None = None, overlap_output=UnsetMarker, fuse_qk: bool | None = None,
+                     sync: bool | None = None) -> None:
+        """Switch options that do not change how tokens are sharded (for A/B runs on one model).
         `overlap_output` takes None (follow v_first) or a bool; leave it out to keep the current value."""
         changes = {}
+        if fuse_qk is not None:
+            changes["fuse_qk"] = fuse_qk
         if v_first is not None:
             changes["v_first"] = v_first
         if overlap_output is not UnsetMarker:
@@ -100,6 +104,11 @@ class UlyssesEngine:
                 strat.sync = sync
         if changes:
             self.config = self.config.with_(preset_name=None, **changes)
+            self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.clear()  # captured under the old schedule
 
     def use_exchange(self, name: str) -> None:
         """For A/B benchmarks on one model: route every exchange through one route of the automatic plan
@@ -108,6 +117,7 @@ class UlyssesEngine:
         if not hasattr(auto, "candidates"):
             raise ValueError("use_exchange needs a model parallelised with all_to_all='tapa', tapa_plan='auto'")
         self._auto = auto
+        self._drop_graphs()
         if name == "auto":
             self.a2a = auto
             return

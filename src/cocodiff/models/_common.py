@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -46,3 +47,21 @@ def plain_linear(m: nn.Module) -> bool:
     slices (`F.linear(x, w[lo:hi])`) in place of calling it. A LoRA wrapper or a hooked layer computes more
     than its base weight, so slicing would silently drop that: such layers are called whole."""
     return type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+
+
+def norm_rope(engine, x, norm, rope_fn, freqs, *, added=None, added_norm=None, **rope_kwargs):
+    """Q or K of a FLUX-style attention: `norm(x)` (and `added_norm(added)` for the text stream, put first),
+    concatenated along the tokens, then RoPE (`rope_fn(..., freqs)`) when `freqs` is given. With
+    `fuse_qk` on CUDA and plain `torch.nn.RMSNorm`s, one fused kernel (`cocodiff.kernels`) does it all."""
+    from .. import kernels
+
+    parts = [x] if added is None else [added, x]
+    norms = [norm] if added is None else [added_norm, norm]
+    if (engine.config.fuse_qk and kernels.fused_device(x) and all(p.numel() for p in parts)
+            and all(kernels.fusable_norm(n) and n.eps == norm.eps for n in norms)
+            and (freqs is None or (isinstance(freqs, tuple) and len(freqs) == 2))):
+        return kernels.norm_cat_rope(parts, norms, freqs)
+    x = torch.cat([n(p) for p, n in zip(parts, norms)], dim=1) if len(parts) > 1 else norm(x)
+    if freqs is not None:
+        x = rotate(rope_fn, x, freqs, **rope_kwargs)
+    return x

@@ -14,7 +14,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxSi
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import attention_modules_by_class, plain_linear, refuse, refuse_attention_kwargs, rotate
+from ._common import attention_modules_by_class, norm_rope, plain_linear, refuse, refuse_attention_kwargs
 
 
 class FluxUlyssesProcessor:
@@ -36,17 +36,12 @@ class FluxUlyssesProcessor:
         def project(proj, added_proj, norm=None, added_norm=None, rope=False):
             # (B, L, H * D) -> (B, L, H, D); local order [text, image]
             x = proj(hidden_states).unflatten(-1, (-1, d))
-            if norm is not None:
-                x = norm(x)
-            if joint:
-                e = added_proj(encoder_hidden_states).unflatten(-1, (-1, d))
-                if added_norm is not None:
-                    e = added_norm(e)
-                x = torch.cat([e, x], dim=1)
-            if rope and image_rotary_emb is not None:
-                # local tokens carry their global positions: the rotary tables were split with them
-                x = rotate(apply_rotary_emb, x, image_rotary_emb, sequence_dim=1)
-            return x
+            e = added_proj(encoder_hidden_states).unflatten(-1, (-1, d)) if joint else None
+            if norm is None:  # V
+                return x if e is None else torch.cat([e, x], dim=1)
+            # local tokens carry their global positions: the rotary tables were split with them
+            return norm_rope(self.engine, x, norm, apply_rotary_emb, image_rotary_emb if rope else None,
+                             added=e, added_norm=added_norm, sequence_dim=1)
 
         return self.engine.start_attend(
             project_v=lambda: project(attn.to_v, attn.add_v_proj if joint else None),

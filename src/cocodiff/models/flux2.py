@@ -17,7 +17,7 @@ from diffusers.models.transformers.transformer_flux2 import (
 
 from ..sharding import Gather, ModelPlan, Split
 from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import plain_linear, refuse_attention_kwargs, rotate
+from ._common import norm_rope, plain_linear, refuse_attention_kwargs
 from .flux import FluxUlyssesProcessor
 
 
@@ -49,11 +49,9 @@ class Flux2SingleUlyssesProcessor:
         def project(i, norm=None):
             lo, hi = i * inner, (i + 1) * inner
             x = (rows(lo, hi) if sliced else fused()[..., lo:hi]).unflatten(-1, (-1, d))
-            if norm is not None:
-                x = norm(x)
-                if image_rotary_emb is not None:
-                    x = rotate(apply_rotary_emb, x, image_rotary_emb, sequence_dim=1)
-            return x
+            if norm is None:  # V
+                return x
+            return norm_rope(self.engine, x, norm, apply_rotary_emb, image_rotary_emb, sequence_dim=1)
 
         # SwiGLU's gate half runs while K's exchange is in flight, its other half while the output's is
         mlp_lo, mlp_hi = 3 * inner, w.shape[0]

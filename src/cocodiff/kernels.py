@@ -1,0 +1,79 @@
+"""Fused Q/K preparation: RMSNorm (per stream), the [text, image] concatenation and RoPE in one kernel.
+
+In diffusers' eager FLUX attention, preparing Q or K is a chain of memory-bound kernels: RMSNorm, the
+concatenation of the text and image parts, and RoPE computed in fp32 (upcast, pair split, stack, two
+multiplies, add, downcast). On 4 H200s at 1024^2 these kernels outweigh the exchanges they sit between
+(docs/benchmarks/2026-11-28-overlap). `norm_cat_rope` computes the same function with one read of each
+input and one write of the result: the pure-torch definition below, compiled by `torch.compile` (inductor)
+once per shape. Same math as diffusers (RMSNorm in fp32 as torch's, rotation in fp32, one rounding to the
+input dtype at each point diffusers rounds); inductor may keep an intermediate in fp32 where eager rounds
+it, so results agree to bf16 rounding, not bit for bit.
+
+Used when `ParallelConfig(fuse_qk=True)`, on CUDA tensors; elsewhere (CPU ranks) the eager path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    # torch.nn.RMSNorm: normalise in fp32, scale by the weight, result in the input dtype
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # diffusers' apply_rotary_emb(use_real=True, use_real_unbind_dim=-1, sequence_dim=1); x (B, L, H, D)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def norm_cat_rope_reference(parts, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    """`parts`: [(x, weight)] in local order, each x `(B, L_i, H, D)`; returns the normed parts concatenated
+    along the tokens, rotated when `cos`/`sin` `(sum L_i, D)` are given."""
+    x = torch.cat([_rms(p, w, eps) for p, w in parts], dim=1) if len(parts) > 1 else _rms(*parts[0], eps)
+    return x if cos is None else _rope(x, cos, sin)
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(norm_cat_rope_reference, dynamic=False, fullgraph=True)
+
+
+def fused_device(x: torch.Tensor) -> bool:
+    """Where the compiled kernel runs (CUDA); CPU ranks keep the eager path."""
+    return x.is_cuda
+
+
+def fusable_norm(norm: nn.Module | None) -> bool:
+    """A bare `torch.nn.RMSNorm` (no subclass, no hooks): the fused kernel reproduces exactly that."""
+    return (type(norm) is nn.RMSNorm and not norm._forward_hooks and not norm._forward_pre_hooks
+            and norm.eps is not None)
+
+
+def norm_cat_rope(parts, norms, freqs):
+    """Fused RMSNorm (one per part) + concatenation + RoPE of CUDA tensors.
+
+    Args:
+        parts: tensors `(B, L_i, H, D)` in local token order.
+        norms: the `torch.nn.RMSNorm` of each part (`fusable_norm` must hold; one eps for all).
+        freqs: None, or diffusers' real rotary tables `(cos, sin)`, each `(sum L_i, D)`.
+    """
+    eps = norms[0].eps
+    cos, sin = (None, None) if freqs is None else freqs
+    args = [(p, n.weight) for p, n in zip(parts, norms)]
+    return kernel()(args, eps, cos, sin)
+
+
+def kernel():
+    """The compiled `norm_cat_rope_reference` (tests may substitute the reference itself)."""
+    return _compiled()

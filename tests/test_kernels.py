@@ -1,0 +1,42 @@
+"""The fused Q/K kernel's definition computes what diffusers' eager chain computes."""
+
+import pytest
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from cocodiff.kernels import fusable_norm, norm_cat_rope_reference
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("joint", [False, True])
+def test_reference_equals_diffusers_chain(dtype, tol, joint):
+    g = torch.Generator().manual_seed(0)
+    B, H, D = 2, 3, 16
+    lens = [5, 7] if joint else [9]
+    parts = [torch.randn(B, n, H, D, generator=g).to(dtype) for n in lens]
+    norms = []
+    for _ in lens:
+        n = torch.nn.RMSNorm(D, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            n.weight.copy_(torch.rand(D, generator=g) + 0.5)
+        norms.append(n)
+    S = sum(lens)
+    angles = torch.rand(S, D // 2, generator=g) * 6
+    cos = angles.cos().repeat_interleave(2, dim=-1)
+    sin = angles.sin().repeat_interleave(2, dim=-1)
+    with torch.no_grad():
+        eager = torch.cat([n(p) for p, n in zip(parts, norms)], dim=1)
+        eager = apply_rotary_emb(eager, (cos, sin), sequence_dim=1)
+        fused = norm_cat_rope_reference([(p, n.weight) for p, n in zip(parts, norms)], 1e-6, cos, sin)
+    assert fused.dtype == eager.dtype and fused.shape == eager.shape
+    torch.testing.assert_close(fused.float(), eager.float(), rtol=tol, atol=tol)
+
+
+def test_only_plain_rmsnorm_is_fused():
+    plain = torch.nn.RMSNorm(8, eps=1e-6)
+    hooked = torch.nn.RMSNorm(8, eps=1e-6)
+    hooked.register_forward_hook(lambda m, a, o: o * 2)
+    assert fusable_norm(plain)
+    assert not fusable_norm(hooked)
+    assert not fusable_norm(torch.nn.RMSNorm(8))  # eps=None: dtype-dependent, left to torch
+    assert not fusable_norm(torch.nn.LayerNorm(8))
