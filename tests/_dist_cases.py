@@ -435,3 +435,30 @@ def gpu_options_refused_on_cpu_ranks(world):
             assert getattr(model, "cocodiff", None) is None
             msgs.append(str(exc))
     return msgs
+
+
+def forward_wrapper_after_parallelize(world):
+    """What `cuda_graph=True` does to the model, minus CUDA: `model.forward` replaced by a (*args, **kwargs)
+    wrapper after parallelize. The sharding hooks must still bind the call (by the model's own signature),
+    split the inputs and gather the output: the result equals the single process."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model("flux", "tiny", seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+    inner = par.forward
+    seen = []
+
+    def wrapper(*args, **kwargs):
+        seen.append(kwargs["hidden_states"].shape[1])  # the wrapper sees this rank's shard
+        return inner(*args, **kwargs)
+
+    par.forward = wrapper
+    inputs = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, batch=2, seed=6)
+    with torch.no_grad():
+        ref = model(**inputs).sample
+        out = par(**inputs).sample
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return seen

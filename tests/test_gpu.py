@@ -180,8 +180,12 @@ def _cuda_graph_switch():
         assert len(model.cocodiff.graphs) == 2  # return_dict is part of the signature
         third = model(**b).sample
         assert len(model.cocodiff.graphs) == 2
-        assert torch.equal(first, ref(**a).sample)
-        assert torch.equal(second, ref(**b).sample) and torch.equal(third, second)
+        # the graph's static inputs are contiguous copies of this rank's shards, while the eager model reads
+        # strided views of the full inputs: GEMMs may take another path and round differently
+        torch.testing.assert_close(first, ref(**a).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, ref(**b).sample, rtol=1e-5, atol=1e-5)
+        assert torch.equal(third, second)  # the same graph on the same inputs
+        assert not torch.allclose(first, second)  # the replay read the new inputs
         model.cocodiff.set_schedule(v_first=False)  # a new schedule drops the graphs
         assert len(model.cocodiff.graphs) == 0
         torch.testing.assert_close(model(**a).sample, first, rtol=1e-5, atol=1e-5)

@@ -50,3 +50,8 @@ def test_fused_qk_path_equals_single_process(pools, family):
     diff, calls = pools(4).run(cases.fused_qk_path_matches, family, 2)[0]
     assert diff < 2e-5
     assert calls > 0  # the fused path was taken (2 per attention layer)
+
+
+def test_a_forward_wrapper_keeps_sharding_hooks_working(pools):
+    # cuda_graph=True's wrapper, minus CUDA: each rank's wrapper gets its shard of the 15 image tokens
+    assert [s for s in pools(4).run(cases.forward_wrapper_after_parallelize, 2)[:2]] == [[8], [7]]

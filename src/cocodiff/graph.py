@@ -160,7 +160,8 @@ class GraphedStep(StepGraphs):
 
     def __call__(self, **kwargs) -> torch.Tensor:
         kwargs.pop("return_dict", None)
-        return super().__call__(**kwargs)
+        with torch.no_grad():  # inference only
+            return super().__call__(**kwargs)
 
 
 def install_cuda_graph(model: torch.nn.Module, engine) -> StepGraphs:

@@ -100,8 +100,8 @@ def _split_args(engine: UlyssesEngine, names: list[str], spec: dict[str, Split],
     return tuple(args), kwargs
 
 
-def _bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+def _bind(module: nn.Module, args: tuple, kwargs: dict, signature: inspect.Signature | None = None) -> dict[str, Any]:
+    bound = (signature or inspect.signature(module.forward)).bind_partial(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
 
@@ -139,7 +139,10 @@ class PlanHooks:
     # ---- hooks --------------------------------------------------------------------------------
     def _install(self) -> None:
         model, plan = self.model, self.plan
-        self._root_names = _param_names(model)  # once: the root hook runs on every forward
+        # once, from the model's own forward: the root hook runs on every call, and `cuda_graph=True` later
+        # replaces `model.forward` by a (*args, **kwargs) wrapper
+        self._root_names = _param_names(model)
+        self._root_signature = inspect.signature(model.forward)
         self.handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._root_post))
         for pattern, spec in plan.split_inputs.items():
@@ -155,7 +158,7 @@ class PlanHooks:
                 self.handles.append(mod.register_forward_hook(self._make_gatherer(gather)))
 
     def _root_pre(self, module, args, kwargs):
-        bound = _bind(module, args, kwargs)
+        bound = _bind(module, args, kwargs, self._root_signature)
         mode = self.engine.config.check_inputs
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         checking = not capturing and ((mode is True and not self._checked) or mode == "every_call")
