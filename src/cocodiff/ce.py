@@ -17,6 +17,9 @@ stream operations and capture in a CUDA graph. Buffers are allocated (a collecti
 time a message size is seen, which must happen outside graph capture: the eager warm-up does it.
 
 Requires CUDA, an NCCL process group (for the rendezvous) and all ranks on one host (peer mappings).
+Failure: the barriers have no timeout (PyTorch's default), and NCCL's watchdog does not watch them: if a
+peer process dies mid-step, the survivors' barrier kernels spin until their processes are killed, which
+torchrun and `cocodiff.launch` do when a rank fails.
 Whether it is faster than NCCL is measured, not assumed: `benchmarks/overlap_probe.py`.
 """
 
@@ -25,15 +28,14 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
-from .comm import CommStats, Handle
+from .comm import CommStats, FlatAllToAll, Handle
 from .topology import Topology
 
 _ALIGN = 256  # bytes: slot starts stay aligned for the copy engines
 
 
-class CopyEngineAllToAll:
+class CopyEngineAllToAll(FlatAllToAll):
     """Drop-in for `FlatAllToAll` (same `start` contract) that moves blocks with copy-engine memcpys.
 
     Args:
@@ -49,13 +51,8 @@ class CopyEngineAllToAll:
                  stats: CommStats | None = None):
         import torch.distributed._symmetric_memory as symm_mem
 
+        super().__init__(group=group, topology=topology, sync=sync, stats=stats)
         self._symm_mem = symm_mem
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.sync = sync
-        self.stats = stats if stats is not None else CommStats(tuple(t.name for t in topology.tiers))
-        self._peers = topology.peers_per_tier(self.rank)
         self.slots = slots
         self._slot_bytes = 0
         self._buf = None
@@ -121,11 +118,7 @@ class CopyEngineAllToAll:
             mine = self.send_buffer(send.shape, send.dtype, send.device)
             mine.copy_(send)
             slot, self._pending = self._pending[0], None
-        block_bytes = send[0].numel() * send.element_size()
-        for t, n in enumerate(self._peers):
-            self.stats.bytes_by_tier[t] += n * block_bytes
-            self.stats.messages_by_tier[t] += n
-        self.stats.exchanges += 1
+        self.stats.count_block_exchange(self._peers, send)
 
         cur = torch.cuda.current_stream()
         recv = torch.empty_like(send)

@@ -72,6 +72,14 @@ class CommStats:
         self.exchanges += other.exchanges
         self.gather_bytes += other.gather_bytes
 
+    def count_block_exchange(self, peers_per_tier: list[int], send: torch.Tensor) -> None:
+        """Account one block all-to-all of `send` `(P, ...)`: one block to each peer, per tier."""
+        block_bytes = send[0].numel() * send.element_size()
+        for t, n in enumerate(peers_per_tier):
+            self.bytes_by_tier[t] += n * block_bytes
+            self.messages_by_tier[t] += n
+        self.exchanges += 1
+
     def as_dict(self) -> dict:
         return {
             "bytes_by_tier": dict(zip(self.tier_names, self.bytes_by_tier)),
@@ -152,11 +160,7 @@ class FlatAllToAll:
             raise ValueError(f"block all-to-all needs dim 0 == P={self.world}, got shape {tuple(send.shape)}")
         send = send.contiguous()
         recv = torch.empty_like(send)
-        block_bytes = send[0].numel() * send.element_size()
-        for t, n in enumerate(self._peers):
-            self.stats.bytes_by_tier[t] += n * block_bytes
-            self.stats.messages_by_tier[t] += n
-        self.stats.exchanges += 1
+        self.stats.count_block_exchange(self._peers, send)
         if self.world == 1:
             recv.copy_(send)
             return Handle([], recv, post)

@@ -217,11 +217,7 @@ class FairFlatAllToAll:
     def start(self, send: torch.Tensor, post=None) -> Handle:
         if send.shape[0] != self.world:
             raise ValueError(f"block all-to-all needs dim 0 == P={self.world}, got shape {tuple(send.shape)}")
-        block = send[0].numel() * send.element_size()
-        for t, n in enumerate(self._peers):
-            self.stats.bytes_by_tier[t] += n * block
-            self.stats.messages_by_tier[t] += n
-        self.stats.exchanges += 1
+        self.stats.count_block_exchange(self._peers, send)
         P = self.world
         flat = send.reshape(P, -1)
         lo, hi = self._local_rows
