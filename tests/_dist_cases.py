@@ -462,3 +462,55 @@ def forward_wrapper_after_parallelize(world):
         out = par(**inputs).sample
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return seen
+
+
+def hosts_compared(world):
+    """The agreement all-gather of parallelize also compares host names when an option needs one host."""
+    import socket
+    from unittest import mock
+
+    from cocodiff.parallelize import _raise_together
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    out = []
+    with mock.patch.object(socket, "gethostname", return_value=f"host{dist.get_rank(group)}"):
+        for same_host in (None, "all_to_all='copy_engine'"):
+            try:
+                _raise_together(None, group, torch.device("cpu"), same_host=same_host)
+                out.append("ok")
+            except ValueError as exc:
+                out.append(str(exc))
+    return out
+
+
+def wrapped_single_blocks_kept(world):
+    """A single-stream block whose forward is already wrapped (as diffusers' hooks do) keeps its wrapper:
+    parallelize warns and does not replace it; the output still equals the single process."""
+    import warnings
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model("flux", "tiny", seed=0)
+    par = copy.deepcopy(model)
+    block = par.single_transformer_blocks[0]
+    calls = [0]
+    own = block.forward
+
+    def hooked(*args, **kwargs):
+        calls[0] += 1
+        return own(*args, **kwargs)
+
+    block.forward = hooked
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+    inputs = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, batch=1, seed=7)
+    with torch.no_grad():
+        ref = model(**inputs).sample
+        out = par(**inputs).sample
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return calls[0], [str(w.message) for w in caught if "wrapped forward" in str(w.message)]

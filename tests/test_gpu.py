@@ -140,17 +140,29 @@ def _fused_qk_close_to_eager():
     import torch.distributed as dist
 
     import cocodiff
-    from cocodiff import zoo
+    from cocodiff import kernels, zoo
 
     dev = torch.device("cuda", torch.cuda.current_device())
+    calls = [0]
+    compiled = kernels.kernel
+
+    def counting():
+        calls[0] += 1
+        return compiled()
+
+    kernels.kernel = counting
     out = {}
-    for fused in (False, True):
-        model = zoo.build_model("flux", "tiny", device=dev, dtype=torch.bfloat16, seed=0)
-        cocodiff.parallelize(model, cocodiff.ParallelConfig(v_first=True, fuse_qk=fused))
-        inputs = zoo.make_inputs("flux", model, rows=8, cols=8, n_txt=7, device=dev, dtype=torch.bfloat16)
-        with torch.no_grad():
-            out[fused] = model(**inputs).sample.float()
-        del model
+    try:
+        for fused in (False, True):
+            model = zoo.build_model("flux", "tiny", device=dev, dtype=torch.bfloat16, seed=0)
+            cocodiff.parallelize(model, cocodiff.ParallelConfig(v_first=True, fuse_qk=fused))
+            inputs = zoo.make_inputs("flux", model, rows=8, cols=8, n_txt=7, device=dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                out[fused] = model(**inputs).sample.float()
+            assert (calls[0] > 0) == fused, (fused, calls[0])  # the compiled kernel ran exactly when asked
+            del model
+    finally:
+        kernels.kernel = compiled
     err = ((out[True] - out[False]).norm() / out[False].norm()).item()
     assert err < 1e-2, err  # bf16 rounding of a different kernel order, not a different function
     return dist.get_rank()
@@ -176,10 +188,13 @@ def _cuda_graph_switch():
     b = zoo.make_inputs("flux", model, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=2)
     with torch.no_grad():
         first = model(**a).sample  # captures
-        second = model(**b, return_dict=False)[0]  # replays with new inputs
-        assert len(model.cocodiff.graphs) == 2  # return_dict is part of the signature
-        third = model(**b).sample
+        ref(**a)
+        assert model.cocodiff.step_stats.as_dict() == ref.cocodiff.step_stats.as_dict()  # one step's bytes
+        second = model(**b, return_dict=False)[0]  # return_dict is part of the signature: captures again
         assert len(model.cocodiff.graphs) == 2
+        third = model(**b).sample  # replays the first graph with new inputs
+        assert len(model.cocodiff.graphs) == 2
+        assert model.cocodiff.step_stats.as_dict() == ref.cocodiff.step_stats.as_dict()  # replays count too
         # the graph's static inputs are contiguous copies of this rank's shards, while the eager model reads
         # strided views of the full inputs: GEMMs may take another path and round differently
         torch.testing.assert_close(first, ref(**a).sample, rtol=1e-5, atol=1e-5)
@@ -195,3 +210,42 @@ def _cuda_graph_switch():
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_cuda_graph_switch_replays_the_sharded_step():
     assert spawn(_cuda_graph_switch, 2, backend="nccl", timeout_s=300) == [0, 1]
+
+
+def _copy_engine_grows_without_breaking_graphs():
+    import torch.distributed as dist
+
+    from cocodiff.ce import CopyEngineAllToAll
+    from cocodiff.comm import FlatAllToAll, SeqLayout, start_seq_to_head
+    from cocodiff.topology import Topology
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device())
+    topo = Topology((world,))
+    flat = FlatAllToAll(group=dist.group.WORLD, topology=topo)
+    ce = CopyEngineAllToAll(group=dist.group.WORLD, topology=topo)
+    small, big = SeqLayout(tuple([64] * world), rank), SeqLayout(tuple([512] * world), rank)
+    x = torch.randn(1, 64, 2 * world, 32, device=dev)
+    out = {}
+
+    def step():
+        out["y"] = start_seq_to_head(x, small, ce).wait().clone()
+
+    for _ in range(2):
+        step()  # eager warm-up allocates the small buffer
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, capture_error_mode="thread_local"):
+        step()
+    xb = torch.randn(1, 512, 2 * world, 32, device=dev)
+    assert torch.equal(start_seq_to_head(xb, big, ce).wait(), start_seq_to_head(xb, big, flat).wait())  # grows
+    x.copy_(torch.randn_like(x))
+    g.replay()  # the graph still uses the small buffer, which must still exist
+    torch.cuda.synchronize()
+    assert torch.equal(out["y"], start_seq_to_head(x, small, flat).wait())
+    return True
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+def test_copy_engine_buffer_growth_keeps_captured_graphs_valid():
+    assert spawn(_copy_engine_grows_without_breaking_graphs, 2, backend="nccl", timeout_s=300) == [True, True]

@@ -137,3 +137,14 @@ def test_demo_refuses_gpu_flags_on_cpu_ranks_before_starting_them(tmp_path, caps
 
     assert main(["demo", "--cpu", "--cuda-graph", "--out", str(tmp_path)]) == 2
     assert "--cuda-graph need GPU ranks" in capsys.readouterr().err
+
+
+def test_copy_engine_host_check_compares_hosts_in_the_agreement_round(pools):
+    for plain, one_host in pools(4).run(cases.hosts_compared, 2, timeout_s=60)[:2]:
+        assert plain == "ok"
+        assert "needs all ranks on one host" in one_host and "spans 2 hosts" in one_host, one_host
+
+
+def test_already_wrapped_blocks_keep_their_forward(pools):
+    calls, warned = pools(4).run(cases.wrapped_single_blocks_kept, 2, timeout_s=60)[0]
+    assert calls == 1 and len(warned) == 1, (calls, warned)

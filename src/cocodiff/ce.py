@@ -11,8 +11,10 @@ all-gather does):
 3. each rank pulls block `rank` from every peer's slot, one stream per peer so the copies run in parallel;
 4. barrier: every peer has pulled, so the slot may be written again.
 
-Slots form a ring, so V, Q and K can be in flight together; a slot is reused only after the main stream
-has waited for its previous exchange's final barrier. There is no host synchronisation: the steps are
+Slots form a ring, so V's, Q's and K's send buffers can be written while earlier exchanges are still in
+flight (the exchanges themselves run one after another on the copy stream); a slot is reused only after
+the main stream has waited for its previous exchange's final barrier. A larger message allocates a larger
+buffer; the old one is kept, since CUDA graphs captured with it replay its addresses. There is no host synchronisation: the steps are
 stream operations and capture in a CUDA graph. Buffers are allocated (a collective rendezvous) the first
 time a message size is seen, which must happen outside graph capture: the eager warm-up does it.
 
@@ -57,6 +59,7 @@ class CopyEngineAllToAll(FlatAllToAll):
         self._slot_bytes = 0
         self._buf = None
         self._hdl = None
+        self._retired: list = []  # buffers outgrown by a larger message (graphs may still replay them)
         self._next = 0
         self._slot_done: list[tuple[torch.cuda.Event, bool] | None] = [None] * slots
         self._pending: tuple[int, torch.Tensor] | None = None  # (slot, tensor handed out by send_buffer)
@@ -74,7 +77,9 @@ class CopyEngineAllToAll(FlatAllToAll):
                 "run the step eagerly once before capturing (GraphedStep does) so buffers are allocated"
             )
         torch.cuda.synchronize(device)  # in-flight exchanges still use the old buffer
-        self._buf = None
+        if self._buf is not None:
+            # CUDA graphs captured earlier hold the old buffer's addresses and signal pads: keep it alive
+            self._retired.append((self._buf, self._hdl))
         self._buf = self._symm_mem.empty(self.slots * need, dtype=torch.uint8, device=device)
         self._hdl = self._symm_mem.rendezvous(self._buf, self.group.group_name)
         self._slot_bytes = need

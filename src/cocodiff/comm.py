@@ -44,7 +44,8 @@ class CommStats:
     `messages_by_tier[t]` counts point-to-point messages (one per peer per collective: a chunked TAPA phase
     counts once per chunk); `exchanges` counts block all-to-alls started (one may issue several collectives).
     Padding rows are payload too: they are counted, since they travel. Counters cover the last forward call
-    (`engine.step_stats`); a CUDA-graph replay does not update them (the capture call's values stand).
+    (`engine.step_stats`). Under `cuda_graph=True` each replay adds the counts recorded at its capture;
+    `GraphedStep.replay_only` (benchmarks) updates nothing, so the capture call's values stand.
     """
 
     tier_names: tuple[str, ...]

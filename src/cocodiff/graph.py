@@ -61,11 +61,12 @@ def _clone_out(out):
 
 
 class _Captured:
-    def __init__(self, graph, static_args: tuple, static_kwargs: dict, static_out):
+    def __init__(self, graph, static_args: tuple, static_kwargs: dict, static_out, stats=None):
         self.graph = graph
         self.static_args = static_args
         self.static_kwargs = static_kwargs
         self.static_out = static_out
+        self.stats = stats  # the exchanges one replay performs (CommStats), for the byte counters
 
 
 class StepGraphs:
@@ -75,13 +76,16 @@ class StepGraphs:
         fn: the step (e.g. a model's original `forward`); must not synchronise with the host.
         warmup: eager calls on a side stream before capture (lets lazy state settle: index maps, exchange
             buffers and plans, cuBLAS workspaces, compiled kernels).
+        stats: the engine's `CommStats`. A replay runs no Python, so it counts nothing by itself: the counts
+            of the captured call are recorded and added at each replay (the engine resets them per call).
     """
 
-    def __init__(self, fn: Callable, *, warmup: int = 2):
+    def __init__(self, fn: Callable, *, warmup: int = 2, stats=None):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need CUDA")
         self.fn = fn
         self.warmup = warmup
+        self.stats = stats
         self._graphs: dict[Any, _Captured] = {}
         self._pool = None
         self._warned = False
@@ -106,12 +110,18 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        if self.stats is not None:
+            self.stats.reset()  # from here on: the captured call's exchanges only
         # thread_local: CUDA calls of other threads (NCCL's watchdog polling its events) must not invalidate
         # the capture
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), torch.no_grad():
             static_out = self.fn(*static_args, **static_kwargs)
         torch.cuda.synchronize()
-        return _Captured(graph, static_args, static_kwargs, static_out)
+        snapshot = None
+        if self.stats is not None:
+            snapshot = type(self.stats)(self.stats.tier_names)
+            snapshot.add(self.stats)
+        return _Captured(graph, static_args, static_kwargs, static_out, snapshot)
 
     def __call__(self, *args, **kwargs):
         if torch.cuda.is_current_stream_capturing():  # inside an outer capture (GraphedStep of a switched model)
@@ -134,6 +144,8 @@ class StepGraphs:
             for k, buf in cap.static_kwargs.items():
                 if isinstance(buf, torch.Tensor):
                     buf.copy_(kwargs[k])
+            if cap.stats is not None:
+                self.stats.add(cap.stats)
         cap.graph.replay()
         return _clone_out(cap.static_out)
 
@@ -166,7 +178,7 @@ class GraphedStep(StepGraphs):
 
 def install_cuda_graph(model: torch.nn.Module, engine) -> StepGraphs:
     """The `cuda_graph=True` switch: route `model.forward` through per-signature graph replays."""
-    graphs = StepGraphs(model.forward)
+    graphs = StepGraphs(model.forward, stats=engine.stats)
     model.forward = graphs  # an instance attribute: nn.Module.__call__ runs the hooks, then this
     engine.graphs = graphs
     return graphs

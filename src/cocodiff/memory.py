@@ -17,7 +17,8 @@ import os
 import torch
 
 
-def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, tapa_phases: int = 0) -> int:
+def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, tapa_phases: int = 0,
+                      copy_engine_slots: int = 0) -> int:
     """Peak bytes of exchange buffers for one attention layer.
 
     Args:
@@ -25,9 +26,11 @@ def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, tapa
         inner_dim: heads x head dim of the widest attention.
         elem: bytes per element.
         tapa_phases: phases of the TAPA route (0 for flat).
+        copy_engine_slots: slots of the copy-engine exchange's symmetric buffer (0 without it); the send
+            buffers live there, so each slot is one more buffer of one message.
     """
     one = l_max * batch * inner_dim * elem  # (P, L_MAX, B, H_LOCAL, D): P * H_LOCAL = H
-    return one * (9 + 2 * 4 * tapa_phases)
+    return one * (9 + 2 * 4 * tapa_phases + copy_engine_slots)
 
 
 def free_bytes(device: torch.device) -> int:

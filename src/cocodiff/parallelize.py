@@ -82,21 +82,31 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
     return model, plan, topology
 
 
-def _raise_together(error: Exception | None, group, device: torch.device) -> None:
+def _raise_together(error: Exception | None, group, device: torch.device, *, same_host: str | None = None) -> None:
     """All ranks learn whether any rank failed its local checks and raise together: a rank raising alone
-    would leave the others waiting in their next collective."""
+    would leave the others waiting in their next collective. With `same_host` (the option that needs it),
+    the same all-gather compares the ranks' host names."""
+    import socket
+    import zlib
+
     from .comm import all_gather_into
 
     world = dist.get_world_size(group)
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
-    flags = torch.empty(world, dtype=torch.int64, device=device)
-    all_gather_into(flags, flag, group=group)
-    failed = [r for r, f in enumerate(flags.cpu().tolist()) if f]
+    host = zlib.crc32(socket.gethostname().encode())
+    mine = torch.tensor([0 if error is None else 1, host], dtype=torch.int64, device=device)
+    rows = torch.empty(world * 2, dtype=torch.int64, device=device)
+    all_gather_into(rows, mine, group=group)
+    rows = rows.view(world, 2).cpu().tolist()
+    failed = [r for r, (flag, _) in enumerate(rows) if flag]
     if error is not None:
         raise error
     if failed:
         raise ValueError(f"cocodiff.parallelize: ranks {failed} refused the model or config (their own error "
                          "names the problem); no engine was set up")
+    hosts = len({h for _, h in rows})
+    if same_host is not None and hosts > 1:
+        raise ValueError(f"cocodiff.parallelize: {same_host} needs all ranks on one host, this group spans {hosts} "
+                         "hosts; use all_to_all='flat' or 'tapa' across hosts")
 
 
 def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
@@ -135,7 +145,8 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
         model, plan, topology = _validate(obj, config, group, world, device)
     except (TypeError, ValueError) as exc:
         error = exc
-    _raise_together(error, group, device)
+    _raise_together(error, group, device,
+                    same_host="all_to_all='copy_engine'" if config.all_to_all == "copy_engine" else None)
 
     engine = UlyssesEngine(config, group, topology)
     engine.inner_dim = max(

@@ -79,10 +79,10 @@ def resolve_modules(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module
     return out
 
 
-def _param_names(module: nn.Module) -> list[str]:
+def _param_names(module: nn.Module, forward=None) -> list[str]:
     return [
         n
-        for n, p in inspect.signature(module.forward).parameters.items()
+        for n, p in inspect.signature(forward or module.forward).parameters.items()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
 
@@ -141,8 +141,9 @@ class PlanHooks:
         model, plan = self.model, self.plan
         # once, from the model's own forward: the root hook runs on every call, and `cuda_graph=True` later
         # replaces `model.forward` by a (*args, **kwargs) wrapper
-        self._root_names = _param_names(model)
-        self._root_signature = inspect.signature(model.forward)
+        own_forward = type(model).forward.__get__(model)
+        self._root_names = _param_names(model, own_forward)
+        self._root_signature = inspect.signature(own_forward)
         self.handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._root_post))
         for pattern, spec in plan.split_inputs.items():
@@ -244,8 +245,9 @@ class PlanHooks:
         elem = param.element_size() if param is not None else 4
         batch = bound["hidden_states"].shape[0]
         phases = sum(1 for s in self.engine.topology.sizes if s > 1) if self.engine.config.all_to_all == "tapa" else 0
+        slots = getattr(self.engine.a2a, "slots", 0) if self.engine.config.all_to_all == "copy_engine" else 0
         need = comm_buffer_bytes(l_max=l_max, batch=batch, inner_dim=self.engine.inner_dim, elem=elem,
-                                 tapa_phases=phases)
+                                 tapa_phases=phases, copy_engine_slots=slots)
         budget = self.engine.config.memory_budget_gb
         have = int(budget * 2**30) if budget is not None else free_bytes(self.device)
         return need, have

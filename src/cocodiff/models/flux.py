@@ -6,6 +6,7 @@ the order of keys, so the exchange's rank-major token order changes nothing."""
 from __future__ import annotations
 
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +132,18 @@ def _install(model, engine):
     mods = _attention_modules(model)
     for _, m in mods:
         m.set_processor(FluxUlyssesProcessor(engine))
+    wrapped = 0
     for m in model.modules():
         # exact type: a subclass may have its own forward, which the reordered copy would silently replace
         if type(m) is FluxSingleTransformerBlock:
+            if "forward" in m.__dict__:  # already wrapped (diffusers hooks: caching, offloading): keep theirs
+                wrapped += 1
+                continue
             m.forward = types.MethodType(single_block_forward, m)
+    if wrapped:
+        warnings.warn(f"cocodiff: {wrapped} FLUX single-stream blocks already have a wrapped forward (diffusers "
+                      "hooks); they keep it, and their MLP does not run under the exchanges (overlap_output)",
+                      stacklevel=3)
     return len(mods)
 
 
