@@ -129,6 +129,51 @@ def overlap_summary(events: list[dict]) -> dict:
     return out
 
 
+def hidden_by_block(events: list[dict], n_double: int = 19) -> dict:
+    """Hidden fraction per block type (FLUX.1: `n_double` double-stream blocks first, then single-stream)
+    and exchange (V, Q, K, output: four all-to-alls per attention layer, in that launch order under
+    V-First). Leaves out the step's first all-to-all, which waits for the other ranks to enter the step
+    (launch skew, not transfer), and the final output gather."""
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    nccl = sorted((e for e in kernels if "nccl" in e["name"].lower()), key=lambda e: e["ts"])
+    layers = len(nccl) // 4
+    by = {}
+    for i, e in enumerate(nccl[: 4 * layers]):
+        if i == 0:
+            continue
+        key = f"{'double' if i // 4 < n_double else 'single'} {'VQKO'[i % 4]}"
+        r = by.setdefault(key, {"kernels": 0, "total_us": 0.0, "hidden_us": 0.0})
+        r["kernels"] += 1
+        r["total_us"] += e["dur"]
+        r["hidden_us"] += _covered(e, kernels)
+    for r in by.values():
+        r["hidden_fraction"] = r["hidden_us"] / r["total_us"] if r["total_us"] else None
+    tot = sum(r["total_us"] for r in by.values())
+    hid = sum(r["hidden_us"] for r in by.values())
+    return {"excluded": {"first_exchange_us": nccl[0]["dur"] if nccl else None, "after_layers": len(nccl) - 4 * layers},
+            "by_block_and_exchange": by,
+            "all": {"total_us": tot, "hidden_us": hid, "hidden_fraction": hid / tot if tot else None,
+                    "exposed_us": tot - hid}}
+
+
+def _covered(e: dict, kernels: list[dict]) -> float:
+    """Microseconds of NCCL kernel `e` that overlap non-NCCL kernels (on any other stream)."""
+    a, b = e["ts"], e["ts"] + e["dur"]
+    iv = sorted((max(a, c["ts"]), min(b, c["ts"] + c["dur"])) for c in kernels
+                if "nccl" not in c["name"].lower() and c["ts"] < b and c["ts"] + c["dur"] > a)
+    tot, cur = 0.0, None
+    for lo, hi in iv:
+        if cur is None or lo > cur[1]:
+            if cur:
+                tot += cur[1] - cur[0]
+            cur = [lo, hi]
+        else:
+            cur[1] = max(cur[1], hi)
+    if cur:
+        tot += cur[1] - cur[0]
+    return tot
+
+
 def plot_layer(events, path, layer=10, title=""):
     import matplotlib
 
@@ -222,6 +267,7 @@ def main() -> None:
             json.dump(kern, f)
         trace.unlink()
         (out / f"vfirst_overlap_{tag}.json").write_text(json.dumps(summary, indent=1))
+        (out / f"hidden_by_block_{tag}.json").write_text(json.dumps(hidden_by_block(events), indent=1))
         if eq2:
             (out / "equation2.json").write_text(json.dumps({"P": world, "rows": eq2}, indent=1))
         print(json.dumps(summary, indent=1))
