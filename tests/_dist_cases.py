@@ -514,3 +514,68 @@ def wrapped_single_blocks_kept(world):
         out = par(**inputs).sample
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return calls[0], [str(w.message) for w in caught if "wrapped forward" in str(w.message)]
+
+
+def cuda_graph_switch_logic(world):
+    """The `cuda_graph=True` switch's bookkeeping on CPU ranks: a recorder that "replays" by re-running the
+    step eagerly on the static inputs stands in for CUDA graphs. Checks the per-signature capture, that a
+    replay reads new inputs and returns a copy, the byte counts under replay, that a schedule change drops
+    the graphs, and the clear refusal with gradients on."""
+    from cocodiff.comm import CommStats
+    from cocodiff.graph import StepGraphs, install_cuda_graph
+
+    class EagerRecorder(StepGraphs):
+        def _warm_up(self, static_args, static_kwargs):
+            for _ in range(self.warmup):
+                self.fn(*static_args, **static_kwargs)
+
+        def _record(self, static_args, static_kwargs):
+            static_out = self.fn(*static_args, **static_kwargs)
+            recorder = self
+
+            class Replay:
+                def replay(self):
+                    # a real replay runs no Python: keep the byte counters as they are
+                    kept = CommStats(recorder.stats.tier_names)
+                    kept.add(recorder.stats)
+                    fresh = recorder.fn(*static_args, **static_kwargs)
+                    static_out[0].copy_(fresh[0])
+                    recorder.stats.reset()
+                    recorder.stats.add(kept)
+
+            return Replay(), static_out
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model("flux", "tiny", seed=0)
+    par = copy.deepcopy(model)
+    plain = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+    cocodiff.parallelize(plain, cocodiff.ParallelConfig(v_first=True), group=group)
+    graphs = install_cuda_graph(par, par.cocodiff, EagerRecorder)
+    a = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, batch=2, seed=8)
+    b = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, batch=2, seed=9)
+    with torch.no_grad():
+        plain(**a)
+        one_step = plain.cocodiff.step_stats.as_dict()
+        first = par(**a, return_dict=False)[0]  # captures
+        assert len(graphs) == 1 and par.cocodiff.step_stats.as_dict() == one_step
+        second = par(**b, return_dict=False)[0]  # replays on new inputs
+        assert len(graphs) == 1 and par.cocodiff.step_stats.as_dict() == one_step
+        torch.testing.assert_close(first, model(**a).sample, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(second, model(**b).sample, rtol=1e-4, atol=2e-5)
+        third = par(**a, return_dict=False)[0]
+        assert torch.equal(third, first) and not torch.equal(second, first)  # outputs are copies
+        par(**a)  # return_dict=True: another signature
+        assert len(graphs) == 2
+        par.cocodiff.set_schedule(v_first=False)
+        assert len(graphs) == 0
+    try:
+        par(**a)  # gradients on: refused before any collective
+        return "no error with gradients enabled"
+    except ValueError as exc:
+        assert "inference-only" in str(exc), exc
+    assert len(graphs) == 0
+    return True

@@ -55,3 +55,7 @@ def test_fused_qk_path_equals_single_process(pools, family):
 def test_a_forward_wrapper_keeps_sharding_hooks_working(pools):
     # cuda_graph=True's wrapper, minus CUDA: each rank's wrapper gets its shard of the 15 image tokens
     assert [s for s in pools(4).run(cases.forward_wrapper_after_parallelize, 2)[:2]] == [[8], [7]]
+
+
+def test_cuda_graph_switch_bookkeeping_on_cpu_ranks(pools):
+    assert pools(4).run(cases.cuda_graph_switch_logic, 2)[:2] == [True, True]

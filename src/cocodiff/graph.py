@@ -81,8 +81,6 @@ class StepGraphs:
     """
 
     def __init__(self, fn: Callable, *, warmup: int = 2, stats=None):
-        if not torch.cuda.is_available():
-            raise RuntimeError("CUDA graphs need CUDA")
         self.fn = fn
         self.warmup = warmup
         self.stats = stats
@@ -100,6 +98,17 @@ class StepGraphs:
     def _capture(self, args: tuple, kwargs: dict[str, Any]) -> _Captured:
         static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         static_kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+        self._warm_up(static_args, static_kwargs)
+        if self.stats is not None:
+            self.stats.reset()  # from here on: the captured call's exchanges only
+        graph, static_out = self._record(static_args, static_kwargs)
+        snapshot = None
+        if self.stats is not None:
+            snapshot = type(self.stats)(self.stats.tier_names)
+            snapshot.add(self.stats)
+        return _Captured(graph, static_args, static_kwargs, static_out, snapshot)
+
+    def _warm_up(self, static_args: tuple, static_kwargs: dict[str, Any]) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
@@ -107,24 +116,21 @@ class StepGraphs:
                 self.fn(*static_args, **static_kwargs)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+
+    def _record(self, static_args: tuple, static_kwargs: dict[str, Any]):
+        """Capture one call of `fn` on the static inputs: returns (graph with `replay()`, static output)."""
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        if self.stats is not None:
-            self.stats.reset()  # from here on: the captured call's exchanges only
         # thread_local: CUDA calls of other threads (NCCL's watchdog polling its events) must not invalidate
         # the capture
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), torch.no_grad():
             static_out = self.fn(*static_args, **static_kwargs)
         torch.cuda.synchronize()
-        snapshot = None
-        if self.stats is not None:
-            snapshot = type(self.stats)(self.stats.tier_names)
-            snapshot.add(self.stats)
-        return _Captured(graph, static_args, static_kwargs, static_out, snapshot)
+        return graph, static_out
 
     def __call__(self, *args, **kwargs):
-        if torch.cuda.is_current_stream_capturing():  # inside an outer capture (GraphedStep of a switched model)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # inside an outer capture
             return self.fn(*args, **kwargs)
         if torch.is_grad_enabled() or any(_nested_tensor(v) for v in list(args) + list(kwargs.values())):
             if not self._warned:
@@ -163,6 +169,8 @@ class GraphedStep(StepGraphs):
     """
 
     def __init__(self, model: torch.nn.Module, *, warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphedStep needs CUDA")
         self.model = model
         super().__init__(self._call, warmup=warmup)
 
@@ -176,9 +184,10 @@ class GraphedStep(StepGraphs):
             return super().__call__(**kwargs)
 
 
-def install_cuda_graph(model: torch.nn.Module, engine) -> StepGraphs:
-    """The `cuda_graph=True` switch: route `model.forward` through per-signature graph replays."""
-    graphs = StepGraphs(model.forward, stats=engine.stats)
+def install_cuda_graph(model: torch.nn.Module, engine, graphs_class: type[StepGraphs] = StepGraphs) -> StepGraphs:
+    """The `cuda_graph=True` switch: route `model.forward` through per-signature graph replays
+    (`graphs_class`: tests substitute a recorder that replays eagerly, to run the logic on CPU ranks)."""
+    graphs = graphs_class(model.forward, stats=engine.stats)
     model.forward = graphs  # an instance attribute: nn.Module.__call__ runs the hooks, then this
     engine.graphs = graphs
     return graphs

@@ -233,6 +233,16 @@ class PlanHooks:
                     f"cocodiff: input {name!r} is {v.dtype} but the model is {param.dtype}; cast the inputs to "
                     f"{param.dtype}"
                 )
+        if torch.is_grad_enabled() and (
+            any(isinstance(v, torch.Tensor) and v.requires_grad for v in bound.values())
+            or any(p.requires_grad for p in module.parameters())
+        ):
+            # the exchanges are not differentiable: a graph through them would be silently wrong
+            raise ValueError(
+                "cocodiff: the parallelised model is inference-only, but it was called with gradients enabled "
+                "(parameters or inputs require grad); call it under torch.no_grad() or torch.inference_mode(), "
+                "as diffusers pipelines do"
+            )
 
     def _memory_need(self, module: nn.Module, bound: dict[str, Any], n_img: int, n_txt: int) -> tuple[int, int]:
         """(bytes the exchange buffers need at peak, bytes available) for this call's shapes on this rank."""
