@@ -238,7 +238,7 @@ class UlyssesEngine:
         if before_attention is not None:
             before_attention()
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        # (B, H_LOCAL, S, D) each; wait for each input only when the kernel needs it
+        # (B, H_LOCAL, S, D) each; a wait only orders streams (no host synchronisation)
         out = F.scaled_dot_product_attention(hq.wait(), hk.wait(), hv.wait(), attn_mask=mask)
         del hq, hk, hv
         h = start_head_to_seq(out, lay, self.a2a)

@@ -98,8 +98,10 @@ def single_block_forward(self, hidden_states, encoder_hidden_states, temb, image
         first, second = (lambda: mlp(0, half)), (lambda: mlp(half, w.shape[0]))
     else:  # LoRA-wrapped or hooked: called whole, under the output exchange
         first, second = None, lambda: mlp_parts.append(self.act_mlp(self.proj_mlp(norm_hidden_states)))
+    # as diffusers' FluxAttention.forward: keyword arguments the processor does not take are dropped
+    extra = {k: v for k, v in (joint_attention_kwargs or {}).items() if k == "attention_mask"}
     pending = processor.start(self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb,
-                              before_attention=first, **(joint_attention_kwargs or {}))
+                              before_attention=first, **extra)
     second()
     attn_output = pending.wait()
     hidden_states = torch.cat([attn_output, *mlp_parts], dim=2)
