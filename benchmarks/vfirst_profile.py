@@ -90,32 +90,9 @@ def overlap_summary(events: list[dict]) -> dict:
     issues V, Q, K (seq->head) and then O (head->seq): index % 4 == 0 is V's exchange."""
     kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
     nccl = sorted((e for e in kernels if "nccl" in e["name"].lower()), key=lambda e: e["ts"])
-    compute = sorted((e for e in kernels if "nccl" not in e["name"].lower()), key=lambda e: e["ts"])
-    starts = [c["ts"] for c in compute]
-    import bisect
 
     def covered(e):
-        a, b = e["ts"], e["ts"] + e["dur"]
-        i = max(0, bisect.bisect_left(starts, a) - 200)
-        iv = []
-        for c in compute[i:]:
-            if c["ts"] >= b:
-                break
-            lo, hi = max(a, c["ts"]), min(b, c["ts"] + c["dur"])
-            if hi > lo and c.get("tid") != e.get("tid"):
-                iv.append((lo, hi))
-        iv.sort()
-        tot, cur = 0.0, None
-        for lo, hi in iv:
-            if cur is None or lo > cur[1]:
-                if cur:
-                    tot += cur[1] - cur[0]
-                cur = [lo, hi]
-            else:
-                cur[1] = max(cur[1], hi)
-        if cur:
-            tot += cur[1] - cur[0]
-        return tot
+        return _covered(e, kernels)
 
     out = {"nccl_kernels": len(nccl), "groups": {}}
     for name, sel in (("V", lambda i: i % 4 == 0), ("Q,K", lambda i: i % 4 in (1, 2)), ("O", lambda i: i % 4 == 3)):
