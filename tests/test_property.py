@@ -23,6 +23,8 @@ def _specs(world):
 CONFIGS = [
     {},
     {"v_first": True},
+    {"v_first": True, "overlap_output": False},
+    {"overlap_output": True},
     {"all_to_all": "tapa"},
     {"all_to_all": "tapa", "tapa_plan": "phases", "v_first": True},
     {"all_to_all": "tapa", "tapa_plan": "phases", "tapa_chunks": 2},
