@@ -69,6 +69,16 @@ class _Captured:
         self.stats = stats  # the exchanges one replay performs (CommStats), for the byte counters
 
 
+def _changing_args(graphs: dict) -> list:
+    """Names of non-tensor arguments whose values differ between the captured signatures."""
+    seen: dict = {}
+    for key in graphs:
+        for part in key:
+            if len(part) == 2:  # (name, repr): a non-tensor argument
+                seen.setdefault(part[0], set()).add(part[1])
+    return sorted(str(k) for k, values in seen.items() if len(values) > 1)
+
+
 class StepGraphs:
     """Captured CUDA graphs of `fn`, one per input signature; calling it replays (capturing on first sight).
 
@@ -79,6 +89,8 @@ class StepGraphs:
         stats: the engine's `CommStats`. A replay runs no Python, so it counts nothing by itself: the counts
             of the captured call are recorded and added at each replay (the engine resets them per call).
     """
+
+    MANY = 8  # signatures after which a warning suggests that a changing argument defeats reuse
 
     def __init__(self, fn: Callable, *, warmup: int = 2, stats=None):
         self.fn = fn
@@ -143,6 +155,12 @@ class StepGraphs:
         if cap is None:
             cap = self._capture(args, kwargs)
             self._graphs[key] = cap
+            if len(self._graphs) == self.MANY:
+                changing = _changing_args(self._graphs)
+                warnings.warn(f"cocodiff cuda_graph: {self.MANY} input signatures captured, one graph each "
+                              f"(non-tensor arguments whose values differ between them: {changing}); a value "
+                              "that changes every call, such as a float timestep, defeats graph reuse: pass it as "
+                              "a tensor, or call engine.graphs.clear()", stacklevel=2)
         else:
             for buf, a in zip(cap.static_args, args):
                 if isinstance(buf, torch.Tensor):

@@ -1,0 +1,33 @@
+"""The cuda_graph switch's bookkeeping that needs no GPU (the distributed part runs in test_models)."""
+
+import torch
+
+
+def test_graph_switch_warns_when_a_changing_argument_defeats_reuse():
+    import warnings
+
+    from cocodiff.graph import StepGraphs
+
+    class Recorder(StepGraphs):  # eager stand-in for CUDA graphs
+        def _warm_up(self, static_args, static_kwargs):
+            pass
+
+        def _record(self, static_args, static_kwargs):
+            out = self.fn(*static_args, **static_kwargs)
+
+            class Replay:
+                def replay(self_inner):
+                    out.copy_(self.fn(*static_args, **static_kwargs))
+
+            return Replay(), out
+
+    graphs = Recorder(lambda x, t: x * t)
+    x = torch.ones(3)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(StepGraphs.MANY):
+            assert torch.equal(graphs(x, t=float(step)), x * step)
+        assert torch.equal(graphs(x + 1, t=2.0), (x + 1) * 2)  # a replay reads the new tensor input
+    assert len(graphs) == StepGraphs.MANY
+    msgs = [str(w.message) for w in caught if "defeats graph reuse" in str(w.message)]
+    assert len(msgs) == 1 and "['t']" in msgs[0], msgs
