@@ -52,3 +52,13 @@ def test_vfirst_preset_with_emulated_slow_tier_equals_single_process(pools, fami
     cfg = {"preset": "vfirst", "topology": "2x2", "tapa_plan": "phases", "tapa_chunks": 2, "emulate": True}
     diffs, _, _ = pools(4).run(cases.model_with_config, family, 4, cfg, [(3, 5, 5, 2)])[0]
     assert max(diffs) < 2e-5
+
+
+@pytest.mark.parametrize("world,spec", [(2, "2x1"), (4, "2x2")])
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_vfirst_preset_routed_in_phases_equals_single_process(pools, family, world, spec):
+    # preset "vfirst" = TAPA + V-First, forced through the phases (the automatic plan may pick flat routing)
+    cfg = {"preset": "vfirst", "topology": spec, "tapa_plan": "phases"}
+    diffs, _, stats = pools(world).run(cases.model_with_config, family, world, cfg, [(3, 5, 5, 2), (1, 3, 2, 1)])[0]
+    assert max(diffs) < 2e-5
+    assert stats["bytes_by_tier"]["node"] > 0
