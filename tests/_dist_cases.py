@@ -79,15 +79,21 @@ def exchange_round_trip(world, lengths, B=2, H=4, D=3, seed=1):
     return True
 
 
+def reference_and_parallel(family, group, cfg):
+    """(single-process model, its parallelised copy) with the same tiny weights; one thread per rank."""
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, "tiny", seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cfg, group=group)
+    return model, par
+
+
 def model_matches_single_process(family, world, v_first, cases):
     """The parallel model's output equals the single-process output for every (rows, cols, n_txt, batch)."""
     group = subgroup(world)
     if dist.get_rank() >= world:
         return None
-    torch.set_num_threads(1)
-    model = zoo.build_model(family, "tiny", seed=0)
-    par = copy.deepcopy(model)
-    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=v_first), group=group)
+    model, par = reference_and_parallel(family, group, cocodiff.ParallelConfig(v_first=v_first))
     diffs = []
     for rows, cols, n_txt, batch, *rest in cases:
         mask = bool(rest and rest[0])
@@ -177,15 +183,12 @@ def model_with_config(family, world, cfg_kwargs, cases):
     group = subgroup(world)
     if dist.get_rank() >= world:
         return None
-    torch.set_num_threads(1)
     kwargs = dict(cfg_kwargs)
     if kwargs.pop("emulate", False):
         kwargs["emulate_slow_tier"] = SlowTierEmulation()
     preset = kwargs.pop("preset", None)
     cfg = ParallelConfig.preset(preset, **kwargs) if preset else ParallelConfig(**kwargs)
-    model = zoo.build_model(family, "tiny", seed=0)
-    par = copy.deepcopy(model)
-    cocodiff.parallelize(par, cfg, group=group)
+    model, par = reference_and_parallel(family, group, cfg)
     diffs = []
     for rows, cols, n_txt, batch in cases:
         inputs = zoo.make_inputs(family, model, rows=rows, cols=cols, n_txt=n_txt, batch=batch, seed=rows + cols)
@@ -397,10 +400,7 @@ def fused_qk_path_matches(family, world):
     group = subgroup(world)
     if dist.get_rank() >= world:
         return None
-    torch.set_num_threads(1)
-    model = zoo.build_model(family, "tiny", seed=0)
-    par = copy.deepcopy(model)
-    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True, fuse_qk=True), group=group)
+    model, par = reference_and_parallel(family, group, cocodiff.ParallelConfig(v_first=True, fuse_qk=True))
     calls = [0]
 
     def reference():
@@ -444,10 +444,7 @@ def forward_wrapper_after_parallelize(world):
     group = subgroup(world)
     if dist.get_rank() >= world:
         return None
-    torch.set_num_threads(1)
-    model = zoo.build_model("flux", "tiny", seed=0)
-    par = copy.deepcopy(model)
-    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+    model, par = reference_and_parallel("flux", group, cocodiff.ParallelConfig(v_first=True))
     inner = par.forward
     seen = []
 

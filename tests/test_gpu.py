@@ -52,7 +52,7 @@ def test_tapa_cuda_path_bit_identical_to_flat():
     assert spawn(_tapa_cuda_equals_flat, 4, "2x2", backend="nccl", timeout_s=300) == [True] * 4
 
 
-def _graph_equals_eager():
+def _graph_equals_eager(all_to_all="flat"):
     import torch.distributed as dist
 
     import cocodiff
@@ -61,14 +61,17 @@ def _graph_equals_eager():
 
     dev = torch.device("cuda", torch.cuda.current_device())
     model = zoo.build_model("flux", "tiny", device=dev, seed=0)
-    cocodiff.parallelize(model, cocodiff.ParallelConfig(v_first=True))
+    ref_model = zoo.build_model("flux", "tiny", device=dev, seed=0)
+    cocodiff.parallelize(model, cocodiff.ParallelConfig(all_to_all=all_to_all, v_first=True))
     inputs = zoo.make_inputs("flux", model, rows=6, cols=5, n_txt=7, batch=2, device=dev)
     with torch.no_grad():
         eager = model(**inputs).sample
+        ref = ref_model(**inputs).sample
     step = GraphedStep(model)
     graphed = step(**inputs)
     again = step(**{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()})
     assert torch.equal(graphed, eager) and torch.equal(again, eager)
+    torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-4)
     return dist.get_rank()
 
 
@@ -108,32 +111,9 @@ def test_copy_engine_exchange_bit_identical_to_flat():
     assert spawn(_copy_engine_equals_flat, n, backend="nccl", timeout_s=300) == [True] * n
 
 
-def _graph_equals_eager_copy_engine():
-    import torch.distributed as dist
-
-    import cocodiff
-    from cocodiff import zoo
-    from cocodiff.graph import GraphedStep
-
-    dev = torch.device("cuda", torch.cuda.current_device())
-    model = zoo.build_model("flux", "tiny", device=dev, seed=0)
-    ref_model = zoo.build_model("flux", "tiny", device=dev, seed=0)
-    cocodiff.parallelize(model, cocodiff.ParallelConfig(all_to_all="copy_engine", v_first=True))
-    inputs = zoo.make_inputs("flux", model, rows=6, cols=5, n_txt=7, batch=2, device=dev)
-    with torch.no_grad():
-        eager = model(**inputs).sample
-        ref = ref_model(**inputs).sample
-    step = GraphedStep(model)
-    graphed = step(**inputs)
-    again = step(**inputs)
-    assert torch.equal(graphed, eager) and torch.equal(again, eager)
-    torch.testing.assert_close(eager, ref, rtol=1e-4, atol=1e-4)
-    return dist.get_rank()
-
-
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_copy_engine_step_graph_equals_eager_and_single_gpu():
-    assert spawn(_graph_equals_eager_copy_engine, 2, backend="nccl", timeout_s=300) == [0, 1]
+    assert spawn(_graph_equals_eager, 2, "copy_engine", backend="nccl", timeout_s=300) == [0, 1]
 
 
 def _fused_qk_close_to_eager():

@@ -27,6 +27,7 @@ Whether it is faster than NCCL is measured, not assumed: `benchmarks/overlap_pro
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -89,16 +90,12 @@ class CopyEngineAllToAll(FlatAllToAll):
             self._peer_streams = [torch.cuda.Stream(device) for _ in range(self.world - 1)]
 
     def _slot_view(self, rank: int, slot: int, shape, dtype) -> torch.Tensor:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return self._hdl.get_buffer(rank, tuple(shape), dtype, slot * self._slot_bytes // elem)
+        return self._hdl.get_buffer(rank, tuple(shape), dtype, slot * self._slot_bytes // dtype.itemsize)
 
     def send_buffer(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A tensor to write the next send buffer into (this rank's slot of the symmetric buffer): `start`
         on it then needs no publishing copy."""
-        numel = 1
-        for s in shape:
-            numel *= s
-        self._ensure(numel * torch.empty((), dtype=dtype).element_size(), device)
+        self._ensure(math.prod(shape) * dtype.itemsize, device)
         slot = self._next
         self._next = (slot + 1) % self.slots
         done = self._slot_done[slot]
