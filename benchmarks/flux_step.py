@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from cocodiff import ParallelConfig, parallelize, zoo  # noqa: E402
-from cocodiff.config import SlowTierEmulation  # noqa: E402
-from cocodiff.graph import GraphedStep  # noqa: E402
-from cocodiff.launch import set_multi_gpu_env  # noqa: E402
-from cocodiff.timing import time_ms  # noqa: E402
+from cocodiff import ParallelConfig, parallelize
+from cocodiff.apps import families as zoo
+from cocodiff.config import SlowTierEmulation
+from cocodiff.exchange import BlockExchange, Handle
+from cocodiff.graph import GraphedStep
+from cocodiff.apps.launch import set_multi_gpu_env
+from cocodiff.timing import time_ms
 
 TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 
@@ -48,14 +48,12 @@ CONFIGS = {
 }
 
 
-class NoExchange:
+class NoExchange(BlockExchange):
     """Timing lower bound: every exchange returns its send buffer unchanged (same shapes, no bytes move)."""
 
     name = "none"
 
     def start(self, send, post=None):
-        from cocodiff.comm import Handle
-
         return Handle([], send, post)
 
 
@@ -173,11 +171,12 @@ def main() -> None:
         # one engine with every route (flat, TAPA 1 and 4 chunks, automatic plan); configs switch between them
         parallelize(model, ParallelConfig(all_to_all="tapa", topology=args.topology, emulate_slow_tier=emu))
         eng = model.cocodiff
-        extra_routes = {"none": NoExchange()}
+        common = dict(topology=eng.topology, rank=eng.rank, stats=eng.stats)
+        extra_routes = {"none": NoExchange(**common)}
         if any(CONFIGS[c.removesuffix("+fused")][0] == "copy_engine" for c in configs):
-            from cocodiff.ce import CopyEngineAllToAll
+            from cocodiff.exchange.copy_engine import CopyEngineExchange
 
-            extra_routes["copy_engine"] = CopyEngineAllToAll(group=eng.group, topology=eng.topology, stats=eng.stats)
+            extra_routes["copy_engine"] = CopyEngineExchange(group=eng.group, **common)
     models = {name: model for name in configs}
     if "single+fused" in configs:  # a second copy of the same weights, through the engine on one rank
         fused_model = zoo.build_model(args.family, "full", dtype=torch.bfloat16, device=device, seed=0)
@@ -203,8 +202,7 @@ def main() -> None:
                 route, v_first, overlap = CONFIGS[base]
                 eng.set_schedule(v_first=v_first, overlap_output=overlap, fuse_qk=fused)
                 if route in extra_routes:
-                    eng.use_exchange("flat")
-                    eng.a2a = extra_routes[route]
+                    eng.use_exchange(extra_routes[route])
                 else:
                     eng.use_exchange(route)
             torch.cuda.reset_peak_memory_stats(device)

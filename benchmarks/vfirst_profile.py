@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from cocodiff import ParallelConfig, parallelize, zoo  # noqa: E402
-from cocodiff.launch import set_multi_gpu_env  # noqa: E402
-from cocodiff.timing import time_ms  # noqa: E402
+from cocodiff import ParallelConfig, parallelize
+from cocodiff.apps import families as zoo
+from cocodiff.apps.launch import set_multi_gpu_env
+from cocodiff.timing import time_ms
 
 FAMILY_DIMS = {  # hidden = heads x head dim, text tokens, image tokens at 1024^2
     "flux": dict(heads=24, head_dim=128, txt=512, img=4096),

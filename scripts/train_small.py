@@ -45,9 +45,9 @@ def _plot(hist: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from cocodiff.demo import save_grid
-    from cocodiff.smallmodel import ASSET_DIR, generate, load_small_model, save_small_model
-    from cocodiff.train import TrainConfig, train
+    from cocodiff.apps.demo import save_grid
+    from cocodiff.apps.smallmodel import ASSET_DIR, generate, load_small_model, save_small_model
+    from cocodiff.apps.train import TrainConfig, train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)

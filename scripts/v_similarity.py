@@ -71,8 +71,8 @@ def _markdown(results: dict, steps: int, batch: int) -> str:
 
 
 def main(argv=None) -> int:
-    from cocodiff.probes import v_step_change
-    from cocodiff.smallmodel import load_small_model, random_small_model
+    from cocodiff.apps.probes import v_step_change
+    from cocodiff.apps.smallmodel import load_small_model, random_small_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 import cocodiff
-from cocodiff import zoo
-from cocodiff.comm import FlatAllToAll, SeqLayout, start_head_to_seq, start_seq_to_head
+from cocodiff.apps import families as zoo
+from cocodiff.exchange import FlatExchange
+from cocodiff.layout import SeqLayout, split_sizes, start_head_to_seq, start_seq_to_head
 from cocodiff.topology import Topology
-from cocodiff.ulysses import split_sizes
 
 _GROUPS: dict[int, object] = {}
 
@@ -36,10 +36,10 @@ def _exchange_setup(world, lengths, B, H, D, seed):
     g = torch.Generator().manual_seed(seed)
     full = torch.randn(B, sum(lengths), H, D, generator=g)  # same on every rank
     lay = SeqLayout(tuple(lengths), rank)
-    a2a = FlatAllToAll(group=group, topology=Topology((world,)))
+    exchange = FlatExchange(group=group, topology=Topology((world,)), rank=rank)
     off = sum(lengths[:rank])
     local = full[:, off : off + lengths[rank]].contiguous()
-    return group, rank, full, lay, a2a, local
+    return group, rank, full, lay, exchange, local
 
 
 def exchange_matches_gather_reference(world, lengths, B=2, H=4, D=3, seed=0):
@@ -47,8 +47,8 @@ def exchange_matches_gather_reference(world, lengths, B=2, H=4, D=3, seed=0):
     setup = _exchange_setup(world, lengths, B, H, D, seed)
     if setup is None:
         return None
-    group, rank, full, lay, a2a, local = setup
-    got = start_seq_to_head(local, lay, a2a).wait()  # (B, H_LOCAL, S, D)
+    group, rank, full, lay, exchange, local = setup
+    got = start_seq_to_head(local, lay, exchange).wait()  # (B, H_LOCAL, S, D)
     # reference: real all-gather of the (padded) local slices, then slice
     l_max = max(lengths)
     padded = torch.zeros(B, l_max, H, D)
@@ -62,7 +62,7 @@ def exchange_matches_gather_reference(world, lengths, B=2, H=4, D=3, seed=0):
     assert torch.equal(gathered, full)
     # byte accounting: (P - 1) padded blocks leave this rank
     block = l_max * B * hl * D * 4
-    assert a2a.stats.bytes_by_tier == [(world - 1) * block], (a2a.stats.bytes_by_tier, block)
+    assert exchange.stats.bytes_by_tier == [(world - 1) * block], (exchange.stats.bytes_by_tier, block)
     return True
 
 
@@ -71,9 +71,9 @@ def exchange_round_trip(world, lengths, B=2, H=4, D=3, seed=1):
     setup = _exchange_setup(world, lengths, B, H, D, seed)
     if setup is None:
         return None
-    group, rank, full, lay, a2a, local = setup
-    heads = start_seq_to_head(local, lay, a2a).wait()
-    back = start_head_to_seq(heads, lay, a2a).wait()
+    group, rank, full, lay, exchange, local = setup
+    heads = start_seq_to_head(local, lay, exchange).wait()
+    back = start_head_to_seq(heads, lay, exchange).wait()
     assert back.shape == local.shape
     assert torch.equal(back, local)
     return True
@@ -144,7 +144,8 @@ def tapa_equals_flat(world, spec, lengths, chunks_list=(1, 3), emulate=False, B=
     """TAPA (and the emulated fair flat) deliver the same bytes to the same place as the flat exchange:
     seq->head and head->seq, bit for bit."""
     from cocodiff.config import ParallelConfig, SlowTierEmulation
-    from cocodiff.tapa import build_exchange
+    from cocodiff.exchange import build_exchange, needs_groups
+    from cocodiff.topology import build_groups
 
     group = subgroup(world)
     rank = dist.get_rank()
@@ -155,7 +156,7 @@ def tapa_equals_flat(world, spec, lengths, chunks_list=(1, 3), emulate=False, B=
     full = torch.randn(B, sum(lengths), H, D, generator=g)
     lay = SeqLayout(tuple(lengths), rank)
     topo = Topology.from_spec(spec, world)
-    flat = FlatAllToAll(group=group, topology=topo)
+    flat = FlatExchange(group=group, topology=topo, rank=rank)
     off = sum(lengths[:rank])
     local = full[:, off : off + lengths[rank]].contiguous()
     ref_heads = start_seq_to_head(local, lay, flat).wait()
@@ -167,12 +168,13 @@ def tapa_equals_flat(world, spec, lengths, chunks_list=(1, 3), emulate=False, B=
     if emulate:
         configs.append(ParallelConfig(all_to_all="flat", topology=spec, emulate_slow_tier=emu))
     for cfg in configs:
-        strat, stats = build_exchange(cfg, group, topo)
-        heads = start_seq_to_head(local, lay, strat).wait()
+        route = build_exchange(cfg, topo, build_groups(topo, group, **needs_groups(cfg)), rank)
+        stats = route.stats
+        heads = start_seq_to_head(local, lay, route).wait()
         assert torch.equal(heads, ref_heads), (spec, cfg.tapa_chunks, cfg.all_to_all)
-        back = start_head_to_seq(heads, lay, strat).wait()
+        back = start_head_to_seq(heads, lay, route).wait()
         assert torch.equal(back, ref_back) and torch.equal(back, local)
-        checked.append((strat.name, list(stats.bytes_by_tier), list(stats.messages_by_tier)))
+        checked.append((route.name, list(stats.bytes_by_tier), list(stats.messages_by_tier)))
     return checked
 
 
@@ -197,7 +199,7 @@ def model_with_config(family, world, cfg_kwargs, cases):
             out = par(**inputs).sample
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
         diffs.append((out - ref).abs().max().item())
-    decisions = getattr(par.cocodiff.a2a, "decisions", {})
+    decisions = getattr(par.cocodiff.exchange, "decisions", {})
     return diffs, sorted(set(decisions.values())), par.cocodiff.step_stats.as_dict()
 
 
@@ -253,7 +255,7 @@ def inputs_diverge_later(world):
 
 def generate_twice(world, seed_a, seed_b):
     """The small model's images on `world` ranks for two seeds (same config, same process)."""
-    from cocodiff.smallmodel import generate, random_small_model
+    from cocodiff.apps.smallmodel import generate, random_small_model
 
     group = subgroup(world)
     if dist.get_rank() >= world:
@@ -334,7 +336,7 @@ def overlap_output_order(family, world):
     exchanges are in flight (FLUX.1: the first half under V/Q/K's, the second under the output's; FLUX.2:
     the SwiGLU gate under V/Q/K's), without it with none in flight. Both orders give the same output (up to
     the rounding of half-width GEMMs). Returns {overlap_output: [exchanges in flight at each activation]}."""
-    from cocodiff import comm
+    from cocodiff import exchange as comm
 
     group = subgroup(world)
     if dist.get_rank() >= world:
@@ -395,7 +397,7 @@ def hooked_projection_called_whole(family, world):
 def fused_qk_path_matches(family, world):
     """`fuse_qk` wiring on CPU ranks: the fused path is forced on (its uncompiled reference stands in for the
     CUDA kernel) and must reproduce the single-process model; returns (max diff, fused calls)."""
-    from cocodiff import kernels
+    from cocodiff import fused_qk as kernels
 
     group = subgroup(world)
     if dist.get_rank() >= world:
@@ -518,8 +520,8 @@ def cuda_graph_switch_logic(world):
     step eagerly on the static inputs stands in for CUDA graphs. Checks the per-signature capture, that a
     replay reads new inputs and returns a copy, the byte counts under replay, that a schedule change drops
     the graphs, and the clear refusal with gradients on."""
-    from cocodiff.comm import CommStats
-    from cocodiff.graph import StepGraphs, install_cuda_graph
+    from cocodiff.exchange import CommStats
+    from cocodiff.graph import StepGraphs
 
     class EagerRecorder(StepGraphs):
         def _warm_up(self, static_args, static_kwargs):
@@ -551,7 +553,7 @@ def cuda_graph_switch_logic(world):
     plain = copy.deepcopy(model)
     cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
     cocodiff.parallelize(plain, cocodiff.ParallelConfig(v_first=True), group=group)
-    graphs = install_cuda_graph(par, par.cocodiff, EagerRecorder)
+    graphs = par.cocodiff.install_graphs(par, EagerRecorder)
     a = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, batch=2, seed=8)
     b = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, batch=2, seed=9)
     with torch.no_grad():

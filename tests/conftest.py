@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cocodiff.launch import WorkerPool
+from cocodiff.apps.launch import WorkerPool
 
 _POOLS: dict[int, WorkerPool] = {}
 

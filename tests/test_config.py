@@ -5,11 +5,11 @@ import torch
 
 import cocodiff
 from cocodiff import ParallelConfig, Topology, VMajorConfig
-from cocodiff.comm import SeqLayout
+from cocodiff.layout import SeqLayout
 from cocodiff.config import SlowTierEmulation
 from cocodiff.models import plan_for
 from cocodiff.topology import parse_topology_spec
-from cocodiff.ulysses import TokenLayout, split_sizes
+from cocodiff.layout import TokenLayout, split_sizes
 
 
 def test_flat_preset_and_defaults():

@@ -8,7 +8,7 @@
 import pytest
 import torch
 
-from cocodiff.launch import spawn
+from cocodiff.apps.launch import spawn
 
 pytestmark = pytest.mark.gpu
 
@@ -20,29 +20,29 @@ def _gpus():
 def _tapa_cuda_equals_flat(spec):
     import torch.distributed as dist
 
-    from cocodiff.comm import FlatAllToAll, SeqLayout, start_head_to_seq, start_seq_to_head
     from cocodiff.config import ParallelConfig
-    from cocodiff.tapa import build_exchange
-    from cocodiff.topology import Topology
+    from cocodiff.exchange import FlatExchange, build_exchange, needs_groups
+    from cocodiff.layout import SeqLayout, start_head_to_seq, start_seq_to_head
+    from cocodiff.topology import Topology, build_groups
 
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device())
     topo = Topology.from_spec(spec, world)
-    flat = FlatAllToAll(group=dist.group.WORLD, topology=topo)
+    flat = FlatExchange(group=dist.group.WORLD, topology=topo, rank=rank)
     lengths = tuple([300] * (world - 1) + [257])
     lay = SeqLayout(lengths, rank)
     for chunks in (1, 3):
-        strat, _ = build_exchange(ParallelConfig(all_to_all="tapa", tapa_plan="phases", tapa_chunks=chunks,
-                                                 topology=spec), dist.group.WORLD, topo)
+        cfg = ParallelConfig(all_to_all="tapa", tapa_plan="phases", tapa_chunks=chunks, topology=spec)
+        route = build_exchange(cfg, topo, build_groups(topo, dist.group.WORLD, **needs_groups(cfg)), rank)
         for trial in range(5):
             xs = [torch.randn(2, lengths[rank], 2 * world, 64, device=dev, dtype=torch.bfloat16) for _ in range(3)]
             # three exchanges in flight at once (V, Q, K under V-First), waited in reverse order
-            hs = [start_seq_to_head(x, lay, strat) for x in xs]
+            hs = [start_seq_to_head(x, lay, route) for x in xs]
             got = [h.wait() for h in reversed(hs)][::-1]
             ref = [start_seq_to_head(x, lay, flat).wait() for x in xs]
             for g, r in zip(got, ref):
                 assert torch.equal(g, r), (spec, chunks, trial)
-            back = start_head_to_seq(got[0], lay, strat).wait()
+            back = start_head_to_seq(got[0], lay, route).wait()
             assert torch.equal(back, xs[0])
     return True
 
@@ -56,7 +56,7 @@ def _graph_equals_eager(all_to_all="flat"):
     import torch.distributed as dist
 
     import cocodiff
-    from cocodiff import zoo
+    from cocodiff.apps import families as zoo
     from cocodiff.graph import GraphedStep
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -83,15 +83,16 @@ def test_graph_replay_equals_eager():
 def _copy_engine_equals_flat():
     import torch.distributed as dist
 
-    from cocodiff.ce import CopyEngineAllToAll
-    from cocodiff.comm import FlatAllToAll, SeqLayout, start_head_to_seq, start_seq_to_head
+    from cocodiff.exchange import FlatExchange
+    from cocodiff.exchange.copy_engine import CopyEngineExchange
+    from cocodiff.layout import SeqLayout, start_head_to_seq, start_seq_to_head
     from cocodiff.topology import Topology
 
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device())
     topo = Topology((world,))
-    flat = FlatAllToAll(group=dist.group.WORLD, topology=topo)
-    ce = CopyEngineAllToAll(group=dist.group.WORLD, topology=topo)
+    flat = FlatExchange(group=dist.group.WORLD, topology=topo, rank=rank)
+    ce = CopyEngineExchange(group=dist.group.WORLD, topology=topo, rank=rank)
     for lengths in ([300] * world, [300] * (world - 1) + [257]):
         lay = SeqLayout(tuple(lengths), rank)
         for trial in range(6):  # more exchanges than slots: the ring wraps
@@ -120,7 +121,8 @@ def _fused_qk_close_to_eager():
     import torch.distributed as dist
 
     import cocodiff
-    from cocodiff import kernels, zoo
+    from cocodiff import fused_qk as kernels
+    from cocodiff.apps import families as zoo
 
     dev = torch.device("cuda", torch.cuda.current_device())
     calls = [0]
@@ -157,7 +159,7 @@ def _cuda_graph_switch():
     import torch.distributed as dist
 
     import cocodiff
-    from cocodiff import zoo
+    from cocodiff.apps import families as zoo
 
     dev = torch.device("cuda", torch.cuda.current_device())
     model = zoo.build_model("flux", "tiny", device=dev, seed=0)
@@ -195,15 +197,16 @@ def test_cuda_graph_switch_replays_the_sharded_step():
 def _copy_engine_grows_without_breaking_graphs():
     import torch.distributed as dist
 
-    from cocodiff.ce import CopyEngineAllToAll
-    from cocodiff.comm import FlatAllToAll, SeqLayout, start_seq_to_head
+    from cocodiff.exchange import FlatExchange
+    from cocodiff.exchange.copy_engine import CopyEngineExchange
+    from cocodiff.layout import SeqLayout, start_seq_to_head
     from cocodiff.topology import Topology
 
     rank, world = dist.get_rank(), dist.get_world_size()
     dev = torch.device("cuda", torch.cuda.current_device())
     topo = Topology((world,))
-    flat = FlatAllToAll(group=dist.group.WORLD, topology=topo)
-    ce = CopyEngineAllToAll(group=dist.group.WORLD, topology=topo)
+    flat = FlatExchange(group=dist.group.WORLD, topology=topo, rank=rank)
+    ce = CopyEngineExchange(group=dist.group.WORLD, topology=topo, rank=rank)
     small, big = SeqLayout(tuple([64] * world), rank), SeqLayout(tuple([512] * world), rank)
     x = torch.randn(1, 64, 2 * world, 32, device=dev)
     out = {}

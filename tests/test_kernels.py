@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from cocodiff.kernels import fusable_norm, norm_cat_rope_reference
+from cocodiff.fused_qk import fusable_norm, norm_cat_rope_reference
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])

@@ -3,7 +3,7 @@
 import pytest
 
 import _dist_cases as cases
-from cocodiff import zoo
+from cocodiff.apps import families as zoo
 
 # (rows, cols, text tokens, batch[, text mask]): even split, uneven split with batch 2, and a tiny image
 # where some ranks hold no image (or no text) tokens at all.

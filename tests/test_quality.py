@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from cocodiff.quality import MODES, build_config, make_masks, psnr, ssim
+from cocodiff.apps.quality import MODES, build_config, make_masks, psnr, ssim
 
 
 @pytest.fixture(scope="module")
 def crop():
-    from cocodiff.train import heldout_crops
+    from cocodiff.apps.train import heldout_crops
 
     images, _ = heldout_crops(("ihc",), per_class=1)
     return images[0]  # (3, 32, 32) in [-1, 1]
@@ -72,7 +72,7 @@ def test_modes_build_or_raise_cleanly():
 
 
 def test_quality_command_lossless_modes_match_single_process(tmp_path):
-    from cocodiff.cli import main
+    from cocodiff.apps.cli import main
 
     argv = ["quality", "--ranks", "2,4", "--steps", "2", "--per-class", "1", "--tasks", "center,generate",
             "--modes", "flat,flat+vfirst,tapa-2x2,cocodiff", "--out", str(tmp_path)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import _dist_cases as cases
-from cocodiff import zoo
+from cocodiff.apps import families as zoo
 from cocodiff.checkpoint import CheckpointError, inspect_checkpoint, load_transformer
 
 
@@ -18,7 +18,7 @@ def test_failed_rank_is_named_and_the_cli_exits_nonzero(tmp_path):
     env = dict(os.environ, COCODIFF_DEBUG_FAIL_RANK="1", COCODIFF_DEBUG_FAIL_STEP="1")
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "cocodiff.cli", "demo", "--ranks", "2", "--steps", "3", "--num-images", "1",
+        [sys.executable, "-m", "cocodiff", "demo", "--ranks", "2", "--steps", "3", "--num-images", "1",
          "--no-reference", "--timeout", "30", "--out", str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=240,
     )
@@ -108,7 +108,7 @@ def test_corrupt_weights_are_one_line(saved_flux, tmp_path):
 
 
 def test_demo_with_a_missing_model_exits_2_with_one_line(tmp_path):
-    from cocodiff.cli import main
+    from cocodiff.apps.cli import main
 
     assert main(["demo", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
 
@@ -133,7 +133,7 @@ def test_gpu_only_options_refused_on_cpu_ranks(pools):
 
 
 def test_demo_refuses_gpu_flags_on_cpu_ranks_before_starting_them(tmp_path, capsys):
-    from cocodiff.cli import main
+    from cocodiff.apps.cli import main
 
     assert main(["demo", "--cpu", "--cuda-graph", "--out", str(tmp_path)]) == 2
     assert "--cuda-graph need GPU ranks" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from cocodiff.smallmodel import (
+from cocodiff.apps.smallmodel import (
     ASSET_DIR,
     generate,
     inpaint,
@@ -46,7 +46,7 @@ def test_shipped_weights_load_as_fp32_with_metadata(shipped):
 
 
 def test_shipped_model_beats_random_weights_on_heldout_crops(shipped):
-    from cocodiff.train import heldout_crops, heldout_loss
+    from cocodiff.apps.train import heldout_crops, heldout_loss
 
     images, labels = heldout_crops(shipped.classes, per_class=2)
     trained = heldout_loss(shipped, images, labels)
@@ -82,7 +82,7 @@ def test_missing_and_corrupt_checkpoints_name_the_path(tmp_path):
 
 
 def test_inpaint_keeps_known_pixels_and_empty_mask_is_generate(shipped):
-    from cocodiff.train import heldout_crops
+    from cocodiff.apps.train import heldout_crops
 
     images, labels = heldout_crops(shipped.classes[:2], per_class=1)
     known = torch.zeros(2, 1, 32, 32)
@@ -95,7 +95,7 @@ def test_inpaint_keeps_known_pixels_and_empty_mask_is_generate(shipped):
 
 
 def test_train_runs_a_few_steps():
-    from cocodiff.train import TrainConfig, train
+    from cocodiff.apps.train import TrainConfig, train
 
     cfg = TrainConfig(classes=("moon", "brick"), steps=3, batch_size=2, warmup=1, eval_every=3, log_every=1)
     sm, hist = train(cfg, log=lambda s: None)
@@ -106,7 +106,7 @@ def test_train_runs_a_few_steps():
 
 
 def test_demo_uses_shipped_model(tmp_path):
-    from cocodiff.cli import main
+    from cocodiff.apps.cli import main
 
     assert main(["demo", "--steps", "2", "--num-images", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())

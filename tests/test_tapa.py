@@ -3,7 +3,7 @@
 import pytest
 
 import _dist_cases as cases
-from cocodiff import zoo
+from cocodiff.apps import families as zoo
 
 # (world, spec, per-rank token counts): even and uneven, 2 and 3 tiers, degenerate tiers of size 1
 TOPOLOGIES = [

@@ -3,11 +3,16 @@
     import cocodiff
     cfg = cocodiff.ParallelConfig.preset("flat")
     cocodiff.parallelize(transformer_or_pipeline, cfg)
+
+The engine lives in this package's top-level modules and `exchange/`, `models/`; the applications (demo,
+quality harness, training, benchmarks' helpers, rank launching) in `cocodiff.apps`, which the engine never
+imports.
 """
 
-from .config import ParallelConfig, VMajorConfig
+from . import checkpoint
+from .config import ParallelConfig, SlowTierEmulation, VMajorConfig
 from .parallelize import parallelize
 from .topology import Topology
 
-__all__ = ["ParallelConfig", "VMajorConfig", "Topology", "parallelize"]
+__all__ = ["ParallelConfig", "SlowTierEmulation", "Topology", "VMajorConfig", "checkpoint", "parallelize"]
 __version__ = "0.1.0"

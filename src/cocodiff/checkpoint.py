@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .models import SUPPORTED
+from .models import supported
 
 
 class CheckpointError(ValueError):
@@ -53,13 +53,13 @@ def inspect_checkpoint(path: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); the checkpoint is corrupt") from None
     cls = cfg.get("_class_name")
-    if cls not in SUPPORTED:
+    if cls not in supported():
         saved = cfg.get("_diffusers_version", "?")
         hint = ""
         if _version_tuple(saved) > _version_tuple(diffusers.__version__):
             hint = f" (it was saved by diffusers {saved}, newer than the installed {diffusers.__version__})"
         raise CheckpointError(
-            f"{cfg_file}: model class {cls!r} is not supported by cocodiff{hint}; supported: {', '.join(sorted(SUPPORTED))}"
+            f"{cfg_file}: model class {cls!r} is not supported by cocodiff{hint}; supported: {', '.join(supported())}"
         )
     saved = cfg.get("_diffusers_version")
     if saved and _version_tuple(saved)[:2] > _version_tuple(diffusers.__version__)[:2]:

@@ -8,7 +8,7 @@ it captures with its collectives inside.
 
 Two ways in:
 
-- `ParallelConfig(cuda_graph=True)`: the switch. `parallelize` wraps the model's `forward`, so a diffusers
+- `ParallelConfig(cuda_graph=True)`: the switch. The engine wraps the model's `forward`, so a diffusers
   pipeline (or any caller) gets graph replays without changing a line: the first call with a new input
   signature runs eagerly twice and captures, later calls copy their inputs into the graph's buffers and
   replay. The wrapper sits inside the sharding hooks: it sees this rank's shard of the inputs and returns
@@ -25,6 +25,7 @@ arguments, run eagerly.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable
 
@@ -72,8 +73,8 @@ class _Captured:
 def _changing_args(graphs: dict) -> list:
     """Names of non-tensor arguments whose values differ between the captured signatures."""
     seen: dict = {}
-    for key in graphs:
-        for part in key:
+    for args_key, _ in graphs:
+        for part in args_key:
             if len(part) == 2:  # (name, repr): a non-tensor argument
                 seen.setdefault(part[0], set()).add(part[1])
     return sorted(str(k) for k, values in seen.items() if len(values) > 1)
@@ -88,14 +89,20 @@ class StepGraphs:
             buffers and plans, cuBLAS workspaces, compiled kernels).
         stats: the engine's `CommStats`. A replay runs no Python, so it counts nothing by itself: the counts
             of the captured call are recorded and added at each replay (the engine resets them per call).
+        key: returns what besides the arguments selects a graph (V-Major's plan for the call).
+        preserve: returns a context manager around the eager warm-up that restores state the warm-up
+            changes (V-Major's caches), so that the captured step runs once on the state it was called with.
     """
 
     MANY = 8  # signatures after which a warning suggests that a changing argument defeats reuse
 
-    def __init__(self, fn: Callable, *, warmup: int = 2, stats=None):
+    def __init__(self, fn: Callable, *, warmup: int = 2, stats=None, key: Callable[[], Any] | None = None,
+                 preserve: Callable[[], Any] | None = None):
         self.fn = fn
         self.warmup = warmup
         self.stats = stats
+        self._extra_key = key or (lambda: None)
+        self._preserve = preserve or contextlib.nullcontext
         self._graphs: dict[Any, _Captured] = {}
         self._pool = None
         self._warned = False
@@ -110,7 +117,8 @@ class StepGraphs:
     def _capture(self, args: tuple, kwargs: dict[str, Any]) -> _Captured:
         static_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
         static_kwargs = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-        self._warm_up(static_args, static_kwargs)
+        with self._preserve():
+            self._warm_up(static_args, static_kwargs)
         if self.stats is not None:
             self.stats.reset()  # from here on: the captured call's exchanges only
         graph, static_out = self._record(static_args, static_kwargs)
@@ -150,7 +158,7 @@ class StepGraphs:
                               "arguments runs eagerly (no graph)", stacklevel=2)
                 self._warned = True
             return self.fn(*args, **kwargs)
-        key = _key(args, kwargs)
+        key = (_key(args, kwargs), self._extra_key())
         cap = self._graphs.get(key)
         if cap is None:
             cap = self._capture(args, kwargs)
@@ -200,12 +208,3 @@ class GraphedStep(StepGraphs):
         kwargs.pop("return_dict", None)
         with torch.no_grad():  # inference only
             return super().__call__(**kwargs)
-
-
-def install_cuda_graph(model: torch.nn.Module, engine, graphs_class: type[StepGraphs] = StepGraphs) -> StepGraphs:
-    """The `cuda_graph=True` switch: route `model.forward` through per-signature graph replays
-    (`graphs_class`: tests substitute a recorder that replays eagerly, to run the logic on CPU ranks)."""
-    graphs = graphs_class(model.forward, stats=engine.stats)
-    model.forward = graphs  # an instance attribute: nn.Module.__call__ runs the hooks, then this
-    engine.graphs = graphs
-    return graphs

@@ -3,11 +3,11 @@
 Peak of one attention layer, in units of one padded local sequence x all heads (L_MAX x B x H x D): before
 the seq->head exchanges are waited for, the local Q, K, V projections, their packed send buffers and their
 receive buffers are alive (9); after attention the engine drops Q/K/V and their handles, so the output
-exchange (attention output, send, receive, unpacked result: 4) stays below that. TAPA adds, per phase, a
-permuted copy and a receive buffer for each tensor in flight (2 x 4 per phase, counted generously).
-Not counted: the model's own activations, padding compaction copies for uneven lengths (at most one
-buffer at a time), the automatic plan's one-off tuning sample. (V-Major's cache, when it exists, adds
-per-layer Q/K/V copies and is accounted there.)
+exchange (attention output, send, receive, unpacked result: 4) stays below that. Routes add their own
+(`BlockExchange.extra_buffers`): TAPA a permuted copy and a receive buffer per phase for each tensor in
+flight, the copy engine its slots. Not counted: the model's own activations, padding compaction copies for
+uneven lengths (at most one buffer at a time), the automatic plan's one-off tuning sample. V-Major's caches
+persist across calls and are accounted by `vmajor.cache_bytes`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,19 @@ import os
 import torch
 
 
-def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, tapa_phases: int = 0,
-                      copy_engine_slots: int = 0) -> int:
+def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, extra_buffers: int = 0) -> int:
     """Peak bytes of exchange buffers for one attention layer.
 
     Args:
         l_max: the longest local sequence (tokens) of any rank.
         inner_dim: heads x head dim of the widest attention.
         elem: bytes per element.
-        tapa_phases: phases of the TAPA route (0 for flat).
-        copy_engine_slots: slots of the copy-engine exchange's symmetric buffer (0 without it); the send
-            buffers live there, so each slot is one more buffer of one message.
+        extra_buffers: message-sized buffers the route keeps beyond send and receive buffers with four
+            exchanges in flight (`BlockExchange.extra_buffers(4)`: TAPA's per-phase copies, the copy
+            engine's slots).
     """
     one = l_max * batch * inner_dim * elem  # (P, L_MAX, B, H_LOCAL, D): P * H_LOCAL = H
-    return one * (9 + 2 * 4 * tapa_phases + copy_engine_slots)
+    return one * (9 + extra_buffers)
 
 
 def free_bytes(device: torch.device) -> int:

@@ -13,10 +13,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import ParallelConfig
+from .engine import UlyssesEngine
+from .exchange import all_gather_into, check_route, needs_groups, needs_one_host
 from .models import plan_for
-from .sharding import PlanHooks
-from .topology import Topology
-from .ulysses import UlyssesEngine
+from .models.joint import check_unfused
+from .topology import Topology, build_groups, check_groups
 
 
 def _find_transformer(obj) -> nn.Module:
@@ -39,8 +40,6 @@ def _group_device(group) -> torch.device:
 
 
 def _validate(obj, config: ParallelConfig, group, world: int, device: torch.device):
-    from .models._common import check_unfused
-
     model = _find_transformer(obj)
     if getattr(model, "cocodiff", None) is not None:
         raise ValueError("cocodiff.parallelize: this model is already parallelised")
@@ -60,18 +59,13 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
             f"cocodiff.parallelize: cuda_graph=True needs CUDA ranks (NCCL), this group uses "
             f"{dist.get_backend(group)}; use cuda_graph=False"
         )
-    if config.all_to_all == "copy_engine":
-        if dist.get_backend(group) != "nccl":
-            raise ValueError(
-                f"cocodiff.parallelize: all_to_all='copy_engine' needs CUDA ranks on an NCCL process group, this "
-                f"group uses {dist.get_backend(group)}; use all_to_all='flat'"
-            )
-        hosts = Topology.from_launcher(world, dist.get_process_group_ranks(group))
-        if len(hosts.tiers) > 1:
-            raise ValueError(
-                f"cocodiff.parallelize: all_to_all='copy_engine' needs all ranks on one host, the launcher puts "
-                f"them on {hosts.sizes[-1]} hosts; use all_to_all='flat' or 'tapa' across hosts"
-            )
+    hosts = Topology.from_launcher(world, dist.get_process_group_ranks(group))
+    check_route(config, backend=dist.get_backend(group), hosts=hosts.sizes[-1] if len(hosts.tiers) > 1 else 1)
+    check_groups(topology, group, **needs_groups(config))
+    if config.v_major is not None:
+        from .vmajor import check_vmajor
+
+        check_vmajor(config, topology, model, plan)
     param = next(model.parameters(), None)
     if param is not None and (param.device.type != device.type or
                               (device.type == "cuda" and param.device.index != device.index)):
@@ -88,8 +82,6 @@ def _raise_together(error: Exception | None, group, device: torch.device, *, sam
     the same all-gather compares the ranks' host names."""
     import socket
     import zlib
-
-    from .comm import all_gather_into
 
     world = dist.get_world_size(group)
     host = zlib.crc32(socket.gethostname().encode())
@@ -119,7 +111,8 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
 
     Returns:
         `obj`, with `obj` (or its transformer) carrying a `cocodiff` attribute: the `UlyssesEngine`, which
-        exposes byte counters (`engine.step_stats`, `engine.a2a.stats`).
+        exposes byte counters (`engine.step_stats`) and the step context (`engine.steps`). When `obj` is a
+        pipeline, the step context follows its scheduler.
 
     Raises:
         TypeError: for an unsupported model class.
@@ -145,19 +138,15 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
         model, plan, topology = _validate(obj, config, group, world, device)
     except (TypeError, ValueError) as exc:
         error = exc
-    _raise_together(error, group, device,
-                    same_host="all_to_all='copy_engine'" if config.all_to_all == "copy_engine" else None)
+    _raise_together(error, group, device, same_host=needs_one_host(config))
 
-    engine = UlyssesEngine(config, group, topology)
-    engine.inner_dim = max(
-        getattr(attn, "inner_dim", attn.heads * getattr(attn, "head_dim", 0)) for _, attn in plan.attention_modules(model)
-    )
-    plan.install_processors(model, engine)
-    engine.hooks = PlanHooks(model, plan, engine, device)
-    engine.plan = plan
-    if config.cuda_graph:
-        from .graph import install_cuda_graph
-
-        install_cuda_graph(model, engine)
+    groups = build_groups(topology, group, **needs_groups(config))
+    inner_dim = max(getattr(attn, "inner_dim", attn.heads * getattr(attn, "head_dim", 0))
+                    for _, attn in plan.attention_modules(model))
+    engine = UlyssesEngine(config, groups=groups, topology=topology, plan=plan, inner_dim=inner_dim, device=device)
+    engine.attach(model)
+    scheduler = getattr(obj, "scheduler", None) if obj is not model else None
+    if scheduler is not None and hasattr(scheduler, "timesteps"):
+        engine.steps.follow(scheduler)
     model.cocodiff = engine
     return obj

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .comm import all_gather_into
-from .ulysses import UlyssesEngine
+from .exchange import all_gather_into
+from .layout import TokenLayout
 
 
 @dataclass(frozen=True)
@@ -43,25 +43,50 @@ class ModelPlan:
 
     Args:
         family: short name ("flux", "sd3", "qwenimage", "flux2").
-        class_name: the diffusers class this plan is for.
+        model_class: the diffusers transformer class this plan is for.
         token_counts: (image tokens, text tokens) from the model and the root forward's bound arguments.
         split_inputs: module path ("" = the model; "*" matches one path segment) -> {argument name: Split}.
         split_outputs: module path -> {output index (None = the output itself): Split}.
         gather_outputs: module path -> Gather.
-        install_processors: sets our processors on the attention modules; returns how many.
-        attention_modules: yields (name, module) of every attention whose heads are sharded.
+        processors: attention module class -> factory `(engine, layer name) -> processor`; every module of
+            one of these classes has its heads sharded and gets the processor.
+        install: extra set-up after the processors (e.g. FLUX.1's reordered single-block forward).
         check_call: raises for call arguments the plan cannot shard exactly (before any collective).
     """
 
     family: str
-    class_name: str
+    model_class: type
     token_counts: Callable[[nn.Module, dict[str, Any]], tuple[int, int]]
     split_inputs: dict[str, dict[str, Split]] = field(default_factory=dict)
     split_outputs: dict[str, dict[int | None, Split]] = field(default_factory=dict)
     gather_outputs: dict[str, Gather] = field(default_factory=dict)
-    install_processors: Callable[[nn.Module, UlyssesEngine], int] = None
-    attention_modules: Callable[[nn.Module], list[tuple[str, nn.Module]]] = None
+    processors: dict[type, Callable[[Any, str], Any]] = field(default_factory=dict)
+    install: Callable[[nn.Module, Any], None] | None = None
     check_call: Callable[[dict[str, Any]], None] | None = None
+
+    def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every attention whose heads are sharded."""
+        classes = tuple(self.processors)
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, classes)]
+
+    def install_processors(self, model: nn.Module, engine) -> int:
+        """Set our processor on every sharded attention (then the plan's extra set-up); returns how many."""
+        mods = self.attention_modules(model)
+        for name, m in mods:
+            factory = next(f for cls, f in self.processors.items() if isinstance(m, cls))
+            m.set_processor(factory(engine, name))
+        if self.install is not None:
+            self.install(model, engine)
+        return len(mods)
+
+
+def token_counts(img_arg: str = "hidden_states", txt_arg: str = "encoder_hidden_states"):
+    """`ModelPlan.token_counts` for models whose image and text tokens are dim 1 of two arguments."""
+
+    def counts(model: nn.Module, bound: dict[str, Any]) -> tuple[int, int]:
+        return bound[img_arg].shape[1], bound[txt_arg].shape[1]
+
+    return counts
 
 
 def resolve_modules(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
@@ -87,7 +112,7 @@ def _param_names(module: nn.Module, forward=None) -> list[str]:
     ]
 
 
-def _split_args(engine: UlyssesEngine, names: list[str], spec: dict[str, Split], args: tuple, kwargs: dict):
+def _split_args(engine, names: list[str], spec: dict[str, Split], args: tuple, kwargs: dict):
     args = list(args)
     for arg_name, split in spec.items():
         if arg_name in kwargs:
@@ -122,7 +147,7 @@ def _input_signature(bound: dict[str, Any]) -> list[int]:
 class PlanHooks:
     """The installed hooks of one parallelised model (kept so that they can be removed)."""
 
-    def __init__(self, model: nn.Module, plan: ModelPlan, engine: UlyssesEngine, device: torch.device):
+    def __init__(self, model: nn.Module, plan: ModelPlan, engine, device: torch.device):
         self.model = model
         self.plan = plan
         self.engine = engine
@@ -179,12 +204,12 @@ class PlanHooks:
             memory = (0, 1) if local_error is not None else self._memory_need(module, bound, n_img, n_txt)
             self._check_ranks_agree(bound, memory, local_error)
             self._checked = True
-        self.engine.begin_forward(n_img, n_txt)
+        self.engine.begin_call(n_img, n_txt, bound.get("timestep"))
         spec = self.plan.split_inputs.get("", {})
         return _split_args(self.engine, self._root_names, spec, args, dict(kwargs))
 
     def _root_post(self, module, args, output):
-        self.engine.end_forward()
+        self.engine.end_call()
         return output
 
     def _make_input_splitter(self, mod: nn.Module, spec: dict[str, Split]):
@@ -247,17 +272,14 @@ class PlanHooks:
     def _memory_need(self, module: nn.Module, bound: dict[str, Any], n_img: int, n_txt: int) -> tuple[int, int]:
         """(bytes the exchange buffers need at peak, bytes available) for this call's shapes on this rank."""
         from .memory import comm_buffer_bytes, free_bytes
-        from .ulysses import TokenLayout
 
         layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.engine.world)
         l_max = max(layout.lengths(("txt", "img")))
         param = next(module.parameters(), None)
         elem = param.element_size() if param is not None else 4
         batch = bound["hidden_states"].shape[0]
-        phases = sum(1 for s in self.engine.topology.sizes if s > 1) if self.engine.config.all_to_all == "tapa" else 0
-        slots = getattr(self.engine.a2a, "slots", 0) if self.engine.config.all_to_all == "copy_engine" else 0
         need = comm_buffer_bytes(l_max=l_max, batch=batch, inner_dim=self.engine.inner_dim, elem=elem,
-                                 tapa_phases=phases, copy_engine_slots=slots)
+                                 extra_buffers=self.engine.exchange.extra_buffers(4))
         budget = self.engine.config.memory_budget_gb
         have = int(budget * 2**30) if budget is not None else free_bytes(self.device)
         return need, have

@@ -4,9 +4,9 @@ A world of P ranks is P = N_0 x N_1 x ... with tier 0 the fastest (e.g. tiles of
 node) and the last tier the slowest (nodes). Ranks are numbered with the innermost coordinate varying
 fastest, as torchrun numbers them (all local ranks of node 0, then node 1, ...).
 
-The topology is built once and passed explicitly; `tier_groups` lists the rank sets of each tier's
-sub-groups, which the exchange builder (`tapa.build_exchange`) turns into process groups once per engine.
-Nothing here touches diffusers.
+The topology is built once and passed explicitly; `build_groups` turns it into the process groups an
+engine's exchange routes need (one per tier for TAPA, the node group and the slow-link group for the tiered
+route and slow-tier emulation), once per engine. Nothing here touches diffusers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
 
 
 _DEFAULT_NAMES = {1: ("local",), 2: ("local", "node"), 3: ("tile", "gpu", "node")}
@@ -178,3 +180,110 @@ class Topology:
     def __repr__(self) -> str:
         inner = ", ".join(f"{t.name}={t.size}" for t in self.tiers)
         return f"Topology({self.spec}: {inner})"
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process groups of one engine
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class TierGroups:
+    """The process groups of one engine's exchange routes, built once by `build_groups`.
+
+    Args:
+        group: the engine's group (all P ranks).
+        tiers: tier index -> this rank's group of the ranks that differ from it only in that tier (TAPA).
+        node: this rank's group of the ranks sharing its outermost coordinate (None if not built).
+        far: all P ranks, for blocks that cross the outermost tier: CTA-capped under slow-tier emulation,
+            else the engine's group itself.
+    """
+
+    group: object
+    tiers: dict[int, object] = field(default_factory=dict)
+    node: object | None = None
+    far: object | None = None
+
+
+def slow_link_options(group, max_ctas: int):
+    """NCCL options that cap a communicator's CTAs (the slow-link lever); None for other backends."""
+    if dist.get_backend(group) != "nccl":
+        return None
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.config.max_ctas = max_ctas
+    return opts
+
+
+def check_groups(topology: Topology, group, *, tapa: bool, node: bool, slow_max_ctas: int | None = None) -> bool:
+    """Whether `build_groups` must create sub-groups; raises the errors it would raise, before any collective."""
+    if not (tapa or node or slow_max_ctas is not None):
+        return False
+    world = dist.get_world_size(group)
+    if world != dist.get_world_size():
+        raise ValueError(
+            f"cocodiff: all_to_all='tapa', emulate_slow_tier and V-Major need the engine's group to span the whole "
+            f"default process group (this group has {world} of {dist.get_world_size()} ranks); use "
+            "all_to_all='flat' without them on sub-groups, or start a process group of exactly these ranks"
+        )
+    if slow_max_ctas is not None and (len(topology.tiers) < 2 or topology.sizes[-1] == 1):
+        raise ValueError(
+            f"ParallelConfig.emulate_slow_tier needs a topology whose outermost tier has at least 2 members, got "
+            f"{topology.spec!r}; set topology='2x2' (2 emulated nodes of 2 ranks), for example"
+        )
+    return True
+
+
+def build_groups(topology: Topology, group, *, tapa: bool, node: bool, slow_max_ctas: int | None = None) -> TierGroups:
+    """Create the sub-groups an engine needs (collective: every rank of the default group calls it alike).
+
+    Args:
+        topology: tiers of `group`.
+        group: the engine's process group.
+        tapa: build one group per tier (TAPA's phases).
+        node: build this rank's node group (the tiered route's near blocks).
+        slow_max_ctas: emulate a slow outermost tier: its groups (TAPA's outer phase and the far-block group)
+            get this NCCL CTA cap.
+
+    Raises:
+        ValueError: when sub-groups are needed but `group` is a proper sub-group of the world (creating
+            them would need ranks outside it, and torch's local-synchronisation groups hang after ordinary
+            `new_group` calls), or when emulation is asked for without an outer tier of at least 2.
+    """
+    out = TierGroups(group=group, far=group)
+    if not check_groups(topology, group, tapa=tapa, node=node, slow_max_ctas=slow_max_ctas):
+        return out
+    world = dist.get_world_size(group)
+    outer = len(topology.tiers) - 1
+    parent = dist.get_process_group_ranks(group)
+    me = dist.get_rank()
+    slow_opts = slow_link_options(group, slow_max_ctas) if slow_max_ctas is not None else None
+
+    def make(members: list[int], opts=None):
+        # every rank creates every sub-group (torch's new_group contract); it keeps the ones it belongs to
+        ranks = [parent[m] for m in members]
+        g = dist.new_group(ranks, pg_options=opts)
+        return g if me in ranks else None
+
+    if tapa:
+        for t in range(len(topology.tiers)):
+            if topology.sizes[t] == 1:
+                continue
+            for members in topology.tier_groups(t):
+                g = make(members, slow_opts if t == outer else None)
+                if g is not None:
+                    out.tiers[t] = g
+    if node or slow_max_ctas is not None:
+        local = world // topology.sizes[outer]
+        for n in range(topology.sizes[outer]):
+            g = make(list(range(n * local, (n + 1) * local)))
+            if g is not None:
+                out.node = g
+    if slow_max_ctas is not None:
+        out.far = make(list(range(world)), slow_opts)
+    return out
+
+
+def node_range(topology: Topology, rank: int) -> tuple[int, int]:
+    """Group ranks `(lo, hi)` that share `rank`'s outermost coordinate (its node)."""
+    local = topology.world_size // topology.sizes[-1]
+    lo = rank // local * local
+    return lo, lo + local

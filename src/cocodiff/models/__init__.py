@@ -1,17 +1,30 @@
-"""Model families: one small declarative plan each. `plan_for(model)` picks the plan by class."""
+"""Model families: one small declarative plan each; the registry is built from the plans.
+
+Adding a DiT family is one plan module (its `PLAN`) listed in `_PLAN_MODULES`, plus its test cases.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from torch import nn
 
 from ..sharding import ModelPlan
 
-SUPPORTED = {
-    "FluxTransformer2DModel": "flux",
-    "SD3Transformer2DModel": "sd3",
-    "QwenImageTransformer2DModel": "qwenimage",
-    "Flux2Transformer2DModel": "flux2",
-}
+_PLAN_MODULES = ("flux", "sd3", "qwenimage", "flux2")
+
+
+def plans() -> dict[str, ModelPlan]:
+    """Class name -> plan, for every supported diffusers transformer."""
+    out = {}
+    for mod in _PLAN_MODULES:
+        plan = importlib.import_module(f"{__name__}.{mod}").PLAN
+        out[plan.model_class.__name__] = plan
+    return out
+
+
+def supported() -> list[str]:
+    return sorted(plans())
 
 
 def plan_for(model: nn.Module) -> ModelPlan:
@@ -21,18 +34,9 @@ def plan_for(model: nn.Module) -> ModelPlan:
         TypeError: naming the class when no plan exists for it.
     """
     name = type(model).__name__
-    family = SUPPORTED.get(name)
-    if family is None:
+    plan = plans().get(name)
+    if plan is None or not isinstance(model, plan.model_class):
         raise TypeError(
-            f"cocodiff has no sharding plan for {name}; supported transformer classes: "
-            f"{', '.join(sorted(SUPPORTED))}"
+            f"cocodiff has no sharding plan for {name}; supported transformer classes: {', '.join(supported())}"
         )
-    if family == "flux":
-        from .flux import PLAN
-    elif family == "sd3":
-        from .sd3 import PLAN
-    elif family == "qwenimage":
-        from .qwenimage import PLAN
-    else:
-        from .flux2 import PLAN
-    return PLAN
+    return plan

@@ -1,13 +1,14 @@
-"""FLUX.2 (`Flux2Transformer2DModel`): double blocks with joint [text, image] attention, then single blocks
-whose fused `to_qkv_mlp_proj` projects Q, K, V and the MLP input in one matrix. Split like FLUX.1 (tokens
-and their 4-axis RoPE ids). With V-First, the fused projection is computed as row slices of the same weight
-(V, Q, K, then the MLP part, which with `overlap_output` runs in two halves while K's and the attention
-output's exchanges are in flight); this gives the same numbers up to GEMM rounding order."""
+"""FLUX.2 (`Flux2Transformer2DModel`): double blocks with joint [text, image] attention (as FLUX.1's), then
+single blocks whose fused `to_qkv_mlp_proj` projects Q, K, V and the MLP input in one matrix. Split like
+FLUX.1 (tokens and their 4-axis RoPE ids). With V-First, the fused projection is computed as row slices of
+the same weight (V, Q, K, then the MLP part, which with `overlap_output` runs in two halves while K's and
+the attention output's exchanges are in flight); this gives the same numbers up to GEMM rounding order."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers import Flux2Transformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2Attention,
@@ -15,17 +16,19 @@ from diffusers.models.transformers.transformer_flux2 import (
     Flux2SwiGLU,
 )
 
-from ..sharding import Gather, ModelPlan, Split
-from ..ulysses import IMG, TXT, UlyssesEngine
-from ._common import norm_rope, plain_linear, refuse_attention_kwargs
-from .flux import FluxUlyssesProcessor
+from ..layout import IMG, TXT
+from ..schedule import attend
+from ..sharding import Gather, ModelPlan, Split, token_counts
+from .flux import processor as double_stream_processor
+from .joint import norm_rope, plain_linear, refuse_attention_kwargs, require
 
 
 class Flux2SingleUlyssesProcessor:
     """Sharded replacement of diffusers' `Flux2ParallelSelfAttnProcessor` (single-stream blocks)."""
 
-    def __init__(self, engine: UlyssesEngine):
+    def __init__(self, engine, layer: str):
         self.engine = engine
+        self.layer = layer
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
@@ -62,56 +65,38 @@ class Flux2SingleUlyssesProcessor:
         def gate():
             state["gate"] = attn.mlp_act_fn.gate_fn(rows(mlp_lo, mid))
 
-        pending = self.engine.start_attend(
+        def up():
+            state["mlp"] = state["gate"] * rows(mid, mlp_hi)  # Flux2SwiGLU: silu(x[..., :half]) * x[..., half:]
+
+        out = attend(
+            self.engine,
+            layer=self.layer,
             project_v=lambda: project(2),
             project_q=lambda: project(0, attn.norm_q),
             project_k=lambda: project(1, attn.norm_k),
             kinds=(TXT, IMG),
             out_dtype=hidden_states.dtype,
-            before_attention=gate if split_mlp else None,
+            independent=(gate, up) if split_mlp else (),
         )
-        if not cfg.overlaps_output:
-            out = pending.wait()
         if split_mlp:
-            mlp = state["gate"] * rows(mid, mlp_hi)  # Flux2SwiGLU: silu(x[..., :half]) * x[..., half:]
+            mlp = state["mlp"]
         else:
             mlp = attn.mlp_act_fn(rows(mlp_lo, mlp_hi) if sliced else fused()[..., mlp_lo:])
-        if cfg.overlaps_output:
-            out = pending.wait()
         return attn.to_out(torch.cat([out, mlp], dim=-1))
-
-
-def _token_counts(model, bound):
-    return bound["hidden_states"].shape[1], bound["encoder_hidden_states"].shape[1]
 
 
 def _check_call(bound):
     if bound.get("kv_cache_mode") is not None or bound.get("kv_cache") is not None:
-        raise ValueError("cocodiff: FLUX.2 reference-image KV caching (kv_cache_mode) is not supported under sequence parallelism")
+        raise ValueError("cocodiff: FLUX.2 reference-image KV caching (kv_cache_mode) is not supported under "
+                         "sequence parallelism")
     refuse_attention_kwargs(bound)
-    for name in ("hidden_states", "encoder_hidden_states", "img_ids", "txt_ids"):
-        if bound.get(name) is None:
-            raise ValueError(f"cocodiff: FLUX.2 needs {name!r}")
-
-
-def _attention_modules(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (Flux2Attention, Flux2ParallelSelfAttention))]
-
-
-def _install(model, engine):
-    mods = _attention_modules(model)
-    for _, m in mods:
-        if isinstance(m, Flux2ParallelSelfAttention):
-            m.set_processor(Flux2SingleUlyssesProcessor(engine))
-        else:
-                m.set_processor(FluxUlyssesProcessor(engine))  # double-stream: same math as FLUX.1's
-    return len(mods)
+    require(bound, ("hidden_states", "encoder_hidden_states", "img_ids", "txt_ids"), "FLUX.2")
 
 
 PLAN = ModelPlan(
     family="flux2",
-    class_name="Flux2Transformer2DModel",
-    token_counts=_token_counts,
+    model_class=Flux2Transformer2DModel,
+    token_counts=token_counts(),
     split_inputs={
         "": {
             "hidden_states": Split(IMG, 1),
@@ -121,7 +106,6 @@ PLAN = ModelPlan(
         }
     },
     gather_outputs={"proj_out": Gather(IMG, 1)},
-    install_processors=_install,
-    attention_modules=_attention_modules,
+    processors={Flux2ParallelSelfAttention: Flux2SingleUlyssesProcessor, Flux2Attention: double_stream_processor},
     check_call=_check_call,
 )

@@ -19,10 +19,13 @@ stream operations and capture in a CUDA graph. Buffers are allocated (a collecti
 time a message size is seen, which must happen outside graph capture: the eager warm-up does it.
 
 Requires CUDA, an NCCL process group (for the rendezvous) and all ranks on one host (peer mappings).
-Failure: the barriers have no timeout (PyTorch's default), and NCCL's watchdog does not watch them: if a
-peer process dies mid-step, the survivors' barrier kernels spin until their processes are killed, which
-torchrun and `cocodiff.launch` do when a rank fails.
-Whether it is faster than NCCL is measured, not assumed: `benchmarks/overlap_probe.py`.
+Failure: NCCL's watchdog does not watch these barriers, so they carry their own timeout (`barrier_timeout_s`,
+default 600 s like NCCL's collective timeout: a peer still compiling its first call must not trip it). A peer
+that died leaves the survivors' barrier kernels waiting until then; the kernel then traps, which fails the
+CUDA context with an error instead of spinning forever (torchrun and `cocodiff.apps.launch` stop the other
+ranks sooner when they see a rank fail).
+Whether it is faster than NCCL is measured, not assumed: the step benchmark's `ce-*` configurations
+(docs/benchmarks/2026-11-28-overlap: 1.4-2.2% faster per step on 4 H200).
 """
 
 from __future__ import annotations
@@ -32,29 +35,32 @@ from typing import Callable
 
 import torch
 
-from .comm import CommStats, FlatAllToAll, Handle
-from .topology import Topology
+from ..topology import Topology
+from .base import BlockExchange, CommStats, Handle
 
 _ALIGN = 256  # bytes: slot starts stay aligned for the copy engines
 
 
-class CopyEngineAllToAll(FlatAllToAll):
-    """Drop-in for `FlatAllToAll` (same `start` contract) that moves blocks with copy-engine memcpys.
+class CopyEngineExchange(BlockExchange):
+    """Block all-to-all whose blocks move as copy-engine memcpys (see the module docstring).
 
     Args:
         group: process group of the P ranks (NCCL, one host).
         topology: used for byte accounting only.
         slots: exchanges that may be in flight at once (V, Q, K and the output: 4).
         sync: debug switch: wait right after starting.
+        barrier_timeout_s: how long a barrier waits for its peers before it traps (see the module docstring).
     """
 
     name = "copy_engine"
 
-    def __init__(self, *, group, topology: Topology, slots: int = 4, sync: bool = False,
-                 stats: CommStats | None = None):
+    def __init__(self, *, group, topology: Topology, rank: int, stats: CommStats | None = None, slots: int = 4,
+                 sync: bool = False, barrier_timeout_s: float = 600.0):
         import torch.distributed._symmetric_memory as symm_mem
 
-        super().__init__(group=group, topology=topology, sync=sync, stats=stats)
+        super().__init__(topology=topology, rank=rank, stats=stats, sync=sync)
+        self.group = group
+        self._timeout_ms = int(barrier_timeout_s * 1000)
         self._symm_mem = symm_mem
         self.slots = slots
         self._slot_bytes = 0
@@ -66,6 +72,9 @@ class CopyEngineAllToAll(FlatAllToAll):
         self._pending: tuple[int, torch.Tensor] | None = None  # (slot, tensor handed out by send_buffer)
         self._stream = None
         self._peer_streams: list[torch.cuda.Stream] = []
+
+    def extra_buffers(self, in_flight: int) -> int:
+        return self.slots  # the send buffers live in the symmetric buffer's slots
 
     # ---- buffers ------------------------------------------------------------------------------------
     def _ensure(self, nbytes: int, device: torch.device) -> None:
@@ -110,9 +119,8 @@ class CopyEngineAllToAll(FlatAllToAll):
 
     # ---- the exchange -------------------------------------------------------------------------------
     def start(self, send: torch.Tensor, post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Handle:
-        """Start a block all-to-all of `send` `(P, ...)` (block i to rank i); see `FlatAllToAll.start`."""
-        if send.shape[0] != self.world:
-            raise ValueError(f"block all-to-all needs dim 0 == P={self.world}, got shape {tuple(send.shape)}")
+        """Start a block all-to-all of `send` `(P, ...)` (block i to rank i); see `BlockExchange.start`."""
+        self._check(send)
         pending, self._pending = self._pending, None
         if pending is not None and pending[1].data_ptr() == send.data_ptr() and pending[1].shape == send.shape:
             slot = pending[0]
@@ -120,7 +128,7 @@ class CopyEngineAllToAll(FlatAllToAll):
             mine = self.send_buffer(send.shape, send.dtype, send.device)
             mine.copy_(send)
             slot, self._pending = self._pending[0], None
-        self.stats.count_block_exchange(self._peers, send)
+        self._count(send)
 
         cur = torch.cuda.current_stream()
         recv = torch.empty_like(send)
@@ -128,7 +136,7 @@ class CopyEngineAllToAll(FlatAllToAll):
         side = self._stream
         side.wait_stream(cur)
         with torch.cuda.stream(side):
-            self._hdl.barrier(channel=slot)  # every rank has published into this slot
+            self._hdl.barrier(channel=slot, timeout_ms=self._timeout_ms)  # every rank has published into this slot
             for i, ps in enumerate(self._peer_streams):
                 peer = (self.rank + 1 + i) % self.world
                 ps.wait_stream(side)
@@ -136,11 +144,8 @@ class CopyEngineAllToAll(FlatAllToAll):
                     recv[peer].copy_(self._slot_view(peer, slot, send.shape, send.dtype)[self.rank])
             for ps in self._peer_streams:
                 side.wait_stream(ps)
-            self._hdl.barrier(channel=slot)  # every peer has pulled from this slot: it may be rewritten
+            self._hdl.barrier(channel=slot, timeout_ms=self._timeout_ms)  # every peer has pulled from this slot: it may be rewritten
             done = torch.cuda.Event()
             done.record(side)
         self._slot_done[slot] = (done, torch.cuda.is_current_stream_capturing())
-        handle = Handle([], recv, post, join=lambda: cur.wait_event(done))
-        if self.sync:
-            handle.wait()
-        return handle
+        return self._finish(Handle([], recv, post, join=lambda: cur.wait_event(done)))

@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .comm import CommStats, FlatAllToAll
-from .config import ParallelConfig, SlowTierEmulation
+from ..config import ParallelConfig, SlowTierEmulation
+from ..exchange import CommStats, FlatExchange, TapaExchange, build_exchange, needs_groups
+from ..timing import time_ms
+from ..topology import Topology, slow_link_options, build_groups
 from .launch import set_multi_gpu_env, spawn
-from .tapa import TapaAllToAll, _slow_options, build_exchange
-from .timing import time_ms
-from .topology import Topology
 
 
 def _time(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
@@ -65,7 +64,7 @@ def calibrate_slow_link(topo: Topology, group, device, ctas_list, mb: float, ite
     recv = torch.empty_like(send)
     out = {}
     for ctas in ctas_list:
-        g = dist.new_group(parent, pg_options=_slow_options(group, ctas))
+        g = dist.new_group(parent, pg_options=slow_link_options(group, ctas))
 
         def fn():
             dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits, group=g)
@@ -100,30 +99,33 @@ def _bench_rank(opts: dict) -> dict | None:
             "achieved_GBps_per_rank": cal.get(emu.max_ctas, {}).get("GBps_per_rank"),
         }
     cfg = ParallelConfig(all_to_all="tapa", topology=topo.spec, emulate_slow_tier=emu)
-    auto, stats = build_exchange(cfg, group, topo)
+    groups = build_groups(topo, group, **needs_groups(cfg))
+    auto = build_exchange(cfg, topo, groups, rank)
+    stats = auto.stats
     flat, tapa1, tapa4 = auto.candidates
-    tapa2 = TapaAllToAll(topology=topo, tier_groups=tapa1.groups, rank=rank, stats=stats, chunks=2)
+    tapa2 = TapaExchange(topology=topo, tier_groups=groups.tiers, rank=rank, stats=stats, chunks=2)
     routes = {"flat": flat, "tapa": tapa1, "tapa/2": tapa2, "tapa/4": tapa4}
     if emu is not None:
-        routes["flat (real links)"] = FlatAllToAll(group=group, topology=topo, stats=CommStats(stats.tier_names))
+        routes["flat (real links)"] = FlatExchange(group=group, topology=topo, rank=rank,
+                                                   stats=CommStats(stats.tier_names))
     rows = []
     for mb in opts["sizes"]:
         cols = max(1, int(mb * 1e6 / 2 / world))
         send = torch.randn(world, cols, device=device).to(torch.bfloat16)
         row = {"MB_per_rank": send.numel() * 2 / 1e6}
         reference = flat.start(send).wait().clone()
-        for name, strat in routes.items():
+        for name, route in routes.items():
             stats.reset()
-            got = strat.start(send).wait()
+            got = route.start(send).wait()
             row[f"{name}_equals_flat"] = bool(torch.equal(got, reference))
             row[f"{name}_msgs_by_tier"] = list(stats.messages_by_tier)
             row[f"{name}_bytes_by_tier"] = list(stats.bytes_by_tier)
-            times = _time(lambda: strat.start(send).wait(), 3, opts["iters"], cuda)
+            times = _time(lambda: route.start(send).wait(), 3, opts["iters"], cuda)
             t = statistics.median(times)
             row[f"{name}_ms"] = t
             row[f"{name}_GBps"] = send.numel() * 2 / t / 1e6
             if cuda:
-                row[f"{name}_graph_ms"] = _time_graph(lambda: strat.start(send).wait(), 10)
+                row[f"{name}_graph_ms"] = _time_graph(lambda: route.start(send).wait(), 10)
         row["auto_choice"] = auto.choose(send).name
         row["auto_ms"] = row[f"{row['auto_choice']}_ms"]
         row["tapa_best_ms"] = min(row["tapa_ms"], row["tapa/2_ms"], row["tapa/4_ms"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import ParallelConfig
+from ..config import ParallelConfig
 from .launch import set_multi_gpu_env, spawn
 
 
@@ -48,7 +48,7 @@ def save_grid(images: torch.Tensor, path: Path, scale: int = 4) -> None:
 def _demo_rank(opts: dict) -> dict | None:
     from tqdm import tqdm
 
-    from .parallelize import parallelize
+    from ..parallelize import parallelize
     from .smallmodel import default_model, generate, load_small_model
 
     rank, world = dist.get_rank(), dist.get_world_size()

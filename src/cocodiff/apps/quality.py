@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import ParallelConfig
-from .topology import parse_topology_spec
+from ..config import ParallelConfig
+from ..topology import parse_topology_spec
 
 # (row label, how to build its ParallelConfig): {"preset": name, **field overrides} or ParallelConfig kwargs.
 # "-2x2" rows run on an explicit two-tier topology (2 "nodes" x 2 ranks; only at 4 ranks) with TAPA's phased
@@ -118,8 +118,8 @@ def _load(model: str | None, device="cpu"):
 
 def _quality_rank(opts: dict) -> dict:
     """One CPU rank: every mode in turn on a freshly loaded model, same batch and seed as the reference."""
-    from .comm import CommStats
-    from .parallelize import parallelize
+    from ..exchange import CommStats
+    from ..parallelize import parallelize
     from .smallmodel import inpaint
 
     world = dist.get_world_size()

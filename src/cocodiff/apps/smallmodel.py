@@ -121,7 +121,7 @@ def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torc
     for needed in (path / "transformer" / "config.json", path / "conditioner.safetensors"):
         if not needed.is_file():
             raise FileNotFoundError(f"incomplete cocodiff small model at {path} (missing {needed.relative_to(path)})")
-    from .checkpoint import inspect_checkpoint
+    from ..checkpoint import inspect_checkpoint
 
     cfg = inspect_checkpoint(path / "transformer")  # one clear line for a foreign class or a newer diffusers
     if cfg["_class_name"] != "FluxTransformer2DModel":

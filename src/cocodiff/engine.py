@@ -1,0 +1,210 @@
+"""The Ulysses engine: the one object a parallelised model holds.
+
+It owns the process groups, the topology, the exchange route and the byte counters; for the call in
+progress it knows how the tokens are spread over the ranks (`TokenLayout`) and which denoising step the call
+belongs to (`StepContext`); per attention layer it hands the schedule (`schedule.attend`) the way the
+layer's tensors travel (`layer_exchange`: exactly, or V-Major's selected rows).
+
+A forward, in order: the root hook (`sharding.PlanHooks`) checks the inputs, calls `begin_call` (layout,
+step, V-Major's plan for this call) and splits the inputs; every attention processor calls
+`schedule.attend(engine, layer=...)`; the output hook gathers the output; `end_call` keeps the byte counts.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import ParallelConfig
+from .exchange import BlockExchange, CommStats, build_exchange
+from .layout import IMG, TXT, SeqLayout, TokenLayout, gather_seq
+from .schedule import ExactLayerExchange
+from .step import CallInfo, StepContext
+from .topology import TierGroups, Topology
+
+UnsetMarker = object()  # "argument not given" where None is a meaningful value
+
+
+class UlyssesEngine:
+    """State shared by all attention processors of one parallelised model.
+
+    Args:
+        config: the validated `ParallelConfig`.
+        groups: the process groups (`topology.build_groups`); `groups.group` holds the Ulysses ranks.
+        topology: tiers of that group.
+        plan: the model family's `ModelPlan`.
+        inner_dim: heads x head dim of the widest sharded attention (memory accounting).
+        device: where this rank computes and communicates.
+    """
+
+    def __init__(self, config: ParallelConfig, *, groups: TierGroups, topology: Topology, plan, inner_dim: int,
+                 device: torch.device):
+        self.config = config
+        self.groups = groups
+        self.group = groups.group
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        self.topology = topology
+        self.plan = plan
+        self.inner_dim = inner_dim
+        self.device = device
+        self.exchange: BlockExchange = build_exchange(config, topology, groups, self.rank)
+        self.stats: CommStats = self.exchange.stats  # counts of the call in progress
+        self.step_stats = CommStats(self.stats.tier_names)  # counts of the last finished call
+        self.steps = StepContext()
+        self.call: CallInfo | None = None
+        self.layout: TokenLayout | None = None
+        self.vmajor = None
+        if config.v_major is not None:
+            from .vmajor import VMajor
+
+            self.vmajor = VMajor(config.v_major, engine=self)
+        self.hooks = None  # the sharding hooks (`attach`)
+        self.graphs = None  # the StepGraphs of cuda_graph=True (`attach`)
+        self._configured_exchange = self.exchange  # what `use_exchange("auto")` returns to
+        self._seq_layouts: dict[tuple[int, ...], SeqLayout] = {}
+        self._mask_cache: dict = {}
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module) -> None:
+        """Install the plan's processors and hooks on `model` (and the CUDA-graph switch when configured)."""
+        from .sharding import PlanHooks
+
+        self.plan.install_processors(model, self)
+        self.hooks = PlanHooks(model, self.plan, self, self.device)
+        if self.config.cuda_graph:
+            self.install_graphs(model)
+
+    def install_graphs(self, model: torch.nn.Module, graphs_class=None):
+        """The `cuda_graph=True` switch: route `model.forward` through per-signature graph replays
+        (`graphs_class`: tests substitute a recorder that replays eagerly, to run the logic on CPU ranks)."""
+        from .graph import StepGraphs
+
+        graphs_class = graphs_class or StepGraphs
+        self.graphs = graphs_class(model.forward, stats=self.stats, key=self.graph_key, preserve=self.preserve_state)
+        model.forward = self.graphs  # an instance attribute: nn.Module.__call__ runs the hooks, then this
+        return self.graphs
+
+    def set_schedule(self, *, v_first: bool | None = None, overlap_output=UnsetMarker, fuse_qk: bool | None = None,
+                     sync: bool | None = None) -> None:
+        """Switch options that do not change how tokens are sharded (for A/B runs on one model).
+        `overlap_output` takes None (follow v_first) or a bool; leave it out to keep the current value."""
+        changes: dict[str, Any] = {}
+        if fuse_qk is not None:
+            changes["fuse_qk"] = fuse_qk
+        if v_first is not None:
+            changes["v_first"] = v_first
+        if overlap_output is not UnsetMarker:
+            changes["overlap_output"] = overlap_output
+        if sync is not None:
+            changes["sync"] = sync
+            self._configured_exchange.set_sync(sync)
+        if changes:
+            self.config = self.config.with_(preset_name=None, **changes)
+            self._drop_graphs()
+
+    def use_exchange(self, name: str | BlockExchange) -> None:
+        """For A/B benchmarks on one model: route every exchange through one candidate of the automatic
+        plan ("flat", "tapa", "tapa/4"), back through the configured route ("auto"), or through a given
+        `BlockExchange` (it must count into `engine.stats`)."""
+        self._drop_graphs()
+        if isinstance(name, BlockExchange):
+            self.exchange = name
+            return
+        if name == "auto":
+            self.exchange = self._configured_exchange
+            return
+        for route in self._configured_exchange.routes():
+            if route.name == name:
+                self.exchange = route
+                return
+        names = [r.name for r in self._configured_exchange.routes()]
+        raise ValueError(f"no exchange route {name!r}; choose auto or one of {names}")
+
+    def _drop_graphs(self) -> None:
+        if self.graphs is not None:
+            self.graphs.clear()  # captured under the old schedule
+
+    # ---- per call -------------------------------------------------------------------------------------
+    def begin_call(self, n_img: int, n_txt: int, timestep=None) -> None:
+        """Start a transformer call: token layout, step context, V-Major's plan for the call."""
+        self.layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.world)
+        self.stats.reset()
+        self._mask_cache.clear()
+        read = self.device.type == "cpu" or self.vmajor is not None
+        self.call = self.steps.on_call(timestep, read_device_values=read)
+        if self.vmajor is not None:
+            self.vmajor.begin_call(self.call)
+
+    def end_call(self) -> None:
+        self.step_stats = self.stats.copy()
+
+    def graph_key(self):
+        """What besides the inputs selects a CUDA graph: V-Major's plan for this call (None when exact)."""
+        return None if self.vmajor is None else self.vmajor.graph_key()
+
+    def preserve_state(self):
+        """A context that restores state a graph's eager warm-up changes (V-Major's caches), else a no-op."""
+        return nullcontext() if self.vmajor is None else self.vmajor.preserved()
+
+    def _require_layout(self) -> TokenLayout:
+        if self.layout is None:
+            raise RuntimeError("cocodiff: an attention processor ran outside a parallelised forward call")
+        return self.layout
+
+    def seq_layout(self, kinds: tuple[str, ...]) -> SeqLayout:
+        lengths = self._require_layout().lengths(kinds)
+        lay = self._seq_layouts.get(lengths)
+        if lay is None:
+            lay = SeqLayout(lengths, self.rank)
+            self._seq_layouts[lengths] = lay
+        return lay
+
+    def layer_exchange(self, layer: str, layout: SeqLayout):
+        """How the tensors of attention `layer` travel in this call (see `schedule.LayerExchange`)."""
+        if self.vmajor is not None:
+            ex = self.vmajor.layer_exchange(layer, layout)
+            if ex is not None:
+                return ex
+        return ExactLayerExchange(self.exchange, layout)
+
+    def split(self, x: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
+        """This rank's slice of a full tensor along `dim` (tokens of `kind`)."""
+        layout = self._require_layout()
+        full = layout.total(kind)
+        if x.shape[dim] != full:
+            raise ValueError(f"cocodiff: expected {full} {kind} tokens along dim {dim}, got shape {tuple(x.shape)}")
+        n = layout.sizes(kind)[self.rank]
+        return x.narrow(dim, layout.offset(kind, self.rank), n)
+
+    def gather(self, x: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
+        """Whole tensor from the per-rank slices along `dim`."""
+        lay = self.seq_layout((kind,))
+        return gather_seq(x, lay, dim=dim, group=self.group, stats=self.stats)
+
+    def joint_key_mask(self, txt_mask: torch.Tensor, order: tuple[str, ...]) -> torch.Tensor:
+        """Key-padding mask `(B, S)` of the joint sequence in the order the exchange delivers tokens.
+
+        Args:
+            txt_mask: `(B, N_TXT)` bool, the full text mask (every rank has it, ranks agree on inputs).
+            order: local concatenation order, e.g. ("txt", "img").
+        """
+        key = (id(txt_mask), order)
+        hit = self._mask_cache.get(key)
+        if hit is not None:
+            return hit
+        layout = self._require_layout()
+        B = txt_mask.shape[0]
+        ones = torch.ones(B, layout.n_img, dtype=torch.bool, device=txt_mask.device)
+        full = {TXT: txt_mask.to(torch.bool), IMG: ones}
+        parts = []
+        for r in range(self.world):
+            for kind in order:
+                n = layout.sizes(kind)[r]
+                parts.append(full[kind].narrow(1, layout.offset(kind, r), n))
+        mask = torch.cat(parts, dim=1)
+        self._mask_cache[key] = mask
+        return mask

@@ -1,0 +1,198 @@
+"""The tiered route: blocks to near ranks over the fast tier's group, blocks to far ranks over the slow tier.
+
+"Near" ranks share this rank's outermost topology coordinate (its node); the others are "far". The near
+blocks travel in one all-to-all over the node's group, the far blocks in one all-to-all over the slow
+group, both at once, as NCCL runs a flat all-to-all on a real cluster (NVLink inside the node, the NIC
+across). Same bytes in the same place as the flat route.
+
+Two uses:
+- slow-tier emulation (`SlowTierEmulation`): the slow group is CTA-capped and stands in for the network;
+  this is then the fair "flat" route of an emulated cluster (each pair's bytes over the link it would use).
+- V-Major: `start(..., rows=RowPlan)` sends only some rows (tokens) of each far block and scatters the
+  rows that arrive into a persistent receive buffer whose other rows keep what arrived at earlier steps.
+  The near blocks always travel whole: the fast tier stays exact.
+
+Blocks are "token-aligned": dim 1 of a block `(P, L_MAX, ...)` is the token row, as the Ulysses packing
+lays them out (`layout.py`), so a row is one token's payload for the destination's heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..topology import Topology
+from .base import BlockExchange, CommStats, Handle
+
+
+@dataclass(eq=False)
+class RowPlan:
+    """Which rows of the far blocks travel, and where arriving rows land (see the module docstring).
+
+    Args:
+        send_rows: `(N_FAR, K)` int64, for each far destination in rank order the rows of its block to send;
+            or `(K,)`, the same rows for every far destination.
+        recv: the persistent receive buffer `(P, L_MAX, ...)`: near blocks are overwritten, far blocks are
+            updated in place at the arriving rows and keep the rest.
+        recv_rows: `(N_FAR, K)` int64 rows of each far source's block that arrive, or a callable returning
+            them when they are known only later (carried by an earlier exchange); None when `carry_rows`.
+        carry_rows: send each row's index with it (a few bytes per row), so the receiver learns which rows
+            the sender chose without another collective; after `wait()` they are in `arrived_rows`.
+    """
+
+    send_rows: torch.Tensor
+    recv: torch.Tensor
+    recv_rows: torch.Tensor | Callable[[], torch.Tensor] | None = None
+    carry_rows: bool = False
+    arrived_rows: torch.Tensor | None = None
+
+    def rows_in(self) -> torch.Tensor:
+        if self.carry_rows:
+            if self.arrived_rows is None:
+                raise RuntimeError("RowPlan: the carried rows are known only after wait()")
+            return self.arrived_rows
+        rows = self.recv_rows() if callable(self.recv_rows) else self.recv_rows
+        if rows is None:
+            raise ValueError("RowPlan needs recv_rows or carry_rows=True")
+        return rows
+
+
+def _index_dtype(dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """(integer dtype of a carried row index, payload elements it occupies) for a payload of `dtype`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    idx = torch.int32 if size <= 4 else torch.int64
+    return idx, max(1, torch.empty((), dtype=idx).element_size() // size)
+
+
+class TieredExchange(BlockExchange):
+    """Near blocks over `near_group`, far blocks over `far_group`, concurrently.
+
+    Args:
+        near: group ranks `(lo, hi)` that count as near (this rank's node; `(rank, rank + 1)` makes every
+            peer far, which V-Major uses on a single tier).
+        near_group: process group of the near ranks (None when there is only this rank).
+        far_group: process group of all P ranks over which far blocks travel (CTA-capped under emulation).
+        topology, rank, stats, sync: see `BlockExchange`.
+        name: label in reports ("flat" when it is the emulated flat route).
+    """
+
+    def __init__(self, *, topology: Topology, rank: int, stats: CommStats | None = None, near: tuple[int, int], near_group,
+                 far_group, sync: bool = False, name: str = "tiered"):
+        super().__init__(topology=topology, rank=rank, stats=stats, sync=sync)
+        self.name = name
+        self.lo, self.hi = near
+        if not self.lo <= rank < self.hi:
+            raise ValueError(f"TieredExchange: rank {rank} is not in its near range {near}")
+        self.near_group = near_group if self.hi - self.lo > 1 else None
+        self.far_group = far_group
+        self.far = [r for r in range(self.world) if not self.lo <= r < self.hi]
+        self._far_contiguous = self.lo == 0 or self.hi == self.world
+        tiers = len(topology.tiers)
+        self._near_peers, self._far_peers = [0] * tiers, [0] * tiers
+        for r in range(self.world):
+            if r != rank:
+                counts = self._near_peers if self.lo <= r < self.hi else self._far_peers
+                counts[topology.tier_between(rank, r)] += 1
+        self._index_cache: dict = {}
+
+    # ---- whole blocks ---------------------------------------------------------------------------
+    def _near(self, send: torch.Tensor, recv: torch.Tensor) -> list:
+        """Near blocks into `recv[lo:hi]` (a contiguous view: NCCL writes in place)."""
+        lo, hi = self.lo, self.hi
+        if self.near_group is None:
+            recv[self.rank].copy_(send[self.rank])
+            return []
+        return [dist.all_to_all_single(recv[lo:hi], send[lo:hi].contiguous(), group=self.near_group,
+                                       async_op=True)]
+
+    def _far_splits(self, per_far: int) -> list[int]:
+        return [0 if self.lo <= r < self.hi else per_far for r in range(self.world)]
+
+    def start(self, send: torch.Tensor, post: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+              rows: RowPlan | None = None) -> Handle:
+        self._check(send)
+        if rows is not None:
+            return self._start_rows(send, post, rows)
+        send = send.contiguous()
+        self._count(send)
+        recv = torch.empty_like(send)
+        works = self._near(send, recv)
+        if not self.far:
+            return self._finish(Handle(works, recv, post))
+        lo, hi = self.lo, self.hi
+        far_send = send[hi:] if lo == 0 else send[:lo] if hi == self.world else torch.cat([send[:lo], send[hi:]])
+        far_recv = (recv[hi:] if lo == 0 else recv[:lo]) if self._far_contiguous else torch.empty_like(far_send)
+        splits = self._far_splits(1)
+        works.append(dist.all_to_all_single(far_recv, far_send.contiguous(), output_split_sizes=splits,
+                                            input_split_sizes=splits, group=self.far_group, async_op=True))
+        if self._far_contiguous:
+            return self._finish(Handle(works, recv, post))
+
+        def assemble(out: torch.Tensor) -> torch.Tensor:
+            out[:lo].copy_(far_recv[:lo])
+            out[hi:].copy_(far_recv[lo:])
+            return out if post is None else post(out)
+
+        return self._finish(Handle(works, recv, assemble))
+
+    # ---- selected rows of the far blocks ----------------------------------------------------------
+    def _global_rows(self, rows: torch.Tensor, l_max: int) -> torch.Tensor:
+        """(N_FAR, K) rows within far blocks -> rows of the `(P * L_MAX, F)` view."""
+        key = (rows.device, l_max)
+        base = self._index_cache.get(key)
+        if base is None:
+            base = torch.tensor(self.far, dtype=torch.long, device=rows.device)[:, None] * l_max
+            self._index_cache[key] = base
+        return (rows + base).reshape(-1)
+
+    def _start_rows(self, send: torch.Tensor, post, plan: RowPlan) -> Handle:
+        P, l_max = send.shape[0], send.shape[1]
+        n_far = len(self.far)
+        send = send.contiguous()
+        recv = plan.recv
+        if recv.shape != send.shape or recv.dtype != send.dtype:
+            raise ValueError(f"RowPlan.recv {tuple(recv.shape)}/{recv.dtype} does not match the send buffer "
+                             f"{tuple(send.shape)}/{send.dtype}")
+        rows = plan.send_rows
+        if rows.dim() == 1:
+            rows = rows.expand(n_far, -1)
+        K = rows.shape[1]
+        F = send[0, 0].numel()
+        elem = send.element_size()
+        idx_dtype, E = _index_dtype(send.dtype) if plan.carry_rows else (None, 0)
+        # byte accounting: near blocks whole, far blocks K rows (plus carried indices)
+        block_bytes = send[0].numel() * elem
+        for t in range(len(self.peers)):
+            self.stats.bytes_by_tier[t] += self._near_peers[t] * block_bytes + self._far_peers[t] * K * (F + E) * elem
+            self.stats.messages_by_tier[t] += self._near_peers[t] + self._far_peers[t]
+        self.stats.exchanges += 1
+        works = self._near(send, recv)
+        if n_far == 0:
+            return self._finish(Handle(works, recv, post))
+        # (P, L_MAX, ...) -> (P * L_MAX, F) -> the chosen rows of the far blocks: (N_FAR, K, F [+ E])
+        flat = send.view(P * l_max, F)
+        picked = flat.index_select(0, self._global_rows(rows, l_max)).view(n_far, K, F)
+        if E:
+            # the row indices ride along, their bits stored in the payload's dtype
+            compact = torch.empty(n_far, K, F + E, dtype=send.dtype, device=send.device)
+            compact[..., :F].copy_(picked)
+            compact[..., F:].copy_(rows.to(idx_dtype).unsqueeze(-1).view(send.dtype))
+        else:
+            compact = picked
+        arrived = torch.empty_like(compact)
+        splits = self._far_splits(K * (F + E))
+        works.append(dist.all_to_all_single(arrived.view(-1), compact.view(-1), output_split_sizes=splits,
+                                            input_split_sizes=splits, group=self.far_group, async_op=True))
+
+        def scatter(out: torch.Tensor) -> torch.Tensor:
+            if E:
+                plan.arrived_rows = arrived[..., F:].contiguous().view(idx_dtype).view(n_far, K).long()
+            got = plan.rows_in()
+            dest = out.view(P * l_max, F)
+            dest.index_copy_(0, self._global_rows(got, l_max), arrived[..., :F].reshape(n_far * K, F))
+            return out if post is None else post(out)
+
+        return self._finish(Handle(works, recv, scatter))

@@ -1,0 +1,181 @@
+"""The sharded joint-attention processor the model plans share, and the helpers they use.
+
+diffusers' FLUX.1/FLUX.2 double-stream, FLUX.1 single-stream, SD3/SD3.5 (joint and image-only) and
+Qwen-Image attentions have the same shape: Q/K/V projections of the image stream (`to_q`...), optionally of
+the text stream (`add_q_proj`...), per-head norms, RoPE in some, one attention over the joined sequence,
+and output projections (`to_out`, `to_add_out`). `JointAttnProcessor` does that on the local tokens through
+the engine's schedule (`schedule.attend`); a family says only its local token order and how Q and K get
+their norms and RoPE (`qk`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .. import fused_qk
+from ..layout import IMG, TXT
+from ..schedule import attend
+
+# qk(engine, img, txt, norm, added_norm, image_rotary_emb) -> Q or K `(B, L, H, D)` in local token order
+QK = Callable[[Any, torch.Tensor, "torch.Tensor | None", Any, Any, Any], torch.Tensor]
+
+
+def norms_then_concat(text_first: bool) -> QK:
+    """Q/K of a family without RoPE (SD3): each stream's norm, then the streams joined in local order."""
+
+    def qk(engine, img, txt, norm, added_norm, freqs):
+        img = img if norm is None else norm(img)
+        if txt is None:
+            return img
+        txt = txt if added_norm is None else added_norm(txt)
+        return torch.cat([txt, img] if text_first else [img, txt], dim=1)
+
+    return qk
+
+
+class JointAttnProcessor:
+    """Sharded replacement of diffusers' joint attention processors (see the module docstring).
+
+    Args:
+        engine: the model's `UlyssesEngine`.
+        layer: the attention module's name (its per-layer key).
+        text_first: local order [text, image] (FLUX, Qwen-Image) or [image, text] (SD3).
+        qk: how Q and K get their norms and RoPE (default: norms, no RoPE).
+        text_mask: the family takes a text padding mask `encoder_hidden_states_mask` (Qwen-Image).
+        single_stream: token kinds of `hidden_states` when no text stream is passed: FLUX's single-stream
+            blocks carry [text, image] in one stream, SD3.5's `attn2` only the image.
+    """
+
+    def __init__(self, engine, layer: str, *, text_first: bool = True, qk: QK | None = None, text_mask: bool = False,
+                 single_stream: tuple[str, ...] = (IMG,)):
+        self.engine = engine
+        self.layer = layer
+        self.text_first = text_first
+        self.qk = qk or norms_then_concat(text_first)
+        self.text_mask = text_mask
+        self.single_stream = single_stream
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 encoder_hidden_states_mask=None, independent: Sequence[Callable[[], None]] = ()):
+        if attention_mask is not None:
+            raise ValueError(f"cocodiff: {type(attn).__name__} attention_mask is not supported under sequence "
+                             "parallelism")
+        if encoder_hidden_states_mask is not None and not self.text_mask:
+            raise ValueError(f"cocodiff: {type(attn).__name__} takes no encoder_hidden_states_mask")
+        joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
+        H = attn.heads
+
+        def heads(x):
+            return x.unflatten(-1, (H, -1))  # (B, L, H * D) -> (B, L, H, D)
+
+        def project(proj, added_proj, norms=None):
+            img = heads(proj(hidden_states))
+            txt = heads(added_proj(encoder_hidden_states)) if joint else None
+            if norms is not None:  # Q or K: norms and RoPE as the family does them
+                return self.qk(self.engine, img, txt, norms[0], norms[1], image_rotary_emb)
+            if txt is None:
+                return img
+            return torch.cat([txt, img] if self.text_first else [img, txt], dim=1)
+
+        def added(name):
+            return getattr(attn, name, None) if joint else None
+
+        kinds = ((TXT, IMG) if self.text_first else (IMG, TXT)) if joint else self.single_stream
+        key_mask = None
+        if encoder_hidden_states_mask is not None:
+            key_mask = self.engine.joint_key_mask(encoder_hidden_states_mask, kinds)
+        out = attend(
+            self.engine,
+            layer=self.layer,
+            project_v=lambda: project(attn.to_v, added("add_v_proj")),
+            project_q=lambda: project(attn.to_q, added("add_q_proj"), (attn.norm_q, added("norm_added_q"))),
+            project_k=lambda: project(attn.to_k, added("add_k_proj"), (attn.norm_k, added("norm_added_k"))),
+            kinds=kinds,
+            key_mask=key_mask,
+            out_dtype=hidden_states.dtype,
+            independent=independent,
+        )
+        if not joint:
+            return _out(attn, out)
+        n_txt = encoder_hidden_states.shape[1]
+        n_img = out.shape[1] - n_txt
+        if self.text_first:
+            txt_out, img_out = out.split_with_sizes([n_txt, n_img], dim=1)
+        else:
+            img_out, txt_out = out.split_with_sizes([n_img, n_txt], dim=1)
+        if not getattr(attn, "context_pre_only", False) and getattr(attn, "to_add_out", None) is not None:
+            txt_out = attn.to_add_out(txt_out.contiguous())
+        return _out(attn, img_out.contiguous()), txt_out
+
+
+def _out(attn, x: torch.Tensor) -> torch.Tensor:
+    """The image stream's output projection (`to_out`: linear, dropout); pre-only attentions have none."""
+    to_out = getattr(attn, "to_out", None)
+    if to_out is None:
+        return x
+    for layer in to_out:
+        x = layer(x)
+    return x
+
+
+# ---- helpers of the plans ------------------------------------------------------------------------------
+def refuse(bound: dict[str, Any], names: tuple[str, ...], why: str) -> None:
+    """Raise a ValueError if any of the named call arguments is set."""
+    for n in names:
+        v = bound.get(n)
+        if v is not None and not (isinstance(v, (bool, int)) and not v):  # tensors/lists: set means refused
+            raise ValueError(f"cocodiff: argument {n!r} is not supported under sequence parallelism ({why})")
+
+
+def refuse_attention_kwargs(bound: dict[str, Any], key: str = "joint_attention_kwargs") -> None:
+    kw = bound.get(key) or {}
+    if "ip_adapter_image_embeds" in kw or "ip_hidden_states" in kw:
+        raise ValueError("cocodiff: IP-Adapter inputs are not supported under sequence parallelism")
+
+
+def require(bound: dict[str, Any], names: tuple[str, ...], family: str) -> None:
+    for name in names:
+        if bound.get(name) is None:
+            raise ValueError(f"cocodiff: {family} needs {name!r}")
+
+
+def check_unfused(attn: nn.Module) -> None:
+    if getattr(attn, "fused_projections", False):
+        raise ValueError(
+            f"cocodiff: {type(attn).__name__} has fused QKV projections; call transformer.unfuse_qkv_projections() "
+            "before parallelize()"
+        )
+
+
+def rotate(fn, x, *args, **kwargs):
+    """Apply a RoPE function, skipping empty tensors: a rank may hold no tokens of a kind (fewer tokens than
+    ranks), and diffusers' RoPE reshapes with -1, which is ambiguous for zero elements."""
+    if x.numel() == 0:
+        return x
+    return fn(x, *args, **kwargs)
+
+
+def plain_linear(m: nn.Module) -> bool:
+    """True if `m` is a bare `nn.Linear` (no subclass, no hooks): only then may its weight be used in row
+    slices (`F.linear(x, w[lo:hi])`) in place of calling it. A LoRA wrapper or a hooked layer computes more
+    than its base weight, so slicing would silently drop that: such layers are called whole."""
+    return type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+
+
+def norm_rope(engine, x, norm, rope_fn, freqs, *, added=None, added_norm=None, **rope_kwargs):
+    """Q or K of a FLUX-style attention: `norm(x)` (and `added_norm(added)` for the text stream, put first),
+    concatenated along the tokens, then RoPE (`rope_fn(..., freqs)`) when `freqs` is given. With
+    `fuse_qk` on CUDA and plain `torch.nn.RMSNorm`s, one fused kernel (`cocodiff.fused_qk`) does it all."""
+    parts = [x] if added is None else [added, x]
+    norms = [norm] if added is None else [added_norm, norm]
+    if (engine.config.fuse_qk and fused_qk.fused_device(x) and all(p.numel() for p in parts)
+            and all(fused_qk.fusable_norm(n) and n.eps == norm.eps for n in norms)
+            and (freqs is None or (isinstance(freqs, tuple) and len(freqs) == 2))):
+        return fused_qk.norm_cat_rope(parts, norms, freqs)
+    x = torch.cat([n(p) for p, n in zip(parts, norms)], dim=1) if len(parts) > 1 else norm(x)
+    if freqs is not None:
+        x = rotate(rope_fn, x, freqs, **rope_kwargs)
+    return x

@@ -1,0 +1,114 @@
+"""The per-layer attention schedule: in which order projections run and exchanges start and are waited for.
+
+One sharded attention layer, on every rank:
+    project V, Q, K for the local tokens (all heads)      (Q and K: norm and RoPE with global positions)
+    seq->head exchanges: all tokens, this rank's heads
+    attention (SDPA)
+    head->seq exchange of the output: local tokens, all heads
+
+Orders:
+- flat (the paper's baseline): project Q, K, V, then start their exchanges (V's first, which V-Major needs;
+  the order of the starts changes nothing else).
+- V-First (`v_first`): project V and start its exchange, then Q (norm, RoPE) and start its exchange, then K;
+  each transfer runs under the projections that follow it. Exact: the same operations, reordered.
+- output overlap (`overlap_output`, default with V-First): work of the block that needs no attention output
+  (FLUX's single-block MLP) runs while exchanges are in flight: its first part after the input exchanges
+  started (under K's), the rest after the output exchange started.
+
+Waits only order streams (no host synchronisation), so the schedule captures in a CUDA graph. How each
+tensor travels (exactly, or V-Major's selected rows) is the `LayerExchange` the engine hands out per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .exchange import Handle
+from .layout import SeqLayout, start_head_to_seq, start_seq_to_head
+
+
+class LayerExchange(Protocol):
+    """How the four tensors of one attention layer travel. `start_v` is always called first."""
+
+    def start_v(self, v: torch.Tensor) -> Handle: ...
+    def start_q(self, q: torch.Tensor) -> Handle: ...
+    def start_k(self, k: torch.Tensor) -> Handle: ...
+    def start_o(self, o: torch.Tensor) -> Handle: ...
+
+
+class ExactLayerExchange:
+    """Every tensor through the engine's route, whole."""
+
+    def __init__(self, exchange, layout: SeqLayout):
+        self.exchange = exchange
+        self.layout = layout
+
+    def start_v(self, v):
+        return start_seq_to_head(v, self.layout, self.exchange)
+
+    start_q = start_k = start_v
+
+    def start_o(self, o):
+        return start_head_to_seq(o, self.layout, self.exchange)
+
+
+def attend(
+    engine,
+    *,
+    layer: str,
+    project_v: Callable[[], torch.Tensor],
+    project_q: Callable[[], torch.Tensor],
+    project_k: Callable[[], torch.Tensor],
+    kinds: tuple[str, ...],
+    key_mask: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    independent: Sequence[Callable[[], None]] = (),
+) -> torch.Tensor:
+    """Sharded attention of this rank's tokens in the configured order.
+
+    Args:
+        engine: the model's `UlyssesEngine`.
+        layer: the attention module's name (its key for per-layer state such as V-Major's caches).
+        project_v, project_q, project_k: return V / Q / K `(B, L, H, D)` for the local tokens (Q, K with norm
+            and RoPE applied).
+        kinds: token kinds of the local sequence, in local order (for the per-rank lengths).
+        key_mask: optional `(B, S)` bool key mask in exchange order (`engine.joint_key_mask`).
+        out_dtype: dtype of the returned output (default: the attention's).
+        independent: work of the block that needs no attention input or output, in order; with
+            `overlap_output` the first item runs under the input exchanges and the rest under the output
+            exchange, otherwise all of it after the attention.
+    Returns:
+        `(B, L, H * D)`: the attention output for the local tokens, all heads.
+    """
+    cfg = engine.config
+    lay = engine.seq_layout(kinds)
+    ex = engine.layer_exchange(layer, lay)
+    if cfg.v_first:
+        hv = ex.start_v(project_v())
+        hq = ex.start_q(project_q())
+        hk = ex.start_k(project_k())
+    else:
+        q, k, v = project_q(), project_k(), project_v()
+        hv = ex.start_v(v)
+        hq = ex.start_q(q)
+        hk = ex.start_k(k)
+        del q, k, v  # the exchanges hold their own send buffers: free the projections early
+    overlap = cfg.overlaps_output and len(independent) > 0
+    if overlap:
+        independent[0]()
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    # (B, H_LOCAL, S, D) each; a wait only orders streams (no host synchronisation)
+    out = F.scaled_dot_product_attention(hq.wait(), hk.wait(), hv.wait(), attn_mask=mask)
+    del hq, hk, hv
+    h = ex.start_o(out)
+    del out
+    for work in independent[1:] if overlap else ():
+        work()
+    x = h.wait().flatten(2, 3)  # (B, L, H, D) -> (B, L, H * D)
+    if not overlap:
+        for work in independent:
+            work()
+    return x if out_dtype is None else x.to(out_dtype)
