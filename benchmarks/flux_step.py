@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,10 +25,10 @@ import torch.distributed as dist
 
 from cocodiff import ParallelConfig, parallelize
 from cocodiff.apps import families as zoo
+from cocodiff.apps.launch import set_multi_gpu_env
 from cocodiff.config import SlowTierEmulation
 from cocodiff.exchange import BlockExchange, Handle
 from cocodiff.graph import GraphedStep
-from cocodiff.apps.launch import set_multi_gpu_env
 from cocodiff.timing import time_ms
 
 TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
@@ -37,14 +36,14 @@ TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 # name -> (exchange route, v_first, overlap_output); None: follow v_first
 CONFIGS = {
     "flat": ("flat", False, None),
-    "vfirst": ("flat", True, None),               # V, then Q, then K; output exchange under single-block MLPs
-    "vfirst-nooverlap": ("flat", True, False),   # V-First alone (output exchange exposed)
+    "vfirst": ("flat", True, None),  # V, then Q, then K; output exchange under single-block MLPs
+    "vfirst-nooverlap": ("flat", True, False),  # V-First alone (output exchange exposed)
     "tapa": ("auto", False, None),
     "tapa-vfirst": ("auto", True, None),
     "tapa-phases": ("tapa", False, None),
     "ce": ("copy_engine", False, None),
     "ce-vfirst": ("copy_engine", True, None),
-    "nocomm-vfirst": ("none", True, None),       # lower bound: exchanges replaced by no-ops (wrong output)
+    "nocomm-vfirst": ("none", True, None),  # lower bound: exchanges replaced by no-ops (wrong output)
 }
 
 
@@ -86,8 +85,11 @@ def kernel_breakdown(fn) -> dict:
         if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset") or "dur" not in e:
             continue
         name = e["name"].lower()
-        cat = "memcpy/memset" if e["cat"] != "kernel" else next(
-            (c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        cat = (
+            "memcpy/memset"
+            if e["cat"] != "kernel"
+            else next((c for c, keys in KERNEL_CATEGORIES if any(k in name for k in keys)), "other")
+        )
         ms[cat] = ms.get(cat, 0.0) + e["dur"] / 1e3
         count[cat] = count.get(cat, 0) + 1
         if cat == "other":
@@ -110,10 +112,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="flux", choices=zoo.FAMILIES)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
-    ap.add_argument("--configs", nargs="+", default=["flat"],
-                    help=", ".join(CONFIGS))
-    ap.add_argument("--sdpa", default="default", choices=["default", "flash", "cudnn", "efficient"],
-                    help="SDPA backend for every attention (eager runs and graph captures)")
+    ap.add_argument("--configs", nargs="+", default=["flat"], help=", ".join(CONFIGS))
+    ap.add_argument(
+        "--sdpa",
+        default="default",
+        choices=["default", "flash", "cudnn", "efficient"],
+        help="SDPA backend for every attention (eager runs and graph captures)",
+    )
     ap.add_argument("--topology", default=None, help="tier spec for the parallel runs, e.g. 2x2")
     ap.add_argument("--emulate", action="store_true", help="emulate a slow outermost tier (CTA-capped NCCL)")
     ap.add_argument("--max-ctas", type=int, default=1, help="CTA cap of the emulated slow link")
@@ -121,8 +126,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
-    ap.add_argument("--single-fused", action="store_true",
-                    help="1 GPU: also time the model through cocodiff (1 rank) with fuse_qk, as the fair baseline")
+    ap.add_argument(
+        "--single-fused",
+        action="store_true",
+        help="1 GPU: also time the model through cocodiff (1 rank) with fuse_qk, as the fair baseline",
+    )
     ap.add_argument("--profile", action="store_true", help="with --graph: kernel time per category of one replay")
     ap.add_argument("--ref-dir", required=True)
     ap.add_argument("--out", required=True)
@@ -157,7 +165,10 @@ def main() -> None:
         "init_s": init_s,
         "warmup": args.warmup,
         "iters": args.iters,
-        "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")},
+        "env": {
+            k: os.environ.get(k)
+            for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+        },
         "sizes": {},
     }
     configs = (["single"] + (["single+fused"] if args.single_fused else [])) if world == 1 else args.configs
@@ -186,13 +197,28 @@ def main() -> None:
     if args.sdpa != "default":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        sdpa_ctx = sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                                 "efficient": SDPBackend.EFFICIENT_ATTENTION}[args.sdpa]])
+        sdpa_ctx = sdpa_kernel(
+            [
+                {
+                    "flash": SDPBackend.FLASH_ATTENTION,
+                    "cudnn": SDPBackend.CUDNN_ATTENTION,
+                    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                }[args.sdpa]
+            ]
+        )
         sdpa_ctx.__enter__()  # for the whole run: eager calls and graph captures alike
     for size in args.sizes:
         rows, cols = zoo.image_tokens(args.family, model, size, size)
-        inputs = zoo.make_inputs(args.family, model, rows=rows, cols=cols, n_txt=TEXT_TOKENS[args.family],
-                                 device=device, dtype=torch.bfloat16, seed=1)
+        inputs = zoo.make_inputs(
+            args.family,
+            model,
+            rows=rows,
+            cols=cols,
+            n_txt=TEXT_TOKENS[args.family],
+            device=device,
+            dtype=torch.bfloat16,
+            seed=1,
+        )
         entry = {"image_tokens": rows * cols, "text_tokens": TEXT_TOKENS[args.family]}
         ref_path = ref_dir / f"{args.family}_{size}.pt"
         for name in configs:
@@ -247,9 +273,12 @@ def main() -> None:
                 torch.cuda.empty_cache()
             entry[name] = row
             if rank == 0:
-                print(f"[P={world}] {args.family} {size}px {name}: eager {row['eager_ms_median']:.1f} ms"
-                      + (f", graph {row.get('graph_ms_median', float('nan')):.1f} ms" if args.graph else "")
-                      + (f", rel_err {row['rel_err_vs_1gpu']:.2e}" if "rel_err_vs_1gpu" in row else ""), flush=True)
+                print(
+                    f"[P={world}] {args.family} {size}px {name}: eager {row['eager_ms_median']:.1f} ms"
+                    + (f", graph {row.get('graph_ms_median', float('nan')):.1f} ms" if args.graph else "")
+                    + (f", rel_err {row['rel_err_vs_1gpu']:.2e}" if "rel_err_vs_1gpu" in row else ""),
+                    flush=True,
+                )
         result["sizes"][str(size)] = entry
     if rank == 0:
         out_dir = Path(args.out)

@@ -1,6 +1,6 @@
 """Plot of docs/benchmarks/2026-11-28-overlap: ms/step per configuration (graph replay), 1024^2 and 2048^2.
 
-    python benchmarks/plot_overlap.py docs/benchmarks/2026-11-28-overlap
+python benchmarks/plot_overlap.py docs/benchmarks/2026-11-28-overlap
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROWS = [  # (file, config, label)
     ("flux_P1.json", "single", "1 GPU\ndiffusers"),

@@ -1,6 +1,6 @@
 """Turn flux_step.py's JSON files into a markdown table and a plot (ms/step vs GPUs, eager and graph).
 
-    python benchmarks/report_flux_step.py DIR   # reads DIR/<family>_P*.json, writes DIR/table.md, DIR/step_ms.png
+python benchmarks/report_flux_step.py DIR   # reads DIR/<family>_P*.json, writes DIR/table.md, DIR/step_ms.png
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def load(directory: Path, family: str) -> dict[int, dict]:
 def table(runs: dict[int, dict], family: str) -> str:
     ref = REFERENCE.get(family, {})
     lines = [
-        "| size | GPUs | config | eager ms | graph ms | speedup vs 1 GPU (graph) | rel. err vs 1 GPU | MB sent/rank/step | diffusers ms | xDiT ms |",
+        "| size | GPUs | config | eager ms | graph ms | speedup vs 1 GPU (graph) | rel. err vs 1 GPU "
+        "| MB sent/rank/step | diffusers ms | xDiT ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     sizes = sorted({s for d in runs.values() for s in d["sizes"]}, key=int)
@@ -81,8 +82,13 @@ def plot(runs: dict[int, dict], family: str, path: Path) -> None:
         for eng, marker in (("diffusers", "x--"), ("xdit", "^--")):
             pts = ref.get(eng, {}).get(size, {})
             if pts:
-                ax.plot(sorted(pts), [pts[p] for p in sorted(pts)], marker, color="gray" if eng == "diffusers" else "brown",
-                        label=f"{eng} (reference run)")
+                ax.plot(
+                    sorted(pts),
+                    [pts[p] for p in sorted(pts)],
+                    marker,
+                    color="gray" if eng == "diffusers" else "brown",
+                    label=f"{eng} (reference run)",
+                )
         ax.set_title(f"{family} {size}x{size}: one transformer step")
         ax.set_xlabel("GPUs (H200, NVLink)")
         ax.set_ylabel("ms / step (median)")

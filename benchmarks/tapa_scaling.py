@@ -65,13 +65,15 @@ def main() -> None:
     for r in emu["rows"]:
         M = r["MB_per_rank"] * 1e6
         b = M / P
-        validation.append({
-            "MB_per_rank": r["MB_per_rank"],
-            "tapa_measured_ms": r["tapa_graph_ms"],
-            "tapa_model_ms": tapa_model(2, 2, b) * 1e3,
-            "flat_measured_ms": r["flat_graph_ms"],
-            "flat_model_ms": flat_model(2, 2, b) * 1e3,
-        })
+        validation.append(
+            {
+                "MB_per_rank": r["MB_per_rank"],
+                "tapa_measured_ms": r["tapa_graph_ms"],
+                "tapa_model_ms": tapa_model(2, 2, b) * 1e3,
+                "flat_measured_ms": r["flat_graph_ms"],
+                "flat_model_ms": flat_model(2, 2, b) * 1e3,
+            }
+        )
     errs = [abs(v["tapa_model_ms"] / v["tapa_measured_ms"] - 1) for v in validation]
     ferrs = [abs(v["flat_model_ms"] / v["flat_measured_ms"] - 1) for v in validation]
 
@@ -84,28 +86,49 @@ def main() -> None:
                 M = tokens / Pn * 3072 * 2  # (S/P) tokens x 24 heads x 128 x bf16
                 b = M / Pn
                 f, tp = flat_model(N, Lg, b), tapa_model(N, Lg, b)
-                preds.append({"gpus_per_node": Lg, "nodes": N, "P": Pn, "case": label, "MB_per_rank": M / 1e6,
-                              "flat_ms": f * 1e3, "tapa_ms": tp * 1e3, "tapa_speedup": f / tp,
-                              "heads_allow": 24 % Pn == 0})
+                preds.append(
+                    {
+                        "gpus_per_node": Lg,
+                        "nodes": N,
+                        "P": Pn,
+                        "case": label,
+                        "MB_per_rank": M / 1e6,
+                        "flat_ms": f * 1e3,
+                        "tapa_ms": tp * 1e3,
+                        "tapa_speedup": f / tp,
+                        "heads_allow": 24 % Pn == 0,
+                    }
+                )
     out = {
         "note": "PREDICTIONS of a Hockney model calibrated on one 4xH200 host; the slow link is NVLink capped "
-                "to 4 NCCL CTAs standing in for a 400 Gb/s NIC, so alpha_s is that link's, not a real NIC's.",
-        "params": {"alpha_s_us": alpha_s * 1e6, "beta_s_GBps": beta_s / 1e9, "alpha_phase_us": alpha_p * 1e6,
-                   "beta_phase_GBps": beta_p / 1e9, "alpha_f_us": alpha_f * 1e6, "beta_f_GBps_per_link": beta_f / 1e9},
+        "to 4 NCCL CTAs standing in for a 400 Gb/s NIC, so alpha_s is that link's, not a real NIC's.",
+        "params": {
+            "alpha_s_us": alpha_s * 1e6,
+            "beta_s_GBps": beta_s / 1e9,
+            "alpha_phase_us": alpha_p * 1e6,
+            "beta_phase_GBps": beta_p / 1e9,
+            "alpha_f_us": alpha_f * 1e6,
+            "beta_f_GBps_per_link": beta_f / 1e9,
+        },
         "validation_emulated_2x2": validation,
-        "tapa_model_error_max": max(errs), "tapa_model_error_median": float(np.median(errs)),
+        "tapa_model_error_max": max(errs),
+        "tapa_model_error_median": float(np.median(errs)),
         "flat_model_error_max": max(ferrs),
         "predictions": preds,
     }
     (d / "tapa_scaling.json").write_text(json.dumps(out, indent=1))
     plot(out, d / "tapa_scaling.png")
     print(json.dumps(out["params"], indent=1))
-    print(f"TAPA model error on the emulated 2x2: median {out['tapa_model_error_median']:.0%}, max {max(errs):.0%}; "
-          f"flat model max {max(ferrs):.0%}")
+    print(
+        f"TAPA model error on the emulated 2x2: median {out['tapa_model_error_median']:.0%}, max {max(errs):.0%}; "
+        f"flat model max {max(ferrs):.0%}"
+    )
     for p in preds:
         if p["case"] == "flux 1024^2":
-            print(f"L={p['gpus_per_node']} N={p['nodes']:2d} P={p['P']:3d} {p['MB_per_rank']:.2f} MB: flat "
-                  f"{p['flat_ms']:.3f} tapa {p['tapa_ms']:.3f} -> {p['tapa_speedup']:.2f}x")
+            print(
+                f"L={p['gpus_per_node']} N={p['nodes']:2d} P={p['P']:3d} {p['MB_per_rank']:.2f} MB: flat "
+                f"{p['flat_ms']:.3f} tapa {p['tapa_ms']:.3f} -> {p['tapa_speedup']:.2f}x"
+            )
 
 
 def plot(out, path):
@@ -131,8 +154,12 @@ def plot(out, path):
     for Lg, style in ((4, "o-"), (8, "s-")):
         for case, ls in (("flux 1024^2", ""), ("flux 2048^2", "--")):
             pts = [p for p in out["predictions"] if p["gpus_per_node"] == Lg and p["case"] == case]
-            ax2.plot([p["nodes"] for p in pts], [p["tapa_speedup"] for p in pts], style[0] + (ls or "-"),
-                     label=f"{Lg} GPUs/node, {case}")
+            ax2.plot(
+                [p["nodes"] for p in pts],
+                [p["tapa_speedup"] for p in pts],
+                style[0] + (ls or "-"),
+                label=f"{Lg} GPUs/node, {case}",
+            )
     ax2.axhline(1, color="gray", lw=0.8)
     ax2.set_xscale("log", base=2)
     ax2.set_xlabel("nodes")

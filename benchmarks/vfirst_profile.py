@@ -18,7 +18,6 @@ import gzip
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -73,13 +72,26 @@ def equation2(world: int, device, group) -> list[dict]:
                 def qk():
                     q = nq(wq(x).unflatten(-1, (H, D)))
                     k = nk(wk(x).unflatten(-1, (H, D)))
-                    return apply_rotary_emb(q, (cos, sin), sequence_dim=1), apply_rotary_emb(k, (cos, sin), sequence_dim=1)
+                    return apply_rotary_emb(q, (cos, sin), sequence_dim=1), apply_rotary_emb(
+                        k, (cos, sin), sequence_dim=1
+                    )
 
                 tv, tx, tqk = _events(vproj), _events(vex), _events(qk)
-                rows.append({"family": fam, "size": size, "batch": B, "tokens": S, "local_tokens": L,
-                             "v_proj_ms": tv, "v_exchange_ms": tx, "qk_work_ms": tqk,
-                             "lhs_ms": tv + tx, "holds": tv + tx <= tqk,
-                             "exposed_ms": max(0.0, tv + tx - tqk)})
+                rows.append(
+                    {
+                        "family": fam,
+                        "size": size,
+                        "batch": B,
+                        "tokens": S,
+                        "local_tokens": L,
+                        "v_proj_ms": tv,
+                        "v_exchange_ms": tx,
+                        "qk_work_ms": tqk,
+                        "lhs_ms": tv + tx,
+                        "holds": tv + tx <= tqk,
+                        "exposed_ms": max(0.0, tv + tx - tqk),
+                    }
+                )
     return rows
 
 
@@ -98,8 +110,12 @@ def overlap_summary(events: list[dict]) -> dict:
         ks = [e for i, e in enumerate(nccl) if sel(i)]
         dur = sum(e["dur"] for e in ks)
         cov = sum(covered(e) for e in ks)
-        out["groups"][name] = {"kernels": len(ks), "total_us": dur, "overlapped_us": cov,
-                               "hidden_fraction": cov / dur if dur else None}
+        out["groups"][name] = {
+            "kernels": len(ks),
+            "total_us": dur,
+            "overlapped_us": cov,
+            "hidden_fraction": cov / dur if dur else None,
+        }
     tot = sum(g["total_us"] for g in out["groups"].values())
     out["all_hidden_fraction"] = sum(g["overlapped_us"] for g in out["groups"].values()) / tot if tot else None
     return out
@@ -126,17 +142,26 @@ def hidden_by_block(events: list[dict], n_double: int = 19) -> dict:
         r["hidden_fraction"] = r["hidden_us"] / r["total_us"] if r["total_us"] else None
     tot = sum(r["total_us"] for r in by.values())
     hid = sum(r["hidden_us"] for r in by.values())
-    return {"excluded": {"first_exchange_us": nccl[0]["dur"] if nccl else None, "after_layers": len(nccl) - 4 * layers},
-            "by_block_and_exchange": by,
-            "all": {"total_us": tot, "hidden_us": hid, "hidden_fraction": hid / tot if tot else None,
-                    "exposed_us": tot - hid}}
+    return {
+        "excluded": {"first_exchange_us": nccl[0]["dur"] if nccl else None, "after_layers": len(nccl) - 4 * layers},
+        "by_block_and_exchange": by,
+        "all": {
+            "total_us": tot,
+            "hidden_us": hid,
+            "hidden_fraction": hid / tot if tot else None,
+            "exposed_us": tot - hid,
+        },
+    }
 
 
 def _covered(e: dict, kernels: list[dict]) -> float:
     """Microseconds of NCCL kernel `e` that overlap non-NCCL kernels (on any other stream)."""
     a, b = e["ts"], e["ts"] + e["dur"]
-    iv = sorted((max(a, c["ts"]), min(b, c["ts"] + c["dur"])) for c in kernels
-                if "nccl" not in c["name"].lower() and c["ts"] < b and c["ts"] + c["dur"] > a)
+    iv = sorted(
+        (max(a, c["ts"]), min(b, c["ts"] + c["dur"]))
+        for c in kernels
+        if "nccl" not in c["name"].lower() and c["ts"] < b and c["ts"] + c["dur"] > a
+    )
     tot, cur = 0.0, None
     for lo, hi in iv:
         if cur is None or lo > cur[1]:
@@ -176,8 +201,11 @@ def plot_layer(events, path, layer=10, title=""):
     ax.set_yticks(range(len(tids)))
     ax.set_yticklabels([f"stream {t}" for t in tids], fontsize=7)
     ax.set_xlabel("us from the layer's first all-to-all")
-    ax.set_title(f"FLUX.1-sized step, attention layer {layer}, flat + V-First (red: NCCL all-to-all, blue: compute)"
-                 + (f" — {title}" if title else ""), fontsize=9)
+    ax.set_title(
+        f"FLUX.1-sized step, attention layer {layer}, flat + V-First (red: NCCL all-to-all, blue: compute)"
+        + (f" — {title}" if title else ""),
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -186,8 +214,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--graph", action="store_true",
-                    help="profile a call replayed as a CUDA graph (ParallelConfig(cuda_graph=True): the user's path)")
+    ap.add_argument(
+        "--graph",
+        action="store_true",
+        help="profile a call replayed as a CUDA graph (ParallelConfig(cuda_graph=True): the user's path)",
+    )
     ap.add_argument("--fuse-qk", action="store_true", help="ParallelConfig(fuse_qk=True)")
     ap.add_argument("--all-to-all", default="flat", choices=["flat", "copy_engine"])
     ap.add_argument("--skip-eq2", action="store_true")
@@ -232,10 +263,16 @@ def main() -> None:
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
         summary = overlap_summary(events)
-        summary.update({"P": world, "size": args.size,
-                        "config": f"{args.all_to_all}+vfirst{'+fuse_qk' if args.fuse_qk else ''}, "
-                                  f"{'cuda_graph=True (replay)' if args.graph else 'eager'}",
-                        "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__})
+        summary.update(
+            {
+                "P": world,
+                "size": args.size,
+                "config": f"{args.all_to_all}+vfirst{'+fuse_qk' if args.fuse_qk else ''}, "
+                f"{'cuda_graph=True (replay)' if args.graph else 'eager'}",
+                "gpu": torch.cuda.get_device_name(device),
+                "torch": torch.__version__,
+            }
+        )
         tag = "graph" if args.graph else "eager"
         plot_layer(events, out / f"vfirst_layer_timeline_{tag}.png", title=tag)
         kern = [e for e in events if e.get("cat") == "kernel"]
@@ -251,9 +288,11 @@ def main() -> None:
             if "skipped" in r:
                 print(r)
             else:
-                print(f"{r['family']:12s} {r['size']} B={r['batch']}: V proj {r['v_proj_ms']:.3f} + V a2a "
-                      f"{r['v_exchange_ms']:.3f} = {r['lhs_ms']:.3f} vs Q/K {r['qk_work_ms']:.3f} ms -> "
-                      f"{'holds' if r['holds'] else 'EXPOSED %.3f ms' % r['exposed_ms']}")
+                print(
+                    f"{r['family']:12s} {r['size']} B={r['batch']}: V proj {r['v_proj_ms']:.3f} + V a2a "
+                    f"{r['v_exchange_ms']:.3f} = {r['lhs_ms']:.3f} vs Q/K {r['qk_work_ms']:.3f} ms -> "
+                    + ("holds" if r["holds"] else f"EXPOSED {r['exposed_ms']:.3f} ms")
+                )
     if not args.graph:  # after a profiled graph replay the final barrier hung once (results were complete)
         dist.barrier()
         dist.destroy_process_group()

@@ -30,10 +30,10 @@ def _plot(hist: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    s, l = zip(*hist["train"])
-    ax.plot(s, l, lw=0.8, alpha=0.7, label=f"train (mean of {hist['config']['log_every']} steps)")
-    s, l = zip(*hist["heldout"])
-    ax.plot(s, l, "o-", label="held-out crops, EMA weights")
+    s, loss = zip(*hist["train"])
+    ax.plot(s, loss, lw=0.8, alpha=0.7, label=f"train (mean of {hist['config']['log_every']} steps)")
+    s, loss = zip(*hist["heldout"])
+    ax.plot(s, loss, "o-", label="held-out crops, EMA weights")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching MSE")
@@ -63,17 +63,26 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     if args.measure:
-        cfg = TrainConfig(steps=args.measure, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          eval_every=args.measure, warmup=min(100, args.measure))
+        cfg = TrainConfig(
+            steps=args.measure,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            eval_every=args.measure,
+            warmup=min(100, args.measure),
+        )
         t0 = time.perf_counter()
         _, hist = train(cfg)
-        print(f"{hist['steps_done']} steps in {hist['seconds']:.1f}s: {hist['seconds'] / hist['steps_done']:.3f} s/step "
-              f"(total incl. data {time.perf_counter() - t0:.1f}s)")
+        print(
+            f"{hist['steps_done']} steps in {hist['seconds']:.1f}s: {hist['seconds'] / hist['steps_done']:.3f} s/step "
+            f"(total incl. data {time.perf_counter() - t0:.1f}s)"
+        )
         return 0
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      max_minutes=args.max_minutes)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes
+    )
+    started = datetime.datetime.now(datetime.UTC)
     sm, hist = train(cfg)
     command = "python scripts/train_small.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     meta = {
@@ -88,23 +97,40 @@ def main(argv=None) -> int:
         "hardware": f"{platform.processor() or platform.machine()}, torch.get_num_threads()={torch.get_num_threads()}",
         "torch": torch.__version__,
         "data": "skimage.data sample images (class = source image), random 32x32 crops with h-flip, "
-                "rightmost holdout_frac of each image held out",
+        "rightmost holdout_frac of each image held out",
         "train_config": {k: v for k, v in hist["config"].items() if k != "model_config"},
         "weights": "EMA, stored fp16",
     }
     save_small_model(sm, args.out, meta=meta)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "loss_curve.json").write_text(json.dumps({k: hist[k] for k in (
-        "config", "train", "heldout", "steps_done", "seconds", "final_train_loss", "final_heldout_loss")}, indent=0))
+    (docs / "loss_curve.json").write_text(
+        json.dumps(
+            {
+                k: hist[k]
+                for k in (
+                    "config",
+                    "train",
+                    "heldout",
+                    "steps_done",
+                    "seconds",
+                    "final_train_loss",
+                    "final_heldout_loss",
+                )
+            },
+            indent=0,
+        )
+    )
     _plot(hist, docs / "loss_curve.png")
     shipped = load_small_model(args.out)  # what users get: fp16 weights upcast to fp32
     n = len(shipped.classes)
     labels = torch.arange(n).repeat(2)
     save_grid(generate(shipped, labels[:n], steps=30, seed=0), docs / "samples_seed0.png")
     save_grid(generate(shipped, labels[:n], steps=30, seed=1), docs / "samples_seed1.png")
-    print(f"saved model to {args.out}; {hist['steps_done']} steps, {hist['seconds'] / 60:.1f} min, "
-          f"final train loss {hist['final_train_loss']:.4f}, held-out {hist['final_heldout_loss']:.4f}")
+    print(
+        f"saved model to {args.out}; {hist['steps_done']} steps, {hist['seconds'] / 60:.1f} min, "
+        f"final train loss {hist['final_train_loss']:.4f}, held-out {hist['final_heldout_loss']:.4f}"
+    )
     return 0
 
 

@@ -29,7 +29,7 @@ def _plot(results: dict, path: Path) -> None:
         for k, layer in enumerate(r["layers"]):
             short = layer.replace("single_transformer_blocks.", "single").replace("transformer_blocks.", "dual")
             short = short.replace(".attn.", " ")
-            line, = ax.plot(steps, r["median"][k], lw=1, label=short)
+            (line,) = ax.plot(steps, r["median"][k], lw=1, label=short)
             ax.plot(steps, r["p90"][k], lw=0.7, ls="--", color=line.get_color())
         ax.set_yscale("log")
         ax.set_xlabel("denoising step (vs the previous step)")
@@ -56,10 +56,17 @@ def _markdown(results: dict, steps: int, batch: int) -> str:
     ]
     for name, r in results.items():
         f = r["frac_tokens_below"]
-        lines.append(f"| {name} | {r['overall_median']:.3f} | {r['overall_p90']:.3f} | {f['0.05']:.1%} | "
-                     f"{f['0.1']:.1%} | {f['0.2']:.1%} |")
-    lines += ["", "Per layer, median r over steps (first step pair / middle / last step pair):", "",
-              "| layer | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+        lines.append(
+            f"| {name} | {r['overall_median']:.3f} | {r['overall_p90']:.3f} | {f['0.05']:.1%} | "
+            f"{f['0.1']:.1%} | {f['0.2']:.1%} |"
+        )
+    lines += [
+        "",
+        "Per layer, median r over steps (first step pair / middle / last step pair):",
+        "",
+        "| layer | " + " | ".join(results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
     first = next(iter(results.values()))
     for k, layer in enumerate(first["layers"]):
         cells = []

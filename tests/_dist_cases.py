@@ -97,8 +97,9 @@ def model_matches_single_process(family, world, v_first, cases):
     diffs = []
     for rows, cols, n_txt, batch, *rest in cases:
         mask = bool(rest and rest[0])
-        inputs = zoo.make_inputs(family, model, rows=rows, cols=cols, n_txt=n_txt, batch=batch, seed=rows * 31 + cols,
-                                 text_mask=mask)
+        inputs = zoo.make_inputs(
+            family, model, rows=rows, cols=cols, n_txt=n_txt, batch=batch, seed=rows * 31 + cols, text_mask=mask
+        )
         with torch.no_grad():
             ref = model(**inputs).sample
             out = par(**inputs).sample
@@ -163,8 +164,10 @@ def tapa_equals_flat(world, spec, lengths, chunks_list=(1, 3), emulate=False, B=
     ref_back = start_head_to_seq(ref_heads, lay, flat).wait()
     checked = []
     emu = SlowTierEmulation() if emulate else None
-    configs = [ParallelConfig(all_to_all="tapa", tapa_plan="phases", tapa_chunks=c, topology=spec,
-                              emulate_slow_tier=emu) for c in chunks_list]
+    configs = [
+        ParallelConfig(all_to_all="tapa", tapa_plan="phases", tapa_chunks=c, topology=spec, emulate_slow_tier=emu)
+        for c in chunks_list
+    ]
     if emulate:
         configs.append(ParallelConfig(all_to_all="flat", topology=spec, emulate_slow_tier=emu))
     for cfg in configs:
@@ -289,8 +292,9 @@ def property_case(case: dict):
         cocodiff.parallelize(par, cfg, group=group)
     except ValueError as exc:
         return ("error", str(exc))
-    inputs = zoo.make_inputs(fam, model, rows=case["rows"], cols=case["cols"], n_txt=case["n_txt"],
-                             batch=case["batch"], seed=case["seed"])
+    inputs = zoo.make_inputs(
+        fam, model, rows=case["rows"], cols=case["cols"], n_txt=case["n_txt"], batch=case["batch"], seed=case["seed"]
+    )
     with torch.no_grad():
         ref = model(**inputs).sample
         out = par(**inputs).sample

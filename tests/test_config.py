@@ -1,15 +1,16 @@
 """Validation without a process group: configs, presets, topology specs, token layouts, model plans."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import cocodiff
 from cocodiff import ParallelConfig, Topology, VMajorConfig
-from cocodiff.layout import SeqLayout
 from cocodiff.config import SlowTierEmulation
+from cocodiff.layout import SeqLayout, TokenLayout, split_sizes
 from cocodiff.models import plan_for
 from cocodiff.topology import parse_topology_spec
-from cocodiff.layout import TokenLayout, split_sizes
 
 
 def test_flat_preset_and_defaults():
@@ -22,7 +23,7 @@ def test_config_is_keyword_only_and_frozen():
     with pytest.raises(TypeError):
         ParallelConfig("flat")  # positional
     cfg = ParallelConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.v_first = True
 
 

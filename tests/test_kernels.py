@@ -40,4 +40,3 @@ def test_only_plain_rmsnorm_is_fused():
     assert not fusable_norm(hooked)
     assert not fusable_norm(torch.nn.RMSNorm(8))  # eps=None: dtype-dependent, left to torch
     assert not fusable_norm(torch.nn.LayerNorm(8))
-

@@ -28,8 +28,10 @@ def test_identical_images_score_maximal(crop):
 def test_noise_lowers_scores_monotonically(crop):
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(crop.shape, generator=g)
-    scores = [(psnr(crop, (crop + s * noise).clamp(-1, 1)), ssim(crop, (crop + s * noise).clamp(-1, 1)))
-              for s in (0.01, 0.05, 0.2, 0.5)]
+    scores = [
+        (psnr(crop, (crop + s * noise).clamp(-1, 1)), ssim(crop, (crop + s * noise).clamp(-1, 1)))
+        for s in (0.01, 0.05, 0.2, 0.5)
+    ]
     for (p0, s0), (p1, s1) in zip(scores, scores[1:]):
         assert p1 < p0 and s1 < s0, scores
     assert scores[0][0] > 35 and scores[-1][0] < 15, scores
@@ -74,8 +76,21 @@ def test_modes_build_or_raise_cleanly():
 def test_quality_command_lossless_modes_match_single_process(tmp_path):
     from cocodiff.apps.cli import main
 
-    argv = ["quality", "--ranks", "2,4", "--steps", "2", "--per-class", "1", "--tasks", "center,generate",
-            "--modes", "flat,flat+vfirst,tapa-2x2,cocodiff", "--out", str(tmp_path)]
+    argv = [
+        "quality",
+        "--ranks",
+        "2,4",
+        "--steps",
+        "2",
+        "--per-class",
+        "1",
+        "--tasks",
+        "center,generate",
+        "--modes",
+        "flat,flat+vfirst,tapa-2x2,cocodiff",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     for name in ("quality.json", "quality.md", "quality.png", "quality_images.png"):
         assert (tmp_path / name).stat().st_size > 0, name

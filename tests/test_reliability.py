@@ -18,9 +18,27 @@ def test_failed_rank_is_named_and_the_cli_exits_nonzero(tmp_path):
     env = dict(os.environ, COCODIFF_DEBUG_FAIL_RANK="1", COCODIFF_DEBUG_FAIL_STEP="1")
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "cocodiff", "demo", "--ranks", "2", "--steps", "3", "--num-images", "1",
-         "--no-reference", "--timeout", "30", "--out", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "cocodiff",
+            "demo",
+            "--ranks",
+            "2",
+            "--steps",
+            "3",
+            "--num-images",
+            "1",
+            "--no-reference",
+            "--timeout",
+            "30",
+            "--out",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "rank 1 failed: RuntimeError: injected failure on rank 1" in proc.stderr

@@ -100,7 +100,7 @@ def test_train_runs_a_few_steps():
     cfg = TrainConfig(classes=("moon", "brick"), steps=3, batch_size=2, warmup=1, eval_every=3, log_every=1)
     sm, hist = train(cfg, log=lambda s: None)
     assert hist["steps_done"] == 3 and sm.trained
-    assert all(torch.isfinite(torch.tensor(l)) for _, l in hist["train"])
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in hist["train"])
     with pytest.raises(ValueError, match="unknown"):
         TrainConfig(classes=("no-such-image",))
 

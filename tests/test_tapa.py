@@ -16,7 +16,9 @@ TOPOLOGIES = [
 ]
 
 
-@pytest.mark.parametrize("world, spec, lengths", TOPOLOGIES, ids=[f"{t[1]}-{'-'.join(map(str, t[2]))}" for t in TOPOLOGIES])
+@pytest.mark.parametrize(
+    "world, spec, lengths", TOPOLOGIES, ids=[f"{t[1]}-{'-'.join(map(str, t[2]))}" for t in TOPOLOGIES]
+)
 def test_tapa_bit_identical_to_flat(pools, world, spec, lengths):
     out = pools(world).run(cases.tapa_equals_flat, world, spec, list(lengths))
     names, tiers, msgs = zip(*[(n, b, m) for n, b, m in out[0]])
@@ -41,7 +43,9 @@ def test_emulated_fair_flat_and_tapa_bit_identical(pools, world, spec):
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_preset_tapa_equals_single_process(pools, family):
     shapes = [(4, 4, 8, 1), (3, 5, 5, 2)]
-    diffs, decisions, stats = pools(4).run(cases.model_with_config, family, 4, {"preset": "tapa", "topology": "2x2"}, shapes)[0]
+    diffs, decisions, stats = pools(4).run(
+        cases.model_with_config, family, 4, {"preset": "tapa", "topology": "2x2"}, shapes
+    )[0]
     assert max(diffs) < 2e-5
     assert decisions and set(decisions) <= {"flat", "tapa", "tapa/4"}
     assert set(stats["bytes_by_tier"]) == {"local", "node"}

@@ -51,7 +51,9 @@ def inspect_checkpoint(path: str | Path) -> dict:
     try:
         cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); the checkpoint is corrupt") from None
+        raise CheckpointError(
+            f"{cfg_file} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); the checkpoint is corrupt"
+        ) from None
     cls = cfg.get("_class_name")
     if cls not in supported():
         saved = cfg.get("_diffusers_version", "?")
@@ -83,7 +85,7 @@ def load_transformer(path: str | Path, *, dtype=torch.float32, device="cpu"):
     cls = getattr(diffusers, cfg["_class_name"])
     try:
         model = cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - one line instead of a deep traceback
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot load the weights in {path}: {type(exc).__name__}: {first[:300]}") from None
     return model.to(device).eval()

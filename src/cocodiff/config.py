@@ -120,12 +120,12 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         if self.all_to_all not in ALL_TO_ALL_KINDS:
-            raise ValueError(
-                f"ParallelConfig.all_to_all={self.all_to_all!r} is not one of {ALL_TO_ALL_KINDS}"
-            )
+            raise ValueError(f"ParallelConfig.all_to_all={self.all_to_all!r} is not one of {ALL_TO_ALL_KINDS}")
         if self.all_to_all == "copy_engine" and self.emulate_slow_tier is not None:
-            raise ValueError("ParallelConfig: all_to_all='copy_engine' runs on one host's links; it cannot be "
-                             "combined with emulate_slow_tier (use all_to_all='flat' or 'tapa')")
+            raise ValueError(
+                "ParallelConfig: all_to_all='copy_engine' runs on one host's links; it cannot be "
+                "combined with emulate_slow_tier (use all_to_all='flat' or 'tapa')"
+            )
         if self.tapa_plan not in TAPA_PLANS:
             raise ValueError(f"ParallelConfig.tapa_plan={self.tapa_plan!r} is not one of {TAPA_PLANS}")
         if not isinstance(self.tapa_chunks, int) or self.tapa_chunks < 1:
@@ -159,7 +159,7 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.memory_budget_gb={self.memory_budget_gb!r} must be > 0 or None")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ParallelConfig":
+    def preset(cls, name: str, **overrides) -> ParallelConfig:
         """Named configurations: "flat" (paper baseline), "tapa", "vfirst" (TAPA + V-First), "cocodiff"
         (TAPA + V-First + V-Major). Keyword overrides replace preset fields."""
         if name == "flat":
@@ -179,7 +179,7 @@ class ParallelConfig:
         """Whether the output exchange runs under independent work (`overlap_output`, default: `v_first`)."""
         return self.v_first if self.overlap_output is None else self.overlap_output
 
-    def with_(self, **changes) -> "ParallelConfig":
+    def with_(self, **changes) -> ParallelConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 

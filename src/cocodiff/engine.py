@@ -40,8 +40,16 @@ class UlyssesEngine:
         device: where this rank computes and communicates.
     """
 
-    def __init__(self, config: ParallelConfig, *, groups: TierGroups, topology: Topology, plan, inner_dim: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        config: ParallelConfig,
+        *,
+        groups: TierGroups,
+        topology: Topology,
+        plan,
+        inner_dim: int,
+        device: torch.device,
+    ):
         self.config = config
         self.groups = groups
         self.group = groups.group
@@ -88,8 +96,14 @@ class UlyssesEngine:
         model.forward = self.graphs  # an instance attribute: nn.Module.__call__ runs the hooks, then this
         return self.graphs
 
-    def set_schedule(self, *, v_first: bool | None = None, overlap_output=UnsetMarker, fuse_qk: bool | None = None,
-                     sync: bool | None = None) -> None:
+    def set_schedule(
+        self,
+        *,
+        v_first: bool | None = None,
+        overlap_output=UnsetMarker,
+        fuse_qk: bool | None = None,
+        sync: bool | None = None,
+    ) -> None:
         """Switch options that do not change how tokens are sharded (for A/B runs on one model).
         `overlap_output` takes None (follow v_first) or a bool; leave it out to keep the current value."""
         changes: dict[str, Any] = {}

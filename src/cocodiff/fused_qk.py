@@ -56,8 +56,7 @@ def fused_device(x: torch.Tensor) -> bool:
 
 def fusable_norm(norm: nn.Module | None) -> bool:
     """A bare `torch.nn.RMSNorm` (no subclass, no hooks): the fused kernel reproduces exactly that."""
-    return (type(norm) is nn.RMSNorm and not norm._forward_hooks and not norm._forward_pre_hooks
-            and norm.eps is not None)
+    return type(norm) is nn.RMSNorm and not norm._forward_hooks and not norm._forward_pre_hooks and norm.eps is not None
 
 
 def norm_cat_rope(parts, norms, freqs):

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -96,8 +97,15 @@ class StepGraphs:
 
     MANY = 8  # signatures after which a warning suggests that a changing argument defeats reuse
 
-    def __init__(self, fn: Callable, *, warmup: int = 2, stats=None, key: Callable[[], Any] | None = None,
-                 preserve: Callable[[], Any] | None = None):
+    def __init__(
+        self,
+        fn: Callable,
+        *,
+        warmup: int = 2,
+        stats=None,
+        key: Callable[[], Any] | None = None,
+        preserve: Callable[[], Any] | None = None,
+    ):
         self.fn = fn
         self.warmup = warmup
         self.stats = stats
@@ -154,8 +162,11 @@ class StepGraphs:
             return self.fn(*args, **kwargs)
         if torch.is_grad_enabled() or any(_nested_tensor(v) for v in list(args) + list(kwargs.values())):
             if not self._warned:
-                warnings.warn("cocodiff cuda_graph: a call with gradients enabled or with tensors inside container "
-                              "arguments runs eagerly (no graph)", stacklevel=2)
+                warnings.warn(
+                    "cocodiff cuda_graph: a call with gradients enabled or with tensors inside container "
+                    "arguments runs eagerly (no graph)",
+                    stacklevel=2,
+                )
                 self._warned = True
             return self.fn(*args, **kwargs)
         key = (_key(args, kwargs), self._extra_key())
@@ -165,10 +176,13 @@ class StepGraphs:
             self._graphs[key] = cap
             if len(self._graphs) == self.MANY:
                 changing = _changing_args(self._graphs)
-                warnings.warn(f"cocodiff cuda_graph: {self.MANY} input signatures captured, one graph each "
-                              f"(non-tensor arguments whose values differ between them: {changing}); a value "
-                              "that changes every call, such as a float timestep, defeats graph reuse: pass it as "
-                              "a tensor, or call engine.graphs.clear()", stacklevel=2)
+                warnings.warn(
+                    f"cocodiff cuda_graph: {self.MANY} input signatures captured, one graph each "
+                    f"(non-tensor arguments whose values differ between them: {changing}); a value "
+                    "that changes every call, such as a float timestep, defeats graph reuse: pass it as "
+                    "a tensor, or call engine.graphs.clear()",
+                    stacklevel=2,
+                )
         else:
             for buf, a in zip(cap.static_args, args):
                 if isinstance(buf, torch.Tensor):

@@ -118,8 +118,9 @@ def unpack_heads(recv: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
     return flat.permute(1, 2, 0, 3)
 
 
-def start_seq_to_head(x: torch.Tensor, layout: SeqLayout, exchange: BlockExchange, *,
-                      rows: RowPlan | None = None) -> Handle:
+def start_seq_to_head(
+    x: torch.Tensor, layout: SeqLayout, exchange: BlockExchange, *, rows: RowPlan | None = None
+) -> Handle:
     """Start the seq->head exchange of one tensor.
 
     Args:
@@ -166,8 +167,9 @@ def unpack_tokens(recv: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
     return mine.permute(2, 1, 0, 3, 4).reshape(B, L, P * h_local, D)
 
 
-def start_head_to_seq(o: torch.Tensor, layout: SeqLayout, exchange: BlockExchange, *,
-                      rows: RowPlan | None = None) -> Handle:
+def start_head_to_seq(
+    o: torch.Tensor, layout: SeqLayout, exchange: BlockExchange, *, rows: RowPlan | None = None
+) -> Handle:
     """Start the head->seq exchange of an attention output.
 
     Args:

@@ -67,8 +67,9 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
 
         check_vmajor(config, topology, model, plan)
     param = next(model.parameters(), None)
-    if param is not None and (param.device.type != device.type or
-                              (device.type == "cuda" and param.device.index != device.index)):
+    if param is not None and (
+        param.device.type != device.type or (device.type == "cuda" and param.device.index != device.index)
+    ):
         raise ValueError(
             f"cocodiff.parallelize: the model is on {param.device} but this rank communicates on {device} "
             f"({dist.get_backend(group)}); move the model to {device} first"
@@ -93,12 +94,16 @@ def _raise_together(error: Exception | None, group, device: torch.device, *, sam
     if error is not None:
         raise error
     if failed:
-        raise ValueError(f"cocodiff.parallelize: ranks {failed} refused the model or config (their own error "
-                         "names the problem); no engine was set up")
+        raise ValueError(
+            f"cocodiff.parallelize: ranks {failed} refused the model or config (their own error "
+            "names the problem); no engine was set up"
+        )
     hosts = len({h for _, h in rows})
     if same_host is not None and hosts > 1:
-        raise ValueError(f"cocodiff.parallelize: {same_host} needs all ranks on one host, this group spans {hosts} "
-                         "hosts; use all_to_all='flat' or 'tapa' across hosts")
+        raise ValueError(
+            f"cocodiff.parallelize: {same_host} needs all ranks on one host, this group spans {hosts} "
+            "hosts; use all_to_all='flat' or 'tapa' across hosts"
+        )
 
 
 def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
@@ -141,8 +146,10 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     _raise_together(error, group, device, same_host=needs_one_host(config))
 
     groups = build_groups(topology, group, **needs_groups(config))
-    inner_dim = max(getattr(attn, "inner_dim", attn.heads * getattr(attn, "head_dim", 0))
-                    for _, attn in plan.attention_modules(model))
+    inner_dim = max(
+        getattr(attn, "inner_dim", attn.heads * getattr(attn, "head_dim", 0))
+        for _, attn in plan.attention_modules(model)
+    )
     engine = UlyssesEngine(config, groups=groups, topology=topology, plan=plan, inner_dim=inner_dim, device=device)
     engine.attach(model)
     scheduler = getattr(obj, "scheduler", None) if obj is not model else None

@@ -21,7 +21,8 @@ tensor travels (exactly, or V-Major's selected rows) is the `LayerExchange` the 
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

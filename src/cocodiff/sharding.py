@@ -11,8 +11,9 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -175,7 +176,9 @@ class PlanHooks:
             if pattern == "":
                 continue  # done by the root hook, after the layout is known
             for _, mod in resolve_modules(model, pattern):
-                self.handles.append(mod.register_forward_pre_hook(self._make_input_splitter(mod, spec), with_kwargs=True))
+                self.handles.append(
+                    mod.register_forward_pre_hook(self._make_input_splitter(mod, spec), with_kwargs=True)
+                )
         for pattern, spec in plan.split_outputs.items():
             for _, mod in resolve_modules(model, pattern):
                 self.handles.append(mod.register_forward_hook(self._make_output_splitter(spec)))
@@ -278,8 +281,13 @@ class PlanHooks:
         param = next(module.parameters(), None)
         elem = param.element_size() if param is not None else 4
         batch = bound["hidden_states"].shape[0]
-        need = comm_buffer_bytes(l_max=l_max, batch=batch, inner_dim=self.engine.inner_dim, elem=elem,
-                                 extra_buffers=self.engine.exchange.extra_buffers(4))
+        need = comm_buffer_bytes(
+            l_max=l_max,
+            batch=batch,
+            inner_dim=self.engine.inner_dim,
+            elem=elem,
+            extra_buffers=self.engine.exchange.extra_buffers(4),
+        )
         budget = self.engine.config.memory_budget_gb
         have = int(budget * 2**30) if budget is not None else free_bytes(self.device)
         return need, have

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-
 _DEFAULT_NAMES = {1: ("local",), 2: ("local", "node"), 3: ("tile", "gpu", "node")}
 
 
@@ -66,7 +65,7 @@ class Topology:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_spec(cls, spec: str, world_size: int) -> "Topology":
+    def from_spec(cls, spec: str, world_size: int) -> Topology:
         sizes = parse_topology_spec(spec)
         if math.prod(sizes) != world_size:
             raise ValueError(
@@ -78,7 +77,7 @@ class Topology:
         return topo
 
     @classmethod
-    def from_launcher(cls, world_size: int, global_ranks: list[int] | None = None) -> "Topology":
+    def from_launcher(cls, world_size: int, global_ranks: list[int] | None = None) -> Topology:
         """Two tiers (local, node) from torchrun's LOCAL_WORLD_SIZE when the group spans several hosts, else
         one tier. `global_ranks[i]` is the global rank of group rank i (default: the identity)."""
         local = os.environ.get("LOCAL_WORLD_SIZE")
@@ -95,12 +94,13 @@ class Topology:
         if nodes != expected:
             raise ValueError(
                 f"the process group's ranks {ranks} are not spread evenly and contiguously over hosts of "
-                f"LOCAL_WORLD_SIZE={local}; pass an explicit topology spec, e.g. ParallelConfig(topology='1x{world_size}')"
+                f"LOCAL_WORLD_SIZE={local}; pass an explicit topology spec, e.g. "
+                f"ParallelConfig(topology='1x{world_size}')"
             )
         return cls((per_node, len(distinct)))
 
     @classmethod
-    def resolve(cls, spec: str | None, world_size: int, global_ranks: list[int] | None = None) -> "Topology":
+    def resolve(cls, spec: str | None, world_size: int, global_ranks: list[int] | None = None) -> Topology:
         if spec is None:
             return cls.from_launcher(world_size, global_ranks)
         return cls.from_spec(spec, world_size)
@@ -180,7 +180,6 @@ class Topology:
     def __repr__(self) -> str:
         inner = ", ".join(f"{t.name}={t.size}" for t in self.tiers)
         return f"Topology({self.spec}: {inner})"
-
 
 
 # ---------------------------------------------------------------------------------------------------

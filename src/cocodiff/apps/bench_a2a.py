@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..config import ParallelConfig, SlowTierEmulation
 from ..exchange import CommStats, FlatExchange, TapaExchange, build_exchange, needs_groups
 from ..timing import time_ms
-from ..topology import Topology, slow_link_options, build_groups
+from ..topology import Topology, build_groups, slow_link_options
 from .launch import set_multi_gpu_env, spawn
 
 
@@ -46,7 +46,7 @@ def _time_graph(fn, iters: int) -> float | None:
         e.record()
         e.synchronize()
         return s.elapsed_time(e) / iters
-    except Exception as exc:  # noqa: BLE001 - reported as missing
+    except Exception as exc:
         print(f"graph timing failed: {type(exc).__name__}: {exc}", flush=True)
         return None
 
@@ -81,10 +81,17 @@ def _bench_rank(opts: dict) -> dict | None:
     topo = Topology.resolve(opts["topology"], world)
     group = dist.group.WORLD
     result = {
-        "topology": topo.spec, "tiers": [t.name for t in topo.tiers], "world": world, "backend": dist.get_backend(),
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+        "topology": topo.spec,
+        "tiers": [t.name for t in topo.tiers],
+        "world": world,
+        "backend": dist.get_backend(),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-        "iters": opts["iters"], "dtype": "bfloat16", "sizes_MB_per_rank": opts["sizes"], "emulation": None,
+        "iters": opts["iters"],
+        "dtype": "bfloat16",
+        "sizes_MB_per_rank": opts["sizes"],
+        "emulation": None,
     }
     emu = None
     if opts["emulate"]:
@@ -94,7 +101,9 @@ def _bench_rank(opts: dict) -> dict | None:
             ctas = min(cal, key=lambda c: abs(cal[c]["GBps_per_rank"] - opts["target_GBps"]))
         emu = SlowTierEmulation(max_ctas=int(ctas), target_GBps=opts["target_GBps"])
         result["emulation"] = {
-            "stands_for": emu.stands_for, "target_GBps": emu.target_GBps, "max_ctas": emu.max_ctas,
+            "stands_for": emu.stands_for,
+            "target_GBps": emu.target_GBps,
+            "max_ctas": emu.max_ctas,
             "calibration_32MB": {str(k): v for k, v in cal.items()},
             "achieved_GBps_per_rank": cal.get(emu.max_ctas, {}).get("GBps_per_rank"),
         }
@@ -106,8 +115,9 @@ def _bench_rank(opts: dict) -> dict | None:
     tapa2 = TapaExchange(topology=topo, tier_groups=groups.tiers, rank=rank, stats=stats, chunks=2)
     routes = {"flat": flat, "tapa": tapa1, "tapa/2": tapa2, "tapa/4": tapa4}
     if emu is not None:
-        routes["flat (real links)"] = FlatExchange(group=group, topology=topo, rank=rank,
-                                                   stats=CommStats(stats.tier_names))
+        routes["flat (real links)"] = FlatExchange(
+            group=group, topology=topo, rank=rank, stats=CommStats(stats.tier_names)
+        )
     rows = []
     for mb in opts["sizes"]:
         cols = max(1, int(mb * 1e6 / 2 / world))
@@ -138,13 +148,19 @@ def _bench_rank(opts: dict) -> dict | None:
                 row["tapa_vs_flat_graph"] = row["flat_graph_ms"] / min(gt)
         rows.append(row)
         if rank == 0:
-            print(f"{row['MB_per_rank']:7.2f} MB  flat {row['flat_ms']:.3f} ms  tapa {row['tapa_ms']:.3f}  "
-                  f"tapa/2 {row['tapa/2_ms']:.3f}  tapa/4 {row['tapa/4_ms']:.3f}  auto={row['auto_choice']} "
-                  f"({row['auto_vs_flat']:.2f}x flat)"
-                  + (f" | graph: flat {row['flat_graph_ms']:.3f} tapa {row.get('tapa_graph_ms') or float('nan'):.3f} "
-                     f"tapa/4 {row.get('tapa/4_graph_ms') or float('nan'):.3f}" if cuda else "")
-                  + ("" if all(v for k, v in row.items() if k.endswith("_equals_flat")) else "  MISMATCH"),
-                  flush=True)
+            print(
+                f"{row['MB_per_rank']:7.2f} MB  flat {row['flat_ms']:.3f} ms  tapa {row['tapa_ms']:.3f}  "
+                f"tapa/2 {row['tapa/2_ms']:.3f}  tapa/4 {row['tapa/4_ms']:.3f}  auto={row['auto_choice']} "
+                f"({row['auto_vs_flat']:.2f}x flat)"
+                + (
+                    f" | graph: flat {row['flat_graph_ms']:.3f} tapa {row.get('tapa_graph_ms') or float('nan'):.3f} "
+                    f"tapa/4 {row.get('tapa/4_graph_ms') or float('nan'):.3f}"
+                    if cuda
+                    else ""
+                )
+                + ("" if all(v for k, v in row.items() if k.endswith("_equals_flat")) else "  MISMATCH"),
+                flush=True,
+            )
     result["rows"] = rows
     if rank != 0:
         return None
@@ -165,8 +181,11 @@ def plot_a2a(result: dict, path: Path) -> None:
     rows = result["rows"]
     mb = [r["MB_per_rank"] for r in rows]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [k[:-3] for k in rows[0] if k.endswith("_ms") and not k.endswith("graph_ms")
-             and k not in ("auto_ms", "tapa_best_ms")]
+    names = [
+        k[:-3]
+        for k in rows[0]
+        if k.endswith("_ms") and not k.endswith("graph_ms") and k not in ("auto_ms", "tapa_best_ms")
+    ]
     for name in names:
         ax.plot(mb, [r[f"{name}_ms"] for r in rows], "o-" if name.startswith("tapa") else "s--", label=name)
     ax.plot(mb, [r["auto_ms"] for r in rows], "k:", lw=2, label="auto plan")
@@ -177,7 +196,10 @@ def plot_a2a(result: dict, path: Path) -> None:
     emu = result.get("emulation")
     title = f"all-to-all, {result['world']} ranks, topology {result['topology']}"
     if emu:
-        title += f"\nslow tier emulated: {emu['max_ctas']}-CTA NCCL ({emu['achieved_GBps_per_rank']:.0f} GB/s) for a {emu['stands_for']}"
+        title += (
+            f"\nslow tier emulated: {emu['max_ctas']}-CTA NCCL ({emu['achieved_GBps_per_rank']:.0f} GB/s) "
+            f"for a {emu['stands_for']}"
+        )
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -204,8 +226,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-ctas", default="auto", help="CTA cap of the emulated slow link, or 'auto' (calibrate)")
     p.add_argument("--calibrate-ctas", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--target-GBps", type=float, default=50.0, help="per-GPU bandwidth of the emulated real link")
-    p.add_argument("--sizes", type=float, nargs="+", default=[0.0625, 0.25, 1, 2, 4, 8, 16, 32, 64],
-                   help="MB per rank")
+    p.add_argument("--sizes", type=float, nargs="+", default=[0.0625, 0.25, 1, 2, 4, 8, 16, 32, 64], help="MB per rank")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--ranks", type=int, default=None, help="ranks to start without a launcher")
     p.add_argument("--cpu", action="store_true")
@@ -213,9 +234,16 @@ def add_parser(sub) -> None:
 
 
 def run_bench(args) -> int:
-    opts = dict(topology=args.topology, emulate=args.emulate, max_ctas=args.max_ctas,
-                calibrate_ctas=args.calibrate_ctas, target_GBps=args.target_GBps, sizes=args.sizes,
-                iters=args.iters, out=args.out)
+    opts = dict(
+        topology=args.topology,
+        emulate=args.emulate,
+        max_ctas=args.max_ctas,
+        calibrate_ctas=args.calibrate_ctas,
+        target_GBps=args.target_GBps,
+        sizes=args.sizes,
+        iters=args.iters,
+        out=args.out,
+    )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         set_multi_gpu_env()
         backend = "nccl" if torch.cuda.is_available() and not args.cpu else "gloo"

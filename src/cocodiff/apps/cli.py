@@ -13,14 +13,21 @@ import sys
 
 
 def _add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = False) -> None:
-    p.add_argument("--preset", default="flat",
-                   help="ParallelConfig preset: flat, tapa, vfirst (cocodiff = V-Major: not available yet)")
+    p.add_argument(
+        "--preset",
+        default="flat",
+        help="ParallelConfig preset: flat, tapa, vfirst (cocodiff = V-Major: not available yet)",
+    )
     p.add_argument("--v-first", action="store_true", help="project V first and overlap its exchange")
     p.add_argument("--topology", default=None, help="tier spec, outermost first, e.g. 2x2")
     if not engine_options:
         return
-    p.add_argument("--all-to-all", default=None, choices=["flat", "tapa", "copy_engine"],
-                   help="exchange route (default: the preset's)")
+    p.add_argument(
+        "--all-to-all",
+        default=None,
+        choices=["flat", "tapa", "copy_engine"],
+        help="exchange route (default: the preset's)",
+    )
     p.add_argument("--fuse-qk", action="store_true", help="GPU: fused Q/K RMSNorm + RoPE kernel (torch.compile)")
     p.add_argument("--cuda-graph", action="store_true", help="GPU: replay each step as a CUDA graph")
 
@@ -30,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate images with the small model on several ranks")
-    demo.add_argument("--ranks", type=int, default=None,
-                      help="ranks to start (default: all local GPUs, or 2 CPU ranks without a GPU)")
+    demo.add_argument(
+        "--ranks", type=int, default=None, help="ranks to start (default: all local GPUs, or 2 CPU ranks without a GPU)"
+    )
     demo.add_argument("--steps", type=int, default=20, help="denoising steps")
     demo.add_argument("--num-images", type=int, default=4, help="images to generate (one batch)")
     demo.add_argument("--seed", type=int, default=0)
@@ -39,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="cocodiff-out/demo", help="output directory")
     demo.add_argument("--cpu", action="store_true", help="use CPU ranks even when GPUs are present")
     demo.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
-    demo.add_argument("--timeout", type=float, default=120.0,
-                      help="seconds a rank waits in a collective before giving up (a failed peer never hangs the run)")
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds a rank waits in a collective before giving up (a failed peer never hangs the run)",
+    )
     _add_parallel_args(demo, engine_options=True)
 
     from . import bench_a2a

@@ -89,11 +89,15 @@ def _demo_rank(opts: dict) -> dict | None:
         return None
     reference = None
     if single is not None:
-        reference = generate(dataclasses.replace(sm, transformer=single), labels, steps=opts["steps"], seed=opts["seed"])
+        reference = generate(
+            dataclasses.replace(sm, transformer=single), labels, steps=opts["steps"], seed=opts["seed"]
+        )
     stats = engine.step_stats.as_dict()
     timed = sorted(step_ms[1:] or step_ms)  # first step includes one-time set-up
     report = {
-        "model": "shipped trained small FLUX" if sm.trained else "RANDOM-WEIGHT small FLUX (untrained: noise-like images)",
+        "model": "shipped trained small FLUX"
+        if sm.trained
+        else "RANDOM-WEIGHT small FLUX (untrained: noise-like images)",
         "trained": sm.trained,
         "classes": [sm.classes[i] for i in labels.tolist()],
         "image_size": sm.image_size,
@@ -139,13 +143,26 @@ def run_demo(args) -> int:
     if args.model is not None and not Path(args.model).exists():
         raise FileNotFoundError(f"--model {args.model}: no such directory")
     on_gpu = torch.cuda.is_available() and not args.cpu
-    gpu_only = [flag for flag, on in (("--cuda-graph", cfg.cuda_graph), ("--fuse-qk", cfg.fuse_qk),
-                                      ("--all-to-all copy_engine", cfg.all_to_all == "copy_engine")) if on]
+    gpu_only = [
+        flag
+        for flag, on in (
+            ("--cuda-graph", cfg.cuda_graph),
+            ("--fuse-qk", cfg.fuse_qk),
+            ("--all-to-all copy_engine", cfg.all_to_all == "copy_engine"),
+        )
+        if on
+    ]
     if gpu_only and not on_gpu:
         raise ValueError(f"{', '.join(gpu_only)} need GPU ranks; this run uses CPU ranks (drop the flag)")
     opts = dict(
-        model=args.model, num_images=args.num_images, steps=args.steps, seed=args.seed, out=args.out,
-        config=cfg, config_label=cfg.label, reference=not args.no_reference,
+        model=args.model,
+        num_images=args.num_images,
+        steps=args.steps,
+        seed=args.seed,
+        out=args.out,
+        config=cfg,
+        config_label=cfg.label,
+        reference=not args.no_reference,
     )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         set_multi_gpu_env()
@@ -169,8 +186,7 @@ def run_demo(args) -> int:
             backend = "gloo"
         if world < 1:
             raise ValueError(f"--ranks must be >= 1, got {world}")
-        report = spawn(_demo_rank, world, opts, backend=backend, timeout_s=3600,
-                       collective_timeout_s=args.timeout)[0]
+        report = spawn(_demo_rank, world, opts, backend=backend, timeout_s=3600, collective_timeout_s=args.timeout)[0]
     if report is not None:
         print(_markdown(report))
         print(f"wrote {args.out}/images.png, report.json, report.md")

@@ -13,36 +13,100 @@ FAMILIES = ("flux", "sd3", "qwenimage", "flux2")
 
 CONFIGS: dict[str, dict[str, dict]] = {
     "flux": {
-        "tiny": dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                     num_attention_heads=4, joint_attention_dim=16, pooled_projection_dim=16,
-                     guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+        "tiny": dict(
+            patch_size=1,
+            in_channels=8,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=16,
+            pooled_projection_dim=16,
+            guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4),
+        ),
         # FLUX.1-dev
-        "full": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                     guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        "full": dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
     },
     "sd3": {
-        "tiny": dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                     num_attention_heads=4, joint_attention_dim=16, caption_projection_dim=32,
-                     pooled_projection_dim=16, out_channels=4, pos_embed_max_size=32,
-                     dual_attention_layers=(0,), qk_norm="rms_norm"),
+        "tiny": dict(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=16,
+            caption_projection_dim=32,
+            pooled_projection_dim=16,
+            out_channels=4,
+            pos_embed_max_size=32,
+            dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ),
         # SD3.5-large (38 heads: the Ulysses degree must divide 38)
-        "full": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                     num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                     pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
-                     qk_norm="rms_norm"),
+        "full": dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=38,
+            attention_head_dim=64,
+            num_attention_heads=38,
+            joint_attention_dim=4096,
+            caption_projection_dim=2432,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        ),
     },
     "qwenimage": {
-        "tiny": dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
-                     num_attention_heads=4, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
+        "tiny": dict(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=16,
+            axes_dims_rope=(2, 2, 4),
+        ),
         # Qwen-Image (20B)
-        "full": dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
-                     num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56)),
+        "full": dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=60,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=3584,
+            axes_dims_rope=(16, 56, 56),
+        ),
     },
     "flux2": {
-        "tiny": dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                     num_attention_heads=4, joint_attention_dim=16, timestep_guidance_channels=16,
-                     axes_dims_rope=(2, 2, 2, 2), guidance_embeds=True),
+        "tiny": dict(
+            patch_size=1,
+            in_channels=8,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=16,
+            timestep_guidance_channels=16,
+            axes_dims_rope=(2, 2, 2, 2),
+            guidance_embeds=True,
+        ),
         # FLUX.2-dev (32B)
         "full": dict(),
     },
@@ -87,8 +151,19 @@ def image_tokens(family: str, model, height: int, width: int) -> tuple[int, int]
     raise ValueError(family)
 
 
-def make_inputs(family: str, model, *, rows: int, cols: int, n_txt: int, batch: int = 1, dtype=None,
-                device="cpu", seed: int = 1, text_mask: bool = False) -> dict:
+def make_inputs(
+    family: str,
+    model,
+    *,
+    rows: int,
+    cols: int,
+    n_txt: int,
+    batch: int = 1,
+    dtype=None,
+    device="cpu",
+    seed: int = 1,
+    text_mask: bool = False,
+) -> dict:
     """Random inputs of one transformer call with a `rows` x `cols` token grid and `n_txt` text tokens."""
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
@@ -132,7 +207,7 @@ def make_inputs(family: str, model, *, rows: int, cols: int, n_txt: int, batch: 
         if text_mask:
             mask = torch.ones(batch, n_txt, dtype=torch.bool)
             for b in range(batch):
-                mask[b, max(1, n_txt - 1 - b):] = False  # padded tail, different per sample
+                mask[b, max(1, n_txt - 1 - b) :] = False  # padded tail, different per sample
             out["encoder_hidden_states_mask"] = mask.to(device)
         return out
     if family == "flux2":

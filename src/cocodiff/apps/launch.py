@@ -14,7 +14,8 @@ import queue
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,7 @@ def _pool_worker(rank, world, port, threads, collective_timeout_s, tasks, result
     torch.set_num_threads(threads)
     try:
         _init_group(rank, world, port, "gloo", collective_timeout_s)
-    except Exception:  # noqa: BLE001 - reported to the parent
+    except Exception:
         results.put((rank, "err", traceback.format_exc()))
         return
     results.put((rank, "ready", None))
@@ -72,7 +73,7 @@ def _pool_worker(rank, world, port, threads, collective_timeout_s, tasks, result
         try:
             out = fn(*args, **kwargs)
             results.put((rank, "ok", out))
-        except BaseException:  # noqa: BLE001 - reported to the parent
+        except BaseException:
             _die(results, (rank, "err", traceback.format_exc()))
     dist.destroy_process_group()
 
@@ -134,7 +135,7 @@ class WorkerPool:
                     time.sleep(0.5)  # a rank that reported and exited: its report may still be in the pipe
                     if self._results.empty():
                         self.close()
-                        raise RankError(f"ranks {dead} died during {what} without reporting an error")
+                        raise RankError(f"ranks {dead} died during {what} without reporting an error") from None
                 continue
             got += 1
             if status == "err":
@@ -159,7 +160,7 @@ class WorkerPool:
         for q in self._tasks:
             try:
                 q.put(None)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         for p in self._procs:
             p.join(timeout=5)
@@ -167,8 +168,15 @@ class WorkerPool:
                 p.kill()
 
 
-_SECONDARY = ("timed out", "timeout", "connection closed by peer", "connection reset", "broken pipe",
-              "nccl communicator was aborted", "watchdog")
+_SECONDARY = (
+    "timed out",
+    "timeout",
+    "connection closed by peer",
+    "connection reset",
+    "broken pipe",
+    "nccl communicator was aborted",
+    "watchdog",
+)
 
 
 def _last_line(tb: str) -> str:
@@ -205,14 +213,20 @@ def _spawn_entry(rank, world, port, backend, collective_timeout_s, fn, args, res
         _init_group(rank, world, port, backend, collective_timeout_s)
         out = fn(*args)
         results.put((rank, "ok", out))
-    except BaseException:  # noqa: BLE001 - reported to the parent
+    except BaseException:
         _die(results, (rank, "err", traceback.format_exc()))
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world: int, *args, backend: str = "gloo", timeout_s: float = 3600.0,
-          collective_timeout_s: float = 120.0) -> list[Any]:
+def spawn(
+    fn: Callable,
+    world: int,
+    *args,
+    backend: str = "gloo",
+    timeout_s: float = 3600.0,
+    collective_timeout_s: float = 120.0,
+) -> list[Any]:
     """Run `fn(*args)` once on `world` fresh ranks and return their results; raise `RankError` naming the
     failed ranks if any raised, `TimeoutError` if any did not finish in time."""
     ctx = mp.get_context("spawn")
@@ -236,13 +250,18 @@ def spawn(fn: Callable, world: int, *args, backend: str = "gloo", timeout_s: flo
             try:
                 rank, status, payload = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if not p.is_alive() and p.exitcode not in (0, None) and out[r] is None and r not in errors]
+                dead = [
+                    r
+                    for r, p in enumerate(procs)
+                    if not p.is_alive() and p.exitcode not in (0, None) and out[r] is None and r not in errors
+                ]
                 if dead and not errors and results.empty():
                     time.sleep(0.5)  # a rank that reported and exited: its report may still be in the pipe
                     if results.empty():
-                        raise RankError(f"ranks {dead} died without reporting an error "
-                                        f"(exit codes {[procs[r].exitcode for r in dead]})")
+                        raise RankError(
+                            f"ranks {dead} died without reporting an error "
+                            f"(exit codes {[procs[r].exitcode for r in dead]})"
+                        ) from None
                 continue
             got += 1
             if status == "err":

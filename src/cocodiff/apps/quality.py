@@ -71,8 +71,11 @@ def make_masks(task: str, n: int, size: int, *, seed: int = 0) -> torch.Tensor:
         for i in range(n):
             for _ in range(4):
                 h, w = (int(v) for v in torch.randint(lo, hi + 1, (2,), generator=g))
-                y, x = int(torch.randint(size - h + 1, (1,), generator=g)), int(torch.randint(size - w + 1, (1,), generator=g))
-                known[i, :, y:y + h, x:x + w] = 0
+                y, x = (
+                    int(torch.randint(size - h + 1, (1,), generator=g)),
+                    int(torch.randint(size - w + 1, (1,), generator=g)),
+                )
+                known[i, :, y : y + h, x : x + w] = 0
     elif task == "generate":
         known.zero_()
     else:
@@ -136,12 +139,16 @@ def _quality_rank(opts: dict) -> dict:
             total.add(engine.step_stats)
             stamps.append(time.perf_counter())
 
-        images = inpaint(sm, opts["images"], opts["known"], opts["labels"], steps=opts["steps"],
-                         seed=opts["seed"], callback=on_step)
+        images = inpaint(
+            sm, opts["images"], opts["known"], opts["labels"], steps=opts["steps"], seed=opts["seed"], callback=on_step
+        )
         dts = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:])) or [stamps[-1] - stamps[0]]
         # numpy, not torch: torch's queue pickling shares tensors by fd, which dies with the rank's process
-        out[label] = {"images": images.numpy() if dist.get_rank() == 0 else None, "stats": total.as_dict(),
-                      "ms_per_step": 1e3 * dts[len(dts) // 2]}
+        out[label] = {
+            "images": images.numpy() if dist.get_rank() == 0 else None,
+            "stats": total.as_dict(),
+            "ms_per_step": 1e3 * dts[len(dts) // 2],
+        }
     return out
 
 
@@ -206,9 +213,19 @@ def run_quality(args) -> int:
     t0 = time.perf_counter()
     reference = inpaint(sm, truth, known, labels, steps=args.steps, seed=args.seed)
     ref_ms = 1e3 * (time.perf_counter() - t0) / args.steps
-    rows = [{"mode": "single", "ranks": 1, "status": "ok", "metrics": _row_metrics(reference, reference, truth, known, tasks, n),
-             "bytes_per_rank": {}, "bytes_all_ranks": 0, "ms_per_step": ref_ms, "lossless": True,
-             "note": "exact reference"}]
+    rows = [
+        {
+            "mode": "single",
+            "ranks": 1,
+            "status": "ok",
+            "metrics": _row_metrics(reference, reference, truth, known, tasks, n),
+            "bytes_per_rank": {},
+            "bytes_all_ranks": 0,
+            "ms_per_step": ref_ms,
+            "lossless": True,
+            "note": "exact reference",
+        }
+    ]
     outputs = {"single": reference}
     for world in worlds:
         configs, skipped = [], []
@@ -220,31 +237,67 @@ def run_quality(args) -> int:
                 configs.append((label, build_config(spec, topology)))
             except (ValueError, TypeError) as exc:
                 skipped.append({"mode": label, "ranks": world, "status": "skipped", "note": str(exc).splitlines()[0]})
-        results = spawn(_quality_rank, world, dict(configs=configs, model=args.model, images=truth, known=known,
-                        labels=labels, steps=args.steps, seed=args.seed), backend="gloo", timeout_s=3600) if configs else []
+        results = (
+            spawn(
+                _quality_rank,
+                world,
+                dict(
+                    configs=configs,
+                    model=args.model,
+                    images=truth,
+                    known=known,
+                    labels=labels,
+                    steps=args.steps,
+                    seed=args.seed,
+                ),
+                backend="gloo",
+                timeout_s=3600,
+            )
+            if configs
+            else []
+        )
         for label, cfg in configs:
             per_rank = [r[label] for r in results]
             images = torch.from_numpy(per_rank[0]["images"])
             outputs[f"{label}@{world}"] = images
-            rows.append({
-                "mode": label, "ranks": world, "status": "ok", "lossless": cfg.v_major is None,
-                "config": {"all_to_all": cfg.all_to_all, "v_first": cfg.v_first, "topology": cfg.topology,
-                           "tapa_plan": cfg.tapa_plan, "v_major": cfg.v_major is not None},
-                "metrics": _row_metrics(images, reference, truth, known, tasks, n),
-                "bytes_per_rank": per_rank[0]["stats"]["bytes_by_tier"],
-                "bytes_all_ranks": sum(r["stats"]["total_bytes"] for r in per_rank),
-                "ms_per_step": max(r["ms_per_step"] for r in per_rank),
-                "note": "",
-            })
+            rows.append(
+                {
+                    "mode": label,
+                    "ranks": world,
+                    "status": "ok",
+                    "lossless": cfg.v_major is None,
+                    "config": {
+                        "all_to_all": cfg.all_to_all,
+                        "v_first": cfg.v_first,
+                        "topology": cfg.topology,
+                        "tapa_plan": cfg.tapa_plan,
+                        "v_major": cfg.v_major is not None,
+                    },
+                    "metrics": _row_metrics(images, reference, truth, known, tasks, n),
+                    "bytes_per_rank": per_rank[0]["stats"]["bytes_by_tier"],
+                    "bytes_all_ranks": sum(r["stats"]["total_bytes"] for r in per_rank),
+                    "ms_per_step": max(r["ms_per_step"] for r in per_rank),
+                    "note": "",
+                }
+            )
         rows.extend(skipped)
     report = {
         "model": "shipped trained small FLUX" if sm.trained else "RANDOM-WEIGHT small FLUX (untrained)",
-        "trained": sm.trained, "classes": sm.classes, "image_size": sm.image_size,
-        "tokens": (sm.image_size // sm.patch) ** 2, "steps": args.steps, "seed": args.seed,
-        "crops_per_task": n, "tasks": list(tasks), "ranks": worlds, "device": "cpu (gloo ranks)",
+        "trained": sm.trained,
+        "classes": sm.classes,
+        "image_size": sm.image_size,
+        "tokens": (sm.image_size // sm.patch) ** 2,
+        "steps": args.steps,
+        "seed": args.seed,
+        "crops_per_task": n,
+        "tasks": list(tasks),
+        "ranks": worlds,
+        "device": "cpu (gloo ranks)",
         "lpips": "not computed: LPIPS needs pretrained network weights, not available offline",
-        "rows": [{**r, "metrics": {t: {k: _jsonable(v) for k, v in m.items()} for t, m in r.get("metrics", {}).items()}}
-                 for r in rows],
+        "rows": [
+            {**r, "metrics": {t: {k: _jsonable(v) for k, v in m.items()} for t, m in r.get("metrics", {}).items()}}
+            for r in rows
+        ],
     }
     write_outputs(report, outputs, truth, known, n, Path(args.out))
     print((Path(args.out) / "quality.md").read_text())
@@ -255,8 +308,11 @@ def add_parser(subparsers, add_parallel_args) -> None:
     """Register `cocodiff quality` (the generic --preset/--v-first/--topology flags add one extra row)."""
     p = subparsers.add_parser("quality", help="PSNR/SSIM of communication modes vs single process (inpainting)")
     p.add_argument("--ranks", default="2,4", help="comma-separated CPU rank counts (default 2,4)")
-    p.add_argument("--modes", default=",".join(m for m, _ in MODES),
-                   help="comma-separated rows; modes not available in this version are skipped with a note")
+    p.add_argument(
+        "--modes",
+        default=",".join(m for m, _ in MODES),
+        help="comma-separated rows; modes not available in this version are skipped with a note",
+    )
     p.add_argument("--tasks", default=",".join(TASKS), help="center, blocks (inpainting) and/or generate")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--per-class", type=int, default=2, help="held-out crops per class")

@@ -46,15 +46,22 @@ def markdown(report: dict) -> str:
                 f"{_fmt(m.get('psnr_hole_vs_truth'))} | {_fmt(m.get('ssim_vs_truth'), 4)} | "
                 f"{_fmt(m['psnr_vs_single'])} | {_fmt(m['ssim_vs_single'], 6)} | {m['max_abs_diff_vs_single']:.2e} |"
             )
-    lines += ["", "Bytes sent over the whole run (all tasks in one batch, all steps):", "",
-              "| mode | ranks | MB per rank, by tier | MB per rank per step | MB all ranks | ms/step (CPU, shared cores) | note |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Bytes sent over the whole run (all tasks in one batch, all steps):",
+        "",
+        "| mode | ranks | MB per rank, by tier | MB per rank per step | MB all ranks "
+        "| ms/step (CPU, shared cores) | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
         if r["status"] == "ok":
             tiers = ", ".join(f"{k}: {v / 1e6:.2f}" for k, v in r["bytes_per_rank"].items()) or "-"
             per_step = sum(r["bytes_per_rank"].values()) / report["steps"] / 1e6
-            lines.append(f"| {r['mode']} | {r['ranks']} | {tiers} | {per_step:.3f} | {r['bytes_all_ranks'] / 1e6:.2f} | "
-                         f"{r['ms_per_step']:.0f} | {r['note']} |")
+            lines.append(
+                f"| {r['mode']} | {r['ranks']} | {tiers} | {per_step:.3f} | {r['bytes_all_ranks'] / 1e6:.2f} | "
+                f"{r['ms_per_step']:.0f} | {r['note']} |"
+            )
         else:
             lines.append(f"| {r['mode']} | {r['ranks']} | - | - | - | - | skipped: {r['note']} |")
     return "\n".join(lines) + "\n"
@@ -96,8 +103,15 @@ def plot_metrics(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_images(outputs: dict[str, torch.Tensor], truth: torch.Tensor, known: torch.Tensor, tasks: list[str],
-                n: int, path: Path, max_cols: int = 3) -> None:
+def plot_images(
+    outputs: dict[str, torch.Tensor],
+    truth: torch.Tensor,
+    known: torch.Tensor,
+    tasks: list[str],
+    n: int,
+    path: Path,
+    max_cols: int = 3,
+) -> None:
     """Grid: per task a block of columns (crops), rows = truth, masked input, the single-process output and
     each mode's output at the largest rank count run (smaller counts are in the metrics, not the picture)."""
     import matplotlib
@@ -112,8 +126,9 @@ def plot_images(outputs: dict[str, torch.Tensor], truth: torch.Tensor, known: to
     top = max((int(k.rsplit("@", 1)[1]) for k in outputs if "@" in k), default=1)
     shown = [(k, v) for k, v in outputs.items() if "@" not in k or k.endswith(f"@{top}")]
     rows = [("truth", truth), ("input", masked)] + shown
-    fig, axes = plt.subplots(len(rows), len(picks), figsize=(0.75 * len(picks) + 1, 0.8 * len(rows) + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), len(picks), figsize=(0.75 * len(picks) + 1, 0.8 * len(rows) + 0.4), squeeze=False
+    )
     for r, (name, imgs) in enumerate(rows):
         for c, i in enumerate(picks):
             ax = axes[r][c]
@@ -129,8 +144,9 @@ def plot_images(outputs: dict[str, torch.Tensor], truth: torch.Tensor, known: to
     plt.close(fig)
 
 
-def write_outputs(report: dict, outputs: dict[str, torch.Tensor], truth: torch.Tensor, known: torch.Tensor,
-                  n: int, out: Path) -> None:
+def write_outputs(
+    report: dict, outputs: dict[str, torch.Tensor], truth: torch.Tensor, known: torch.Tensor, n: int, out: Path
+) -> None:
     """quality.json, quality.md, quality.png (metrics) and quality_images.png under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(report, indent=1))

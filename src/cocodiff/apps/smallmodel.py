@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -26,8 +26,15 @@ ASSET_DIR = Path(__file__).parent / "assets" / "small_flux"
 
 # A config small enough to train and run on CPU ranks; 4 heads divide over 1, 2 and 4 ranks.
 SMALL_FLUX_CONFIG = dict(
-    patch_size=1, in_channels=12, num_layers=2, num_single_layers=4, attention_head_dim=32,
-    num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+    patch_size=1,
+    in_channels=12,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    pooled_projection_dim=64,
+    guidance_embeds=False,
     axes_dims_rope=(8, 12, 12),
 )
 
@@ -89,8 +96,9 @@ def image_ids(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.T
     return ids.reshape(rows * cols, 3)
 
 
-def random_small_model(*, seed: int = 0, classes: list[str] | None = None, image_size: int = 32,
-                       device="cpu") -> SmallDiT:
+def random_small_model(
+    *, seed: int = 0, classes: list[str] | None = None, image_size: int = 32, device="cpu"
+) -> SmallDiT:
     """The small architecture with random weights (clearly not a trained model: `trained=False`)."""
     from diffusers import FluxTransformer2DModel
 
@@ -125,7 +133,9 @@ def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torc
 
     cfg = inspect_checkpoint(path / "transformer")  # one clear line for a foreign class or a newer diffusers
     if cfg["_class_name"] != "FluxTransformer2DModel":
-        raise ValueError(f"{path / 'transformer'} holds a {cfg['_class_name']}; the small model is a FluxTransformer2DModel")
+        raise ValueError(
+            f"{path / 'transformer'} holds a {cfg['_class_name']}; the small model is a FluxTransformer2DModel"
+        )
     try:
         meta = json.loads(meta_file.read_text())
         classes, n_tokens = list(meta["classes"]), int(meta["n_text_tokens"])
@@ -133,12 +143,13 @@ def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torc
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"corrupt cocodiff small model metadata {meta_file}: {exc!r}") from None
     try:
-        transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype,
-                                                             low_cpu_mem_usage=False)
+        transformer = FluxTransformer2DModel.from_pretrained(
+            path / "transformer", torch_dtype=dtype, low_cpu_mem_usage=False
+        )
         cfg = transformer.config
         cond = ClassConditioner(len(classes), n_tokens, cfg.joint_attention_dim, cfg.pooled_projection_dim)
         cond.load_state_dict(load_file(str(path / "conditioner.safetensors")))
-    except Exception as exc:  # noqa: BLE001 - safetensors, diffusers and torch raise various types
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"corrupt cocodiff small model at {path}: {first}") from None
     transformer = transformer.to(device).eval()
@@ -158,10 +169,13 @@ def save_small_model(sm: SmallDiT, path: str | Path, *, meta: dict, dtype=torch.
     for p in transformer.parameters():  # (not .to(dtype): diffusers warns about casting a loaded model)
         p.data = p.data.to(dtype)
     transformer.save_pretrained(path / "transformer", safe_serialization=True)
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in sm.conditioner.state_dict().items()},
-              str(path / "conditioner.safetensors"))
-    full = dict(meta, classes=list(sm.classes), image_size=sm.image_size, patch=sm.patch,
-                n_text_tokens=sm.conditioner.n_tokens)
+    save_file(
+        {k: v.detach().to(dtype).contiguous() for k, v in sm.conditioner.state_dict().items()},
+        str(path / "conditioner.safetensors"),
+    )
+    full = dict(
+        meta, classes=list(sm.classes), image_size=sm.image_size, patch=sm.patch, n_text_tokens=sm.conditioner.n_tokens
+    )
     (path / "cocodiff_small.json").write_text(json.dumps(full, indent=1))
     return path
 
@@ -189,8 +203,13 @@ def velocity(sm: SmallDiT, x: torch.Tensor, t: torch.Tensor, labels: torch.Tenso
     ids = image_ids(rows, cols, device=x.device, dtype=x.dtype)
     txt_ids = torch.zeros(ehs.shape[1], 3, device=x.device, dtype=x.dtype)
     return sm.transformer(
-        hidden_states=x, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=t,
-        img_ids=ids, txt_ids=txt_ids, return_dict=False,
+        hidden_states=x,
+        encoder_hidden_states=ehs,
+        pooled_projections=pooled,
+        timestep=t,
+        img_ids=ids,
+        txt_ids=txt_ids,
+        return_dict=False,
     )[0]
 
 
@@ -249,8 +268,10 @@ def inpaint(
     B = labels.shape[0]
     size, p = sm.image_size, sm.patch
     if images.shape != (B, 3, size, size) or known.shape != (B, 1, size, size):
-        raise ValueError(f"inpaint: expected images (B, 3, {size}, {size}) and known (B, 1, {size}, {size}) for "
-                         f"B={B}, got {tuple(images.shape)} and {tuple(known.shape)}")
+        raise ValueError(
+            f"inpaint: expected images (B, 3, {size}, {size}) and known (B, 1, {size}, {size}) for "
+            f"B={B}, got {tuple(images.shape)} and {tuple(known.shape)}"
+        )
     g = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(B, (size // p) ** 2, 3 * p * p, generator=g).to(device=device, dtype=dtype)
     x0 = pack(images.to(device=device, dtype=dtype), p)  # (B, TOKENS, 3*p*p)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -100,8 +100,9 @@ def split_holdout(img: torch.Tensor, frac: float, size: int) -> tuple[torch.Tens
     return img[..., :cut], img[..., cut:]
 
 
-def heldout_crops(classes: list[str] | tuple[str, ...], *, image_size: int = 32, per_class: int = 4,
-                  holdout_frac: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout_crops(
+    classes: list[str] | tuple[str, ...], *, image_size: int = 32, per_class: int = 4, holdout_frac: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic evaluation crops `(N, 3, S, S)` in [-1, 1] and labels `(N,)` from the held-out strips,
     `per_class` crops per class spread evenly down the strip (class-major order)."""
     images, labels = [], []
@@ -111,7 +112,7 @@ def heldout_crops(classes: list[str] | tuple[str, ...], *, image_size: int = 32,
         x0 = (W - image_size) // 2
         for j in range(per_class):
             y0 = round((H - image_size) * (j + 0.5) / per_class)
-            images.append(held[:, y0:y0 + image_size, x0:x0 + image_size])
+            images.append(held[:, y0 : y0 + image_size, x0 : x0 + image_size])
             labels.append(k)
     return torch.stack(images), torch.tensor(labels)
 
@@ -132,13 +133,12 @@ class CropSampler:
             img = self.parts[k]
             y = int(torch.randint(img.shape[1] - S + 1, (1,), generator=g))
             x = int(torch.randint(img.shape[2] - S + 1, (1,), generator=g))
-            crop = img[:, y:y + S, x:x + S]
+            crop = img[:, y : y + S, x : x + S]
             out[i] = crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop
         return out, labels
 
 
-def flow_loss(sm: SmallDiT, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor,
-              eps: torch.Tensor) -> torch.Tensor:
+def flow_loss(sm: SmallDiT, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Rectified-flow MSE for images `x0` (B, 3, S, S), times `t` (B,), noise `eps` (B, 3, S, S)."""
     xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
     v = velocity(sm, pack(xt, sm.patch), t, labels)  # (B, TOKENS, 3*p*p)
@@ -183,12 +183,19 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> tuple[Smal
     """
     sm = build_model(cfg)
     sampler = CropSampler(cfg.classes, cfg.image_size, cfg.holdout_frac)
-    ev_images, ev_labels = heldout_crops(cfg.classes, image_size=cfg.image_size, per_class=8,
-                                         holdout_frac=cfg.holdout_frac)
+    ev_images, ev_labels = heldout_crops(
+        cfg.classes, image_size=cfg.image_size, per_class=8, holdout_frac=cfg.holdout_frac
+    )
     params = list(sm.transformer.parameters()) + list(sm.conditioner.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ema = SmallDiT(copy.deepcopy(sm.transformer).eval(), copy.deepcopy(sm.conditioner).eval(),
-                   sm.classes, sm.image_size, sm.patch, trained=False)
+    ema = SmallDiT(
+        copy.deepcopy(sm.transformer).eval(),
+        copy.deepcopy(sm.conditioner).eval(),
+        sm.classes,
+        sm.image_size,
+        sm.patch,
+        trained=False,
+    )
     ema_params = list(ema.transformer.parameters()) + list(ema.conditioner.parameters())
     for p in ema_params:
         p.requires_grad_(False)
@@ -220,8 +227,10 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> tuple[Smal
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             hl = heldout_loss(ema, ev_images, ev_labels)
             hist["heldout"].append((step + 1, hl))
-            log(f"step {step + 1}/{cfg.steps}  train {hist['train'][-1][1]:.4f}  heldout(ema) {hl:.4f}  "
-                f"{elapsed / (step + 1):.2f} s/step  {elapsed / 60:.1f} min")
+            log(
+                f"step {step + 1}/{cfg.steps}  train {hist['train'][-1][1]:.4f}  heldout(ema) {hl:.4f}  "
+                f"{elapsed / (step + 1):.2f} s/step  {elapsed / 60:.1f} min"
+            )
         if cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60:
             log(f"stopping at step {step + 1}: {cfg.max_minutes} min wall-time limit")
             break
@@ -229,7 +238,7 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> tuple[Smal
     hist["seconds"] = time.perf_counter() - start
     if not hist["heldout"] or hist["heldout"][-1][0] != step + 1:
         hist["heldout"].append((step + 1, heldout_loss(ema, ev_images, ev_labels)))
-    hist["final_train_loss"] = sum(l for _, l in hist["train"][-10:]) / max(1, len(hist["train"][-10:]))
+    hist["final_train_loss"] = sum(loss for _, loss in hist["train"][-10:]) / max(1, len(hist["train"][-10:]))
     hist["final_heldout_loss"] = hist["heldout"][-1][1]
     ema.trained = True
     return ema, hist

@@ -9,7 +9,7 @@ of flat and TAPA per message shape). `build_exchange` is the one place that maps
 from __future__ import annotations
 
 from ..config import ParallelConfig
-from ..topology import Topology, TierGroups, node_range
+from ..topology import TierGroups, Topology, node_range
 from .auto import AutoExchange
 from .base import BlockExchange, CommStats, Handle, all_gather_into
 from .flat import FlatExchange
@@ -50,8 +50,9 @@ def build_exchange(config: ParallelConfig, topology: Topology, groups: TierGroup
 
         return CopyEngineExchange(group=groups.group, **common)
     if config.emulate_slow_tier is not None:
-        flat = TieredExchange(near=node_range(topology, rank), near_group=groups.node, far_group=groups.far,
-                              name="flat", **common)
+        flat = TieredExchange(
+            near=node_range(topology, rank), near_group=groups.node, far_group=groups.far, name="flat", **common
+        )
     else:
         flat = FlatExchange(group=groups.group, **common)
     if config.all_to_all == "flat":

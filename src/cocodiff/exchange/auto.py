@@ -8,7 +8,7 @@ collectives, so it must happen in an eager call before any CUDA-graph capture (t
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -14,9 +14,10 @@ all-gather does):
 Slots form a ring, so V's, Q's and K's send buffers can be written while earlier exchanges are still in
 flight (the exchanges themselves run one after another on the copy stream); a slot is reused only after
 the main stream has waited for its previous exchange's final barrier. A larger message allocates a larger
-buffer; the old one is kept, since CUDA graphs captured with it replay its addresses. There is no host synchronisation: the steps are
-stream operations and capture in a CUDA graph. Buffers are allocated (a collective rendezvous) the first
-time a message size is seen, which must happen outside graph capture: the eager warm-up does it.
+buffer; the old one is kept, since CUDA graphs captured with it replay its addresses. There is no host
+synchronisation: the steps are stream operations and capture in a CUDA graph. Buffers are allocated (a
+collective rendezvous) the first time a message size is seen, which must happen outside graph capture: the
+eager warm-up does it.
 
 Requires CUDA, an NCCL process group (for the rendezvous) and all ranks on one host (peer mappings).
 Failure: NCCL's watchdog does not watch these barriers, so they carry their own timeout (`barrier_timeout_s`,
@@ -31,7 +32,7 @@ Whether it is faster than NCCL is measured, not assumed: the step benchmark's `c
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -54,8 +55,17 @@ class CopyEngineExchange(BlockExchange):
 
     name = "copy_engine"
 
-    def __init__(self, *, group, topology: Topology, rank: int, stats: CommStats | None = None, slots: int = 4,
-                 sync: bool = False, barrier_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        *,
+        group,
+        topology: Topology,
+        rank: int,
+        stats: CommStats | None = None,
+        slots: int = 4,
+        sync: bool = False,
+        barrier_timeout_s: float = 600.0,
+    ):
         import torch.distributed._symmetric_memory as symm_mem
 
         super().__init__(topology=topology, rank=rank, stats=stats, sync=sync)
@@ -144,7 +154,9 @@ class CopyEngineExchange(BlockExchange):
                     recv[peer].copy_(self._slot_view(peer, slot, send.shape, send.dtype)[self.rank])
             for ps in self._peer_streams:
                 side.wait_stream(ps)
-            self._hdl.barrier(channel=slot, timeout_ms=self._timeout_ms)  # every peer has pulled from this slot: it may be rewritten
+            self._hdl.barrier(
+                channel=slot, timeout_ms=self._timeout_ms
+            )  # every peer has pulled from this slot: it may be rewritten
             done = torch.cuda.Event()
             done.record(side)
         self._slot_done[slot] = (done, torch.cuda.is_current_stream_capturing())

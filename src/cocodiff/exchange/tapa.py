@@ -24,7 +24,7 @@ this route and flat lives in `auto.py`.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -47,8 +47,16 @@ class TapaExchange(BlockExchange):
 
     name = "tapa"
 
-    def __init__(self, *, topology: Topology, tier_groups: dict[int, object], rank: int, stats: CommStats | None = None,
-                 chunks: int = 1, sync: bool = False):
+    def __init__(
+        self,
+        *,
+        topology: Topology,
+        tier_groups: dict[int, object],
+        rank: int,
+        stats: CommStats | None = None,
+        chunks: int = 1,
+        sync: bool = False,
+    ):
         super().__init__(topology=topology, rank=rank, stats=stats, sync=sync)
         self.sizes = topology.sizes
         self.groups = tier_groups
@@ -69,7 +77,7 @@ class TapaExchange(BlockExchange):
             self.stats.messages_by_tier[t] += chunks * (n - 1)  # every chunk runs its own phase
         self.stats.exchanges += 1
 
-    def _stream(self, device: torch.device, k: int) -> "torch.cuda.Stream":
+    def _stream(self, device: torch.device, k: int) -> torch.cuda.Stream:
         key = (device, k)
         if key not in self._streams:
             self._streams[key] = torch.cuda.Stream(device=device)
@@ -101,8 +109,11 @@ class TapaExchange(BlockExchange):
         for k in range(n_tiers):
             if self.sizes[k] == 1:
                 # nothing to exchange: relabel D_k as S_k
-                x = self._after_phase(x.permute([n_tiers - k - 1] + list(range(n_tiers - k - 1)) +
-                                                list(range(n_tiers - k, x.dim()))), k, n_tiers)
+                x = self._after_phase(
+                    x.permute([n_tiers - k - 1] + list(range(n_tiers - k - 1)) + list(range(n_tiers - k, x.dim()))),
+                    k,
+                    n_tiers,
+                )
                 continue
             if streams is not None:
                 stream = streams[k]

@@ -18,8 +18,8 @@ lays them out (`layout.py`), so a row is one token's payload for the destination
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -79,8 +79,18 @@ class TieredExchange(BlockExchange):
         name: label in reports ("flat" when it is the emulated flat route).
     """
 
-    def __init__(self, *, topology: Topology, rank: int, stats: CommStats | None = None, near: tuple[int, int], near_group,
-                 far_group, sync: bool = False, name: str = "tiered"):
+    def __init__(
+        self,
+        *,
+        topology: Topology,
+        rank: int,
+        stats: CommStats | None = None,
+        near: tuple[int, int],
+        near_group,
+        far_group,
+        sync: bool = False,
+        name: str = "tiered",
+    ):
         super().__init__(topology=topology, rank=rank, stats=stats, sync=sync)
         self.name = name
         self.lo, self.hi = near
@@ -105,14 +115,18 @@ class TieredExchange(BlockExchange):
         if self.near_group is None:
             recv[self.rank].copy_(send[self.rank])
             return []
-        return [dist.all_to_all_single(recv[lo:hi], send[lo:hi].contiguous(), group=self.near_group,
-                                       async_op=True)]
+        return [dist.all_to_all_single(recv[lo:hi], send[lo:hi].contiguous(), group=self.near_group, async_op=True)]
 
     def _far_splits(self, per_far: int) -> list[int]:
         return [0 if self.lo <= r < self.hi else per_far for r in range(self.world)]
 
-    def start(self, send: torch.Tensor, post: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-              rows: RowPlan | None = None) -> Handle:
+    def start(
+        self,
+        send: torch.Tensor,
+        post: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        rows: RowPlan | None = None,
+    ) -> Handle:
         self._check(send)
         if rows is not None:
             return self._start_rows(send, post, rows)
@@ -126,8 +140,16 @@ class TieredExchange(BlockExchange):
         far_send = send[hi:] if lo == 0 else send[:lo] if hi == self.world else torch.cat([send[:lo], send[hi:]])
         far_recv = (recv[hi:] if lo == 0 else recv[:lo]) if self._far_contiguous else torch.empty_like(far_send)
         splits = self._far_splits(1)
-        works.append(dist.all_to_all_single(far_recv, far_send.contiguous(), output_split_sizes=splits,
-                                            input_split_sizes=splits, group=self.far_group, async_op=True))
+        works.append(
+            dist.all_to_all_single(
+                far_recv,
+                far_send.contiguous(),
+                output_split_sizes=splits,
+                input_split_sizes=splits,
+                group=self.far_group,
+                async_op=True,
+            )
+        )
         if self._far_contiguous:
             return self._finish(Handle(works, recv, post))
 
@@ -154,8 +176,10 @@ class TieredExchange(BlockExchange):
         send = send.contiguous()
         recv = plan.recv
         if recv.shape != send.shape or recv.dtype != send.dtype:
-            raise ValueError(f"RowPlan.recv {tuple(recv.shape)}/{recv.dtype} does not match the send buffer "
-                             f"{tuple(send.shape)}/{send.dtype}")
+            raise ValueError(
+                f"RowPlan.recv {tuple(recv.shape)}/{recv.dtype} does not match the send buffer "
+                f"{tuple(send.shape)}/{send.dtype}"
+            )
         rows = plan.send_rows
         if rows.dim() == 1:
             rows = rows.expand(n_far, -1)
@@ -184,8 +208,16 @@ class TieredExchange(BlockExchange):
             compact = picked
         arrived = torch.empty_like(compact)
         splits = self._far_splits(K * (F + E))
-        works.append(dist.all_to_all_single(arrived.view(-1), compact.view(-1), output_split_sizes=splits,
-                                            input_split_sizes=splits, group=self.far_group, async_op=True))
+        works.append(
+            dist.all_to_all_single(
+                arrived.view(-1),
+                compact.view(-1),
+                output_split_sizes=splits,
+                input_split_sizes=splits,
+                group=self.far_group,
+                async_op=True,
+            )
+        )
 
         def scatter(out: torch.Tensor) -> torch.Tensor:
             if E:

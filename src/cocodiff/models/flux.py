@@ -34,16 +34,18 @@ def processor(engine, layer: str) -> JointAttnProcessor:
 SINGLE_BLOCK_FORWARD_SHA256 = "see tests/test_models.py::test_copied_diffusers_forward_is_current"
 
 
-def single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
-                         joint_attention_kwargs=None):
+def single_block_forward(
+    self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None
+):
     """diffusers' `FluxSingleTransformerBlock.forward` (0.42) with the MLP branch moved into the attention's
     shadow: its first half (output columns) runs while K's exchange is in flight, its second half while
     the attention output's is. Same values: GELU is elementwise, so the halves concatenated equal the whole
     (a GEMM of half the width may round differently). Installed per block; active with `overlap_output`."""
     processor = self.attn.processor
     if not isinstance(processor, JointAttnProcessor) or not processor.engine.config.overlaps_output:
-        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb,
-                                  joint_attention_kwargs)
+        return type(self).forward(
+            self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
+        )
     text_seq_len = encoder_hidden_states.shape[1]
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
@@ -61,8 +63,9 @@ def single_block_forward(self, hidden_states, encoder_hidden_states, temb, image
         independent = (lambda: None, lambda: mlp_parts.append(self.act_mlp(self.proj_mlp(norm_hidden_states))))
     # as diffusers' FluxAttention.forward: keyword arguments the processor does not take are dropped
     extra = {k: v for k, v in (joint_attention_kwargs or {}).items() if k == "attention_mask"}
-    attn_output = processor(self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb,
-                            independent=independent, **extra)
+    attn_output = processor(
+        self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb, independent=independent, **extra
+    )
     hidden_states = torch.cat([attn_output, *mlp_parts], dim=2)
     gate = gate.unsqueeze(1)
     hidden_states = gate * self.proj_out(hidden_states)
@@ -83,9 +86,11 @@ def _install(model, engine) -> None:
                 continue
             m.forward = types.MethodType(single_block_forward, m)
     if wrapped:
-        warnings.warn(f"cocodiff: {wrapped} FLUX single-stream blocks already have a wrapped forward (diffusers "
-                      "hooks); they keep it, and their MLP does not run under the exchanges (overlap_output)",
-                      stacklevel=4)
+        warnings.warn(
+            f"cocodiff: {wrapped} FLUX single-stream blocks already have a wrapped forward (diffusers "
+            "hooks); they keep it, and their MLP does not run under the exchanges (overlap_output)",
+            stacklevel=4,
+        )
 
 
 def _check_call(bound):

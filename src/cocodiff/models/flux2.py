@@ -58,8 +58,13 @@ class Flux2SingleUlyssesProcessor:
 
         # SwiGLU's gate half runs while K's exchange is in flight, its other half while the output's is
         mlp_lo, mlp_hi = 3 * inner, w.shape[0]
-        split_mlp = (cfg.overlaps_output and sliced and type(attn.mlp_act_fn) is Flux2SwiGLU
-                     and not attn.mlp_act_fn._forward_hooks and not attn.mlp_act_fn._forward_pre_hooks)
+        split_mlp = (
+            cfg.overlaps_output
+            and sliced
+            and type(attn.mlp_act_fn) is Flux2SwiGLU
+            and not attn.mlp_act_fn._forward_hooks
+            and not attn.mlp_act_fn._forward_pre_hooks
+        )
         mid = mlp_lo + (mlp_hi - mlp_lo) // 2
 
         def gate():
@@ -87,8 +92,9 @@ class Flux2SingleUlyssesProcessor:
 
 def _check_call(bound):
     if bound.get("kv_cache_mode") is not None or bound.get("kv_cache") is not None:
-        raise ValueError("cocodiff: FLUX.2 reference-image KV caching (kv_cache_mode) is not supported under "
-                         "sequence parallelism")
+        raise ValueError(
+            "cocodiff: FLUX.2 reference-image KV caching (kv_cache_mode) is not supported under sequence parallelism"
+        )
     refuse_attention_kwargs(bound)
     require(bound, ("hidden_states", "encoder_hidden_states", "img_ids", "txt_ids"), "FLUX.2")
 

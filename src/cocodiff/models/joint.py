@@ -10,7 +10,8 @@ their norms and RoPE (`qk`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,8 +50,16 @@ class JointAttnProcessor:
             blocks carry [text, image] in one stream, SD3.5's `attn2` only the image.
     """
 
-    def __init__(self, engine, layer: str, *, text_first: bool = True, qk: QK | None = None, text_mask: bool = False,
-                 single_stream: tuple[str, ...] = (IMG,)):
+    def __init__(
+        self,
+        engine,
+        layer: str,
+        *,
+        text_first: bool = True,
+        qk: QK | None = None,
+        text_mask: bool = False,
+        single_stream: tuple[str, ...] = (IMG,),
+    ):
         self.engine = engine
         self.layer = layer
         self.text_first = text_first
@@ -58,11 +67,20 @@ class JointAttnProcessor:
         self.text_mask = text_mask
         self.single_stream = single_stream
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 encoder_hidden_states_mask=None, independent: Sequence[Callable[[], None]] = ()):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        encoder_hidden_states_mask=None,
+        independent: Sequence[Callable[[], None]] = (),
+    ):
         if attention_mask is not None:
-            raise ValueError(f"cocodiff: {type(attn).__name__} attention_mask is not supported under sequence "
-                             "parallelism")
+            raise ValueError(
+                f"cocodiff: {type(attn).__name__} attention_mask is not supported under sequence parallelism"
+            )
         if encoder_hidden_states_mask is not None and not self.text_mask:
             raise ValueError(f"cocodiff: {type(attn).__name__} takes no encoder_hidden_states_mask")
         joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
@@ -171,9 +189,13 @@ def norm_rope(engine, x, norm, rope_fn, freqs, *, added=None, added_norm=None, *
     `fuse_qk` on CUDA and plain `torch.nn.RMSNorm`s, one fused kernel (`cocodiff.fused_qk`) does it all."""
     parts = [x] if added is None else [added, x]
     norms = [norm] if added is None else [added_norm, norm]
-    if (engine.config.fuse_qk and fused_qk.fused_device(x) and all(p.numel() for p in parts)
-            and all(fused_qk.fusable_norm(n) and n.eps == norm.eps for n in norms)
-            and (freqs is None or (isinstance(freqs, tuple) and len(freqs) == 2))):
+    if (
+        engine.config.fuse_qk
+        and fused_qk.fused_device(x)
+        and all(p.numel() for p in parts)
+        and all(fused_qk.fusable_norm(n) and n.eps == norm.eps for n in norms)
+        and (freqs is None or (isinstance(freqs, tuple) and len(freqs) == 2))
+    ):
         return fused_qk.norm_cat_rope(parts, norms, freqs)
     x = torch.cat([n(p) for p, n in zip(parts, norms)], dim=1) if len(parts) > 1 else norm(x)
     if freqs is not None:
