@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast test-compat lint format clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,17 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# the oldest diffusers of the tested range (pyproject, cocodiff/compat.py): the model-family tests
+COMPAT := .venv-compat
+$(COMPAT)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q torch==2.13.0 diffusers==0.41.0 numpy==2.4.6 safetensors==0.8.0 tqdm \
+		pillow pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.17
+	$(COMPAT)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_models.py
+
 clean:
-	rm -rf $(VENV) cocodiff-out
+	rm -rf $(VENV) $(COMPAT) cocodiff-out

@@ -133,3 +133,17 @@ def test_overlap_output_follows_v_first_unless_set():
     assert not ParallelConfig().overlaps_output
     assert not ParallelConfig(v_first=True, overlap_output=False).overlaps_output
     assert ParallelConfig(overlap_output=True).overlaps_output
+
+
+def test_diffusers_outside_the_tested_range_warns_once(monkeypatch):
+    import diffusers
+
+    from cocodiff import compat
+
+    assert compat.diffusers_tested(diffusers.__version__)  # the lock's version is inside the range
+    assert not compat.diffusers_tested("0.99.0") and not compat.diffusers_tested("0.30.0")
+    monkeypatch.setattr(diffusers, "__version__", "0.99.0")
+    compat.warn_if_untested.cache_clear()
+    with pytest.warns(UserWarning, match="diffusers 0.99.0 is outside"):
+        compat.warn_if_untested()
+    compat.warn_if_untested.cache_clear()

@@ -59,3 +59,11 @@ def test_a_forward_wrapper_keeps_sharding_hooks_working(pools):
 
 def test_cuda_graph_switch_bookkeeping_on_cpu_ranks(pools):
     assert pools(4).run(cases.cuda_graph_switch_logic, 2)[:2] == [True, True]
+
+
+def test_copied_diffusers_forward_is_current():
+    # models/flux.py carries a reordered copy of diffusers' FluxSingleTransformerBlock.forward: when the installed
+    # diffusers changes that forward, the copy must be reviewed (until then it is not installed: exact, no overlap)
+    from cocodiff.models.flux import single_block_forward_is_current
+
+    assert single_block_forward_is_current(), "diffusers changed FluxSingleTransformerBlock.forward: review the copy"

@@ -14,19 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .compat import version_tuple
 from .models import supported
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message is one line naming the path and the fix."""
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
 
 
 def inspect_checkpoint(path: str | Path) -> dict:
@@ -58,13 +51,13 @@ def inspect_checkpoint(path: str | Path) -> dict:
     if cls not in supported():
         saved = cfg.get("_diffusers_version", "?")
         hint = ""
-        if _version_tuple(saved) > _version_tuple(diffusers.__version__):
+        if version_tuple(saved) > version_tuple(diffusers.__version__):
             hint = f" (it was saved by diffusers {saved}, newer than the installed {diffusers.__version__})"
         raise CheckpointError(
             f"{cfg_file}: model class {cls!r} is not supported by cocodiff{hint}; supported: {', '.join(supported())}"
         )
     saved = cfg.get("_diffusers_version")
-    if saved and _version_tuple(saved)[:2] > _version_tuple(diffusers.__version__)[:2]:
+    if saved and version_tuple(saved)[:2] > version_tuple(diffusers.__version__)[:2]:
         raise CheckpointError(
             f"{cfg_file} was written by diffusers {saved}, newer than the installed {diffusers.__version__}; "
             f"install diffusers>={saved} or re-save the checkpoint with {diffusers.__version__}"

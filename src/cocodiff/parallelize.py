@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .compat import warn_if_untested
 from .config import ParallelConfig
 from .engine import UlyssesEngine
 from .exchange import all_gather_into, check_route, needs_groups, needs_one_host
@@ -125,6 +126,7 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
             model on the wrong device or already parallelised. Every rank checks locally, then one small
             all-gather lets all ranks raise together (the only collective before the engine exists).
     """
+    warn_if_untested()
     config = config or ParallelConfig.preset("flat")
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"cocodiff.parallelize: config must be a ParallelConfig, got {type(config).__name__}")

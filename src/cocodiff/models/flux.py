@@ -5,6 +5,8 @@ the order of keys, so the exchange's rank-major token order changes nothing."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import types
 import warnings
 
@@ -29,9 +31,16 @@ def processor(engine, layer: str) -> JointAttnProcessor:
     return JointAttnProcessor(engine, layer, text_first=True, qk=flux_qk, single_stream=(TXT, IMG))
 
 
-# The reordered copy below follows diffusers' `FluxSingleTransformerBlock.forward` of this hash (sha256 of
-# its source); tests fail when the installed diffusers changes that forward.
-SINGLE_BLOCK_FORWARD_SHA256 = "see tests/test_models.py::test_copied_diffusers_forward_is_current"
+# The reordered copy below follows diffusers' `FluxSingleTransformerBlock.forward` whose source has this sha256
+# (diffusers 0.41.0 and 0.42.1). If the installed diffusers changed it, the copy is not installed (the blocks
+# keep diffusers' forward, exact, without the MLP overlap) and a warning says so; a test fails.
+SINGLE_BLOCK_FORWARD_SHA256 = "57350a6dab842b40e0d677b9c42794c17e45907ad45991d36dba69d89096a37b"
+
+
+def single_block_forward_is_current() -> bool:
+    """Whether the installed diffusers' single-block forward is the one `single_block_forward` copies."""
+    source = inspect.getsource(FluxSingleTransformerBlock.forward)
+    return hashlib.sha256(source.encode()).hexdigest() == SINGLE_BLOCK_FORWARD_SHA256
 
 
 def single_block_forward(
@@ -77,6 +86,13 @@ def single_block_forward(
 
 
 def _install(model, engine) -> None:
+    if not single_block_forward_is_current():
+        warnings.warn(
+            "cocodiff: the installed diffusers changed FluxSingleTransformerBlock.forward; the FLUX single-stream "
+            "blocks keep diffusers' forward (exact), without running their MLP under the exchanges (overlap_output)",
+            stacklevel=4,
+        )
+        return
     wrapped = 0
     for m in model.modules():
         # exact type: a subclass may have its own forward, which the reordered copy would silently replace
