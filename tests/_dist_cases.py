@@ -128,7 +128,7 @@ def ranks_disagree(world):
 
 
 def bad_heads(world):
-    """Heads that do not divide: ValueError at parallelize, naming heads and degree, before any collective."""
+    """Fewer heads than ranks: ValueError at parallelize, naming heads and degree, before any collective."""
     model = zoo.build_model("flux", "tiny", seed=0, num_attention_heads=3, attention_head_dim=8)
     try:
         cocodiff.parallelize(model, cocodiff.ParallelConfig())
@@ -272,6 +272,20 @@ def generate_twice(world, seed_a, seed_b):
     return a, b
 
 
+def heads_config(family: str, heads: int, head_dim: int) -> dict:
+    """Tiny-config overrides giving `heads` heads of `head_dim` (RoPE axes and projections that follow)."""
+    over = dict(num_attention_heads=heads, attention_head_dim=head_dim)
+    if family == "flux":
+        over["axes_dims_rope"] = (head_dim // 4, head_dim // 4, head_dim // 2)
+    elif family == "qwenimage":
+        over["axes_dims_rope"] = (head_dim // 4, head_dim // 4, head_dim // 2)
+    elif family == "flux2":
+        over["axes_dims_rope"] = (head_dim // 4,) * 4
+    elif family == "sd3":
+        over["caption_projection_dim"] = heads * head_dim
+    return over
+
+
 def property_case(case: dict):
     """One generated case: the parallel model equals the single-process model, or a clear ValueError is
     raised on every participating rank before any collective."""
@@ -280,12 +294,8 @@ def property_case(case: dict):
     if dist.get_rank() >= world:
         return None
     torch.set_num_threads(1)
-    fam, heads, hd = case["family"], case["heads"], case["head_dim"]
-    if fam == "flux":
-        over = dict(num_attention_heads=heads, attention_head_dim=hd, axes_dims_rope=(hd // 4, hd // 4, hd // 2))
-    else:
-        over = dict(num_attention_heads=heads, attention_head_dim=hd, caption_projection_dim=heads * hd)
-    model = zoo.build_model(fam, "tiny", seed=case["seed"], **over)
+    fam = case["family"]
+    model = zoo.build_model(fam, "tiny", seed=case["seed"], **heads_config(fam, case["heads"], case["head_dim"]))
     par = copy.deepcopy(model)
     cfg = cocodiff.ParallelConfig(topology=case["spec"], **case["config"])
     try:
@@ -582,3 +592,20 @@ def cuda_graph_switch_logic(world):
         assert "inference-only" in str(exc), exc
     assert len(graphs) == 0
     return True
+
+
+def uneven_heads_match(family, world, heads=10):
+    """Heads that do not divide over the ranks (padded with zero heads) give the single-process output."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, "tiny", seed=0, **heads_config(family, heads, 8))
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+    inputs = zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=2, seed=11)
+    with torch.no_grad():
+        ref = model(**inputs).sample
+        out = par(**inputs).sample
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item()

@@ -28,10 +28,17 @@ def test_ranks_that_disagree_on_inputs_raise(pools):
         assert "ranks disagree" in msg, msg
 
 
-def test_heads_not_divisible_raise_before_any_collective(pools):
+def test_fewer_heads_than_ranks_raise_before_any_collective(pools):
     out = pools(4).run(cases.bad_heads, 4)
     for msg in out:
         assert "3 heads" in msg and "degree 4" in msg, msg
+
+
+@pytest.mark.parametrize("world", [3, 4, 8])
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_heads_that_do_not_divide_are_padded_exactly(pools, family, world):
+    # 10 heads over 3, 4 and 8 ranks: padded to 12, 12 and 16 zero-extended heads
+    assert pools(8).run(cases.uneven_heads_match, family, world)[0] < 2e-5
 
 
 @pytest.mark.parametrize("family,expected", [("flux", [3, 1]), ("flux2", [3])])

@@ -1,6 +1,11 @@
-"""Property: over sequence lengths, batch, heads, head dim, ranks (1-8), topology tiers and configs, the
+"""Property: over sequence lengths, batch, heads, head dim, ranks (2-7, and 8), topology tiers and configs, the
 parallel output equals the single-process output, or a clear ValueError comes before any collective.
-Every case is bounded in time by the worker pool (a hang fails the case instead of the suite)."""
+
+Most drawn cases are valid and compare outputs (flat, TAPA with its phases forced, V-First, the output
+overlap; even and uneven sequences; heads that do not divide). A minority are invalid (fewer heads than
+ranks) and must fail clearly on every rank. Each case runs on a pool of exactly `world` ranks, so TAPA's
+per-tier groups span the whole group. Every case is bounded in time by the worker pool (a hang fails the case
+instead of the suite)."""
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,21 +30,28 @@ CONFIGS = [
     {"v_first": True},
     {"v_first": True, "overlap_output": False},
     {"overlap_output": True},
-    {"all_to_all": "tapa"},
+    {"all_to_all": "tapa", "tapa_plan": "phases"},
     {"all_to_all": "tapa", "tapa_plan": "phases", "v_first": True},
     {"all_to_all": "tapa", "tapa_plan": "phases", "tapa_chunks": 2},
+    {"all_to_all": "tapa"},  # the automatic plan (times the routes)
 ]
 
 
 @st.composite
 def case(draw):
-    world = draw(st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 8, 8]))  # 8 = the whole pool: TAPA runs there
+    world = draw(st.sampled_from([2, 3, 4, 5, 6, 7, 8]))
+    valid = draw(st.integers(0, 9)) > 0  # 9 in 10 cases compare outputs
+    if valid:
+        heads = draw(st.integers(world, max(world, 8)))  # >= world: divisible or padded
+    else:
+        heads = draw(st.integers(1, world - 1))  # fewer heads than ranks: refused
     return {
         "world": world,
+        "valid": valid,
         "spec": draw(st.sampled_from(_specs(world))),
         "config": draw(st.sampled_from(CONFIGS)),
-        "family": draw(st.sampled_from(["flux", "sd3"])),
-        "heads": draw(st.sampled_from([1, 2, 3, 4, 6, 8])),
+        "family": draw(st.sampled_from(["flux", "sd3", "qwenimage", "flux2"])),
+        "heads": heads,
         "head_dim": draw(st.sampled_from([8, 16])),
         "rows": draw(st.integers(1, 4)),
         "cols": draw(st.integers(1, 5)),
@@ -52,15 +64,10 @@ def case(draw):
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(c=case())
 def test_parallel_equals_single_process_or_clear_error(pools, c):
-    out = pools(8).run(cases.property_case, c, timeout_s=120)
-    results = out[: c["world"]]
-    needs_world_group = c["config"].get("all_to_all") == "tapa" and c["world"] < 8
-    if c["heads"] % c["world"]:
+    results = pools(c["world"]).run(cases.property_case, c, timeout_s=120)
+    if not c["valid"]:
         for kind, msg in results:
             assert kind == "error" and f"{c['heads']} heads" in msg and f"degree {c['world']}" in msg, msg
-    elif needs_world_group:
-        for kind, msg in results:  # TAPA on a sub-group of the world is refused, clearly, before collectives
-            assert kind == "error" and "span the whole default process group" in msg, msg
     else:
         for kind, diff in results:
-            assert kind == "ok" and diff < 3e-5
+            assert kind == "ok" and diff < 3e-5, (kind, diff)

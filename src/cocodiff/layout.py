@@ -9,8 +9,13 @@ Ranks may hold different numbers of tokens. Blocks are padded to the longest loc
 every block has the same size (one even all-to-all; TAPA's phases stay uniform); the padding rows are
 dropped right after the exchange, before attention sees them, so they cannot change the result.
 
-Names: B batch, S all tokens, L local tokens of one rank, L_MAX the longest L, H heads, H_LOCAL = H / P,
-D head dim, P ranks. No diffusers here.
+Heads that do not divide by P (SD3.5-large's 38 over 4 ranks) are padded with zero heads up to the next
+multiple of P (38 -> 40: rank blocks of 10 heads, the last holding 8 real ones). A zero head's Q, K and V
+give a zero attention output, which the head->seq exchange drops: exact for the real heads, at the cost of
+the padded heads' share of the exchange and attention work (2/40 = 5% there).
+
+Names: B batch, S all tokens, L local tokens of one rank, L_MAX the longest L, H heads, H_PAD = H rounded up
+to a multiple of P, H_LOCAL = H_PAD / P, D head dim, P ranks. No diffusers here.
 """
 
 from __future__ import annotations
@@ -88,17 +93,23 @@ class SeqLayout:
         return idx
 
 
+def local_heads(heads: int, world: int) -> int:
+    """Heads per rank after padding: `ceil(heads / world)`."""
+    return -(-heads // world)
+
+
 def pack_seq_to_head(x: torch.Tensor, layout: SeqLayout, exchange: BlockExchange) -> torch.Tensor:
     """The send buffer of a seq->head exchange: `(B, L, H, D)` -> `(P, L_MAX, B, H_LOCAL, D)`, block j holding
-    this rank's tokens for rank j's heads (padding rows zero)."""
+    this rank's tokens for rank j's heads (padding rows and padding heads zero)."""
     P = layout.world
     B, L, H, D = x.shape
     if L != layout.local:
         raise ValueError(f"seq->head: rank {layout.rank} holds {L} tokens, layout says {layout.local}")
-    if H % P:
-        raise ValueError(f"seq->head: {H} heads do not divide over {P} ranks")
-    h_local = H // P
-    # (B, L, H, D) -> (B, L, P, H_LOCAL, D) -> (P, L, B, H_LOCAL, D)
+    h_local = local_heads(H, P)
+    if h_local * P != H:
+        # (B, L, H, D) -> (B, L, H_PAD, D): zero heads at the end
+        x = torch.cat([x, x.new_zeros(B, L, h_local * P - H, D)], dim=2)
+    # (B, L, H_PAD, D) -> (B, L, P, H_LOCAL, D) -> (P, L, B, H_LOCAL, D)
     blocks = x.view(B, L, P, h_local, D).permute(2, 1, 0, 3, 4)
     send = exchange.send_buffer((P, layout.l_max, B, h_local, D), x.dtype, x.device)
     send[:, :L].copy_(blocks)
@@ -158,22 +169,30 @@ def pack_head_to_seq(o: torch.Tensor, layout: SeqLayout, exchange: BlockExchange
     return send
 
 
-def unpack_tokens(recv: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
-    """A head->seq receive buffer `(P, L_MAX, B, H_LOCAL, D)` -> `(B, L, H, D)` (head order restored)."""
+def unpack_tokens(recv: torch.Tensor, layout: SeqLayout, heads: int) -> torch.Tensor:
+    """A head->seq receive buffer `(P, L_MAX, B, H_LOCAL, D)` -> `(B, L, H, D)` (head order restored, padding
+    heads dropped)."""
     P, l_max, B, h_local, D = recv.shape
     L = layout.local
-    # block j = my tokens, head group j: (P, L, B, H_LOCAL, D) -> (B, L, P, H_LOCAL, D) -> (B, L, H, D)
+    # block j = my tokens, head group j: (P, L, B, H_LOCAL, D) -> (B, L, P, H_LOCAL, D) -> (B, L, H_PAD, D)
     mine = recv[:, :L] if L != l_max else recv
-    return mine.permute(2, 1, 0, 3, 4).reshape(B, L, P * h_local, D)
+    out = mine.permute(2, 1, 0, 3, 4).reshape(B, L, P * h_local, D)
+    return out if heads == P * h_local else out[:, :, :heads]
 
 
 def start_head_to_seq(
-    o: torch.Tensor, layout: SeqLayout, exchange: BlockExchange, *, rows: RowPlan | None = None
+    o: torch.Tensor,
+    layout: SeqLayout,
+    exchange: BlockExchange,
+    *,
+    heads: int | None = None,
+    rows: RowPlan | None = None,
 ) -> Handle:
     """Start the head->seq exchange of an attention output.
 
     Args:
         o: `(B, H_LOCAL, S, D)`, all tokens (source-rank order, as seq->head delivered them), this rank's heads.
+        heads: H, the model's heads; padding heads beyond it are dropped (default: P * H_LOCAL, no padding).
         rows: V-Major: only these rows of the far blocks travel (`exchange` must be a `TieredExchange`).
     Returns:
         a handle yielding `(B, L, H, D)`: this rank's tokens, all heads (head order restored).
@@ -182,9 +201,14 @@ def start_head_to_seq(
         exchange.stats.exchanges += 1
         return Handle([], o.permute(0, 2, 1, 3), None)  # one rank: (B, H, S, D) -> (B, S, H, D), a view
     send = pack_head_to_seq(o, layout, exchange)
+    heads = heads or layout.world * o.shape[1]
+
+    def post(recv: torch.Tensor) -> torch.Tensor:
+        return unpack_tokens(recv, layout, heads)
+
     if rows is not None:
-        return exchange.start(send, lambda recv: unpack_tokens(recv, layout), rows=rows)
-    return exchange.start(send, lambda recv: unpack_tokens(recv, layout))
+        return exchange.start(send, post, rows=rows)
+    return exchange.start(send, post)
 
 
 def gather_seq(x: torch.Tensor, layout: SeqLayout, *, dim: int, group, stats: CommStats | None = None):

@@ -16,6 +16,7 @@ from .compat import warn_if_untested
 from .config import ParallelConfig
 from .engine import UlyssesEngine
 from .exchange import all_gather_into, check_route, needs_groups, needs_one_host
+from .layout import local_heads
 from .models import plan_for
 from .models.joint import check_unfused
 from .topology import Topology, build_groups, check_groups
@@ -48,11 +49,11 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
     topology = Topology.resolve(config.topology, world, dist.get_process_group_ranks(group))
     for name, attn in plan.attention_modules(model):
         heads = attn.heads
-        if heads % world:
+        if heads < world:
+            # heads that do not divide are padded (layout.py); fewer heads than ranks would leave ranks idle
             raise ValueError(
-                f"cocodiff.parallelize: attention {name!r} has {heads} heads, which do not divide over the "
-                f"Ulysses degree {world}; use a degree that divides {heads} (e.g. "
-                f"{max(d for d in range(1, world + 1) if heads % d == 0)})"
+                f"cocodiff.parallelize: attention {name!r} has {heads} heads, fewer than the Ulysses degree "
+                f"{world}; use a degree of at most {heads}"
             )
         check_unfused(attn)
     if config.cuda_graph and device.type != "cuda":
@@ -148,8 +149,9 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     _raise_together(error, group, device, same_host=needs_one_host(config))
 
     groups = build_groups(topology, group, **needs_groups(config))
+    # heads x head dim of the widest attention, heads padded to a multiple of the degree (layout.py)
     inner_dim = max(
-        getattr(attn, "inner_dim", attn.heads * getattr(attn, "head_dim", 0))
+        local_heads(attn.heads, world) * world * (getattr(attn, "inner_dim", 0) // attn.heads or attn.head_dim)
         for _, attn in plan.attention_modules(model)
     )
     engine = UlyssesEngine(config, groups=groups, topology=topology, plan=plan, inner_dim=inner_dim, device=device)

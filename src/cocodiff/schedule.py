@@ -46,14 +46,19 @@ class ExactLayerExchange:
     def __init__(self, exchange, layout: SeqLayout):
         self.exchange = exchange
         self.layout = layout
+        self.heads = 0
 
     def start_v(self, v):
+        self.heads = v.shape[2]
         return start_seq_to_head(v, self.layout, self.exchange)
 
-    start_q = start_k = start_v
+    def start_q(self, q):
+        return start_seq_to_head(q, self.layout, self.exchange)
+
+    start_k = start_q
 
     def start_o(self, o):
-        return start_head_to_seq(o, self.layout, self.exchange)
+        return start_head_to_seq(o, self.layout, self.exchange, heads=self.heads)
 
 
 def attend(
