@@ -18,29 +18,73 @@ PRESETS = ("flat", "tapa", "vfirst", "cocodiff")
 
 @dataclass(kw_only=True, frozen=True)
 class VMajorConfig:
-    """Schedule of V-Major selective communication (lossy; paper section "V-Major").
+    """V-Major selective communication (lossy): only the most-changed tokens cross the slow tier.
+
+    Per layer, per CFG branch and per step, each rank compares its tokens' V with the V it last sent for
+    them, picks its most-changed tokens (V is ready first), and sends only their Q, K and V to ranks across
+    the slow tier; receivers update their cached copies of those tokens and reuse the cache for the rest.
+    How many tokens are sent follows from the schedule alone (identical on every rank). The fast tier stays
+    exact. See `cocodiff.vmajor`.
 
     Args:
-        warmup_steps: leading denoising steps that always communicate every token.
-        cache_ratio_start: fraction of tokens reused from cache right after warm-up.
-        cache_ratio_end: fraction reused at the last step (the ratio rises linearly in between).
-        refresh_every: every this many steps all tokens are sent again (0 = never).
+        warmup_steps: leading denoising steps that send every token.
+        schedule: "linear" (the cache ratio rises from `cache_ratio_start` to `cache_ratio_end` over the
+            selective steps; the paper's default) or "fixed" (`cache_ratio_start` throughout).
+        cache_ratio_start: fraction of tokens reused from cache at the first selective step.
+        cache_ratio_end: fraction reused at the last selective step ("linear").
+        max_cache_ratio: a cap on the ratio.
+        refresh_every: every this many steps after warm-up, one step sends every token (0 = never).
+        final_full_steps: trailing steps that send every token (the last steps change V the most).
+        levels: the ratio is quantised to this many values, so a run captures at most `levels` + 1 CUDA graphs
+            per input signature and CFG branch.
+        tiers: "slow" (only traffic across the outermost topology tier is selected; needs a topology of at
+            least two tiers) or "all" (every peer, for one tier of slow links, or testing).
+        output: also select the attention-output exchange: owners reuse the cached output of their tokens
+            that were not sent (saves the fourth exchange's slow-tier bytes).
+        select_by: "tokens" (one selection per token, the paper's) or "heads" (one per token and destination
+            head group: what Ulysses actually sends to each rank).
+        memory_budget_gb: refuse caches larger than this per CFG branch (default: the device's free memory).
     """
 
     warmup_steps: int = 4
-    cache_ratio_start: float = 0.1
-    cache_ratio_end: float = 0.5
-    refresh_every: int = 10
+    schedule: Literal["linear", "fixed"] = "linear"
+    cache_ratio_start: float = 0.5
+    cache_ratio_end: float = 0.9
+    max_cache_ratio: float = 0.95
+    refresh_every: int = 0
+    final_full_steps: int = 1
+    levels: int = 4
+    tiers: Literal["slow", "all"] = "slow"
+    output: bool = True
+    select_by: Literal["tokens", "heads"] = "tokens"
+    memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
-        if self.warmup_steps < 0:
-            raise ValueError(f"VMajorConfig.warmup_steps={self.warmup_steps} must be >= 0")
+        for name in ("warmup_steps", "refresh_every", "final_full_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"VMajorConfig.{name}={value!r} must be an integer >= 0")
+        if not isinstance(self.levels, int) or isinstance(self.levels, bool) or self.levels < 1:
+            raise ValueError(f"VMajorConfig.levels={self.levels!r} must be an integer >= 1")
+        if self.schedule not in ("linear", "fixed"):
+            raise ValueError(f"VMajorConfig.schedule={self.schedule!r} must be 'linear' or 'fixed'")
         for name in ("cache_ratio_start", "cache_ratio_end"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"VMajorConfig.{name}={value} must be in [0, 1)")
-        if self.refresh_every < 0:
-            raise ValueError(f"VMajorConfig.refresh_every={self.refresh_every} must be >= 0 (0 disables refresh)")
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"VMajorConfig.{name}={value!r} must be in [0, 1]")
+        if not isinstance(self.max_cache_ratio, (int, float)) or not 0.0 <= self.max_cache_ratio < 1.0:
+            raise ValueError(
+                f"VMajorConfig.max_cache_ratio={self.max_cache_ratio!r} must be in [0, 1): at least one token of "
+                "each rank crosses at every step"
+            )
+        if self.tiers not in ("slow", "all"):
+            raise ValueError(f"VMajorConfig.tiers={self.tiers!r} must be 'slow' or 'all'")
+        if self.select_by not in ("tokens", "heads"):
+            raise ValueError(f"VMajorConfig.select_by={self.select_by!r} must be 'tokens' or 'heads'")
+        if not isinstance(self.output, bool):
+            raise TypeError(f"VMajorConfig.output must be a bool, got {self.output!r}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ValueError(f"VMajorConfig.memory_budget_gb={self.memory_budget_gb!r} must be > 0 or None")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -147,10 +191,11 @@ class ParallelConfig:
                 raise TypeError(
                     f"ParallelConfig.v_major must be None or a VMajorConfig, got {type(self.v_major).__name__}"
                 )
-            raise ValueError(
-                "ParallelConfig.v_major: V-Major selective communication is not available in this version of "
-                "cocodiff; use v_major=None (exact communication)"
-            )
+            if self.all_to_all == "copy_engine":
+                raise ValueError(
+                    "ParallelConfig: V-Major selects what crosses slow links; all_to_all='copy_engine' runs on one "
+                    "host's NVLink: use all_to_all='flat' or 'tapa' with v_major"
+                )
         if self.topology is not None:
             parse_topology_spec(self.topology)  # raises ValueError naming the bad spec
         if self.check_inputs not in (True, False, "every_call"):
@@ -161,18 +206,17 @@ class ParallelConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> ParallelConfig:
         """Named configurations: "flat" (paper baseline), "tapa", "vfirst" (TAPA + V-First), "cocodiff"
-        (TAPA + V-First + V-Major). Keyword overrides replace preset fields."""
-        if name == "flat":
-            cfg = cls(all_to_all="flat", v_first=False, preset_name=name, **overrides)
-        elif name == "tapa":
-            cfg = cls(all_to_all="tapa", v_first=False, preset_name=name, **overrides)
-        elif name == "vfirst":
-            cfg = cls(all_to_all="tapa", v_first=True, preset_name=name, **overrides)
-        elif name == "cocodiff":
-            cfg = cls(all_to_all="tapa", v_first=True, v_major=VMajorConfig(), preset_name=name, **overrides)
-        else:
+        (TAPA + V-First + V-Major with `VMajorConfig()`'s defaults: lossy, needs a topology of two tiers or
+        `v_major=VMajorConfig(tiers="all")`). Keyword overrides replace preset fields."""
+        presets = {
+            "flat": dict(all_to_all="flat", v_first=False),
+            "tapa": dict(all_to_all="tapa", v_first=False),
+            "vfirst": dict(all_to_all="tapa", v_first=True),
+            "cocodiff": dict(all_to_all="tapa", v_first=True, v_major=VMajorConfig()),
+        }
+        if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
-        return cfg
+        return cls(**{**presets[name], "preset_name": name, **overrides})
 
     @property
     def overlaps_output(self) -> bool:
@@ -185,7 +229,10 @@ class ParallelConfig:
 
     @property
     def label(self) -> str:
-        if self.preset_name:
-            return self.preset_name
-        emu = "+emulated" if self.emulate_slow_tier is not None else ""
-        return f"{self.all_to_all}{'+vfirst' if self.v_first else ''}{emu}"
+        """A short name for reports: the preset or the route, then every switch that is on."""
+        parts = [self.preset_name or self.all_to_all]
+        if not self.preset_name:
+            parts += ["vfirst"] * self.v_first + ["vmajor"] * (self.v_major is not None)
+        parts += ["fuse_qk"] * self.fuse_qk + ["cuda_graph"] * self.cuda_graph
+        parts += ["emulated"] * (self.emulate_slow_tier is not None)
+        return "+".join(parts)

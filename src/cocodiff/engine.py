@@ -36,7 +36,9 @@ class UlyssesEngine:
         groups: the process groups (`topology.build_groups`); `groups.group` holds the Ulysses ranks.
         topology: tiers of that group.
         plan: the model family's `ModelPlan`.
-        inner_dim: heads x head dim of the widest sharded attention (memory accounting).
+        inner_dim: heads x head dim of the widest sharded attention, heads padded to a multiple of the degree
+            (memory accounting).
+        layers: sharded attention layers of the model (memory accounting of V-Major's caches).
         device: where this rank computes and communicates.
     """
 
@@ -48,6 +50,7 @@ class UlyssesEngine:
         topology: Topology,
         plan,
         inner_dim: int,
+        layers: int,
         device: torch.device,
     ):
         self.config = config
@@ -69,7 +72,7 @@ class UlyssesEngine:
         if config.v_major is not None:
             from .vmajor import VMajor
 
-            self.vmajor = VMajor(config.v_major, engine=self)
+            self.vmajor = VMajor(config.v_major, engine=self, layers=layers)
         self.hooks = None  # the sharding hooks (`attach`)
         self.graphs = None  # the StepGraphs of cuda_graph=True (`attach`)
         self._configured_exchange = self.exchange  # what `use_exchange("auto")` returns to
@@ -143,15 +146,22 @@ class UlyssesEngine:
             self.graphs.clear()  # captured under the old schedule
 
     # ---- per call -------------------------------------------------------------------------------------
-    def begin_call(self, n_img: int, n_txt: int, timestep=None) -> None:
-        """Start a transformer call: token layout, step context, V-Major's plan for the call."""
+    def begin_call(self, n_img: int, n_txt: int, *, timestep=None, batch: int = 1, elem: int = 4) -> None:
+        """Start a transformer call: token layout, step context, V-Major's plan for the call.
+
+        Args:
+            n_img, n_txt: the call's image and text tokens.
+            timestep: the call's timestep argument (the step context reads it when it has no scheduler).
+            batch, elem: batch size and bytes per element (V-Major's caches depend on them).
+        """
         self.layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.world)
         self.stats.reset()
         self._mask_cache.clear()
         read = self.device.type == "cpu" or self.vmajor is not None
         self.call = self.steps.on_call(timestep, read_device_values=read)
         if self.vmajor is not None:
-            self.vmajor.begin_call(self.call)
+            l_max = max(self.layout.lengths((TXT, IMG)))
+            self.vmajor.begin_call(self.call, (n_img, n_txt, batch, elem), l_max=l_max, batch=batch, elem=elem)
 
     def end_call(self) -> None:
         self.step_stats = self.stats.copy()

@@ -67,7 +67,7 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
     if config.v_major is not None:
         from .vmajor import check_vmajor
 
-        check_vmajor(config, topology, model, plan)
+        check_vmajor(config, topology, world)
     param = next(model.parameters(), None)
     if param is not None and (
         param.device.type != device.type or (device.type == "cuda" and param.device.index != device.index)
@@ -150,11 +150,14 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
 
     groups = build_groups(topology, group, **needs_groups(config))
     # heads x head dim of the widest attention, heads padded to a multiple of the degree (layout.py)
+    attentions = plan.attention_modules(model)
     inner_dim = max(
         local_heads(attn.heads, world) * world * (getattr(attn, "inner_dim", 0) // attn.heads or attn.head_dim)
-        for _, attn in plan.attention_modules(model)
+        for _, attn in attentions
     )
-    engine = UlyssesEngine(config, groups=groups, topology=topology, plan=plan, inner_dim=inner_dim, device=device)
+    engine = UlyssesEngine(
+        config, groups=groups, topology=topology, plan=plan, inner_dim=inner_dim, layers=len(attentions), device=device
+    )
     engine.attach(model)
     scheduler = getattr(obj, "scheduler", None) if obj is not model else None
     if scheduler is not None and hasattr(scheduler, "timesteps"):

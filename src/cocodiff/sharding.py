@@ -207,7 +207,14 @@ class PlanHooks:
             memory = (0, 1) if local_error is not None else self._memory_need(module, bound, n_img, n_txt)
             self._check_ranks_agree(bound, memory, local_error)
             self._checked = True
-        self.engine.begin_call(n_img, n_txt, bound.get("timestep"))
+        param = next(module.parameters(), None)
+        self.engine.begin_call(
+            n_img,
+            n_txt,
+            timestep=bound.get("timestep"),
+            batch=bound["hidden_states"].shape[0],
+            elem=param.element_size() if param is not None else 4,
+        )
         spec = self.plan.split_inputs.get("", {})
         return _split_args(self.engine, self._root_names, spec, args, dict(kwargs))
 

@@ -55,9 +55,14 @@ class StepContext:
 
     # ---- sources ------------------------------------------------------------------------------------
     def follow(self, scheduler) -> None:
-        """Take steps from a diffusers scheduler (its `step_index` and `timesteps`)."""
-        if not hasattr(scheduler, "timesteps"):
+        """Take steps from a diffusers scheduler (its `step_index` and `timesteps`); None stops following (the
+        next call begins a generation)."""
+        if scheduler is not None and not hasattr(scheduler, "timesteps"):
             raise TypeError(f"cocodiff: {type(scheduler).__name__} has no `timesteps`; pass a diffusers scheduler")
+        if scheduler is not self.scheduler:
+            self._new_generation = True
+            self._timesteps_ref = None
+            self._last_t = None
         self.scheduler = scheduler
 
     def begin_generation(self, total_steps: int | None = None) -> None:

@@ -187,6 +187,13 @@ def default_model(device="cpu") -> SmallDiT:
     return random_small_model(device=device)
 
 
+def follow(transformer, scheduler) -> None:
+    """A parallelised transformer's step context follows this sampling loop's scheduler (V-Major needs it)."""
+    engine = getattr(transformer, "cocodiff", None)
+    if engine is not None:
+        engine.steps.follow(scheduler)
+
+
 def make_scheduler(steps: int):
     """FLUX's Euler flow-matching scheduler (shift 1): sigmas from 1 to ~0 over `steps`, timesteps = 1000 sigma."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -234,6 +241,7 @@ def generate(
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(B, (size // p) ** 2, 3 * p * p, generator=g).to(device=device, dtype=dtype)
     sched = make_scheduler(steps)
+    follow(sm.transformer, sched)
     labels = labels.to(device)
     for i, t in enumerate(sched.timesteps):
         tt = (t / 1000).expand(B).to(device=device, dtype=dtype)
@@ -278,6 +286,7 @@ def inpaint(
     m = pack(known.to(device=device, dtype=dtype).expand(B, 3, size, size), p)  # (B, TOKENS, 3*p*p)
     x = noise
     sched = make_scheduler(steps)
+    follow(sm.transformer, sched)
     labels = labels.to(device)
     for i, t in enumerate(sched.timesteps):
         sigma = sched.sigmas[i].item()

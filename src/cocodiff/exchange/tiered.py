@@ -34,7 +34,7 @@ class RowPlan:
 
     Args:
         send_rows: `(N_FAR, K)` int64, for each far destination in rank order the rows of its block to send;
-            or `(K,)`, the same rows for every far destination.
+            or `(K,)`, the same rows for every far destination; or None: every row travels (into `recv`).
         recv: the persistent receive buffer `(P, L_MAX, ...)`: near blocks are overwritten, far blocks are
             updated in place at the arriving rows and keep the rest.
         recv_rows: `(N_FAR, K)` int64 rows of each far source's block that arrive, or a callable returning
@@ -43,7 +43,7 @@ class RowPlan:
             the sender chose without another collective; after `wait()` they are in `arrived_rows`.
     """
 
-    send_rows: torch.Tensor
+    send_rows: torch.Tensor | None
     recv: torch.Tensor
     recv_rows: torch.Tensor | Callable[[], torch.Tensor] | None = None
     carry_rows: bool = False
@@ -128,11 +128,11 @@ class TieredExchange(BlockExchange):
         rows: RowPlan | None = None,
     ) -> Handle:
         self._check(send)
-        if rows is not None:
+        if rows is not None and rows.send_rows is not None:
             return self._start_rows(send, post, rows)
         send = send.contiguous()
         self._count(send)
-        recv = torch.empty_like(send)
+        recv = torch.empty_like(send) if rows is None else self._recv_buffer(rows, send)
         works = self._near(send, recv)
         if not self.far:
             return self._finish(Handle(works, recv, post))
@@ -160,6 +160,15 @@ class TieredExchange(BlockExchange):
 
         return self._finish(Handle(works, recv, assemble))
 
+    @staticmethod
+    def _recv_buffer(plan: RowPlan, send: torch.Tensor) -> torch.Tensor:
+        if plan.recv.shape != send.shape or plan.recv.dtype != send.dtype:
+            raise ValueError(
+                f"RowPlan.recv {tuple(plan.recv.shape)}/{plan.recv.dtype} does not match the send buffer "
+                f"{tuple(send.shape)}/{send.dtype}"
+            )
+        return plan.recv
+
     # ---- selected rows of the far blocks ----------------------------------------------------------
     def _global_rows(self, rows: torch.Tensor, l_max: int) -> torch.Tensor:
         """(N_FAR, K) rows within far blocks -> rows of the `(P * L_MAX, F)` view."""
@@ -174,12 +183,7 @@ class TieredExchange(BlockExchange):
         P, l_max = send.shape[0], send.shape[1]
         n_far = len(self.far)
         send = send.contiguous()
-        recv = plan.recv
-        if recv.shape != send.shape or recv.dtype != send.dtype:
-            raise ValueError(
-                f"RowPlan.recv {tuple(recv.shape)}/{recv.dtype} does not match the send buffer "
-                f"{tuple(send.shape)}/{send.dtype}"
-            )
+        recv = self._recv_buffer(plan, send)
         rows = plan.send_rows
         if rows.dim() == 1:
             rows = rows.expand(n_far, -1)
