@@ -272,3 +272,79 @@ def step_context_over_generations(world):
     c = engine.steps.current
     assert (c.generation, c.step, c.total_steps) == (5, 0, 2)
     return True
+
+
+def _none(pipeline_class) -> dict:
+    """None for every component of a pipeline but its transformer and scheduler (text encoders, VAE, ...)."""
+    import inspect
+
+    names = inspect.signature(pipeline_class.__init__).parameters
+    return {n: None for n in names if n not in ("self", "transformer", "scheduler")}
+
+
+def _pipeline(family: str, transformer):
+    """A diffusers pipeline around `transformer`, without text encoders or VAE (embeddings are given and the
+    output is latents), and the keyword arguments of one call: (pipeline, call kwargs)."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Pipeline,
+        FluxPipeline,
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
+    )
+
+    g = torch.Generator().manual_seed(7)
+    sched = FlowMatchEulerDiscreteScheduler()
+    common = dict(height=64, width=80, num_inference_steps=6, output_type="latent")
+    dim = transformer.config.joint_attention_dim
+
+    def emb(n):
+        return torch.randn(1, n, dim, generator=g)
+
+    if family == "flux":
+        pipe = FluxPipeline(transformer=transformer, scheduler=sched, **_none(FluxPipeline))
+        pooled = torch.randn(1, transformer.config.pooled_projection_dim, generator=g)
+        return pipe, dict(prompt_embeds=emb(5), pooled_prompt_embeds=pooled, guidance_scale=3.5, **common)
+    if family == "sd3":
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, **_none(StableDiffusion3Pipeline))
+        pdim = transformer.config.pooled_projection_dim
+        kw = dict(prompt_embeds=emb(5), pooled_prompt_embeds=torch.randn(1, pdim, generator=g))
+        kw.update(negative_prompt_embeds=emb(5), negative_pooled_prompt_embeds=torch.randn(1, pdim, generator=g))
+        return pipe, dict(guidance_scale=3.0, **kw, **common)  # CFG batched: one call of batch 2 per step
+    if family == "qwenimage":
+        pipe = QwenImagePipeline(transformer=transformer, scheduler=sched, **_none(QwenImagePipeline))
+        mask = torch.ones(1, 6, dtype=torch.long)
+        mask[0, -1] = 0  # a padded text token: the text mask path
+        kw = dict(prompt_embeds=emb(6), prompt_embeds_mask=mask, negative_prompt_embeds=emb(6))
+        return pipe, dict(negative_prompt_embeds_mask=mask, true_cfg_scale=4.0, **kw, **common)  # two calls/step
+    pipe = Flux2Pipeline(transformer=transformer, scheduler=sched, **_none(Flux2Pipeline))
+    return pipe, dict(prompt_embeds=emb(5), **common)
+
+
+def pipeline_runs(family: str, vm_kwargs: dict | None):
+    """The family's diffusers pipeline on these ranks (parallelised as a pipeline) and on one process:
+    (max abs difference, relative error, slow-tier bytes of the run, calls per step seen, exact bytes)."""
+    torch.set_num_threads(1)
+    model = _tiny(family)
+    single_pipe, kwargs = _pipeline(family, copy.deepcopy(model))
+    ref = single_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    runs = {}
+    for name, vcfg in (("exact", None), ("vmajor", vm_kwargs)):
+        pipe, kwargs = _pipeline(family, copy.deepcopy(model))
+        cfg = cocodiff.ParallelConfig(v_first=True, v_major=None if vcfg is None else cocodiff.VMajorConfig(**vcfg))
+        cocodiff.parallelize(pipe, cfg)
+        engine = pipe.transformer.cocodiff
+        sent, calls = [0], []
+
+        def count(module, args, output, engine=engine, sent=sent, calls=calls):
+            sent[0] += sum(engine.step_stats.bytes_by_tier)
+            calls.append(engine.steps.current.call)
+
+        pipe.transformer.register_forward_hook(count)
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        runs[name] = (out, sent[0], max(calls) + 1)
+    exact, vm = runs["exact"][0], runs["vmajor"][0]
+    torch.testing.assert_close(exact, ref, rtol=1e-4, atol=2e-5)
+    assert torch.isfinite(vm).all()
+    rel = ((vm - ref).norm() / ref.norm()).item()
+    return (vm - ref).abs().max().item(), rel, runs["vmajor"][1], runs["vmajor"][2], runs["exact"][1]

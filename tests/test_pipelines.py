@@ -1,0 +1,19 @@
+"""The engine inside diffusers' own pipelines, unchanged (`parallelize(pipe)`), on gloo CPU ranks: exact equals
+one process; V-Major through the step context the pipeline's scheduler gives (FLUX.1, SD3 with batched CFG,
+Qwen-Image with true CFG: two transformer calls per step, one cache per branch; FLUX.2)."""
+
+import pytest
+
+import _vmajor_cases as cases
+from cocodiff.apps import families as zoo
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_pipeline_exact_and_vmajor(pools, family):
+    vm = dict(warmup_steps=2, tiers="all", final_full_steps=1)
+    out = pools(2).run(cases.pipeline_runs, family, vm)
+    diff, rel, vm_bytes, branches, exact_bytes = out[0]
+    assert out[0] == out[1]  # every rank holds the same output
+    assert rel < 0.05, rel
+    assert vm_bytes < exact_bytes  # fewer bytes crossed (both include the output gathers)
+    assert branches == (2 if family == "qwenimage" else 1)
