@@ -76,8 +76,11 @@ class UlyssesEngine:
         self.hooks = None  # the sharding hooks (`attach`)
         self.graphs = None  # the StepGraphs of cuda_graph=True (`attach`)
         self._configured_exchange = self.exchange  # what `use_exchange("auto")` returns to
+        self.text_mask: torch.Tensor | None = None  # the call's text padding mask (None: absent or all ones)
         self._seq_layouts: dict[tuple[int, ...], SeqLayout] = {}
         self._mask_cache: dict = {}
+        self._mask_buffers: dict[tuple, torch.Tensor] = {}
+        self._all_ones: list[tuple[torch.Tensor, int, bool]] = []  # (mask, its version, all ones?), recent ones
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> None:
@@ -167,8 +170,32 @@ class UlyssesEngine:
         self.step_stats = self.stats.copy()
 
     def graph_key(self):
-        """What besides the inputs selects a CUDA graph: V-Major's plan for this call (None when exact)."""
-        return None if self.vmajor is None else self.vmajor.graph_key()
+        """What besides the inputs selects a CUDA graph: whether a text mask is held, V-Major's plan."""
+        mask = None if self.text_mask is None else tuple(self.text_mask.shape)
+        return mask, None if self.vmajor is None else self.vmajor.graph_key()
+
+    def hold_text_mask(self, mask: torch.Tensor | None) -> None:
+        """Keep the call's text padding mask for the processors: None when absent or all ones (then attention
+        runs unmasked, on the fast kernels), else a copy in a buffer reused per shape (a CUDA graph reads it
+        at its address). Whether a mask is all ones is read once per mask tensor and version (one host sync)."""
+        if mask is None:
+            self.text_mask = None
+            return
+        known = [ones for seen, version, ones in self._all_ones if seen is mask and version == mask._version]
+        if known:
+            ones = known[0]
+        else:
+            ones = bool(mask.all())
+            self._all_ones = [(mask, mask._version, ones)] + self._all_ones[:7]
+        if ones:
+            self.text_mask = None
+            return
+        key = (tuple(mask.shape), mask.device)
+        buf = self._mask_buffers.get(key)
+        if buf is None:
+            buf = self._mask_buffers[key] = torch.empty(mask.shape, dtype=torch.bool, device=mask.device)
+        buf.copy_(mask)
+        self.text_mask = buf
 
     def preserve_state(self):
         """A context that restores state a graph's eager warm-up changes (V-Major's caches), else a no-op."""

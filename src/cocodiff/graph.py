@@ -116,8 +116,12 @@ class StepGraphs:
         self._warned = False
 
     def clear(self) -> None:
-        """Drop every captured graph (the next call per signature captures again)."""
+        """Drop every captured graph (the next call per signature captures again).
+
+        The memory pool goes with them: once the last graph of a pool is destroyed the caching allocator
+        releases the pool, and capturing into its old handle fails ("use_count > 0" at capture_begin)."""
         self._graphs.clear()
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self._graphs)

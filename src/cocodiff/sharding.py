@@ -52,6 +52,8 @@ class ModelPlan:
         processors: attention module class -> factory `(engine, layer name) -> processor`; every module of
             one of these classes has its heads sharded and gets the processor.
         install: extra set-up after the processors (e.g. FLUX.1's reordered single-block forward).
+        text_mask_arg: the root argument holding a text padding mask (Qwen-Image); the engine takes it out of
+            the call and hands it to the processors (`engine.text_mask`), None when it is all ones.
         check_call: raises for call arguments the plan cannot shard exactly (before any collective).
     """
 
@@ -63,6 +65,7 @@ class ModelPlan:
     gather_outputs: dict[str, Gather] = field(default_factory=dict)
     processors: dict[type, Callable[[Any, str], Any]] = field(default_factory=dict)
     install: Callable[[nn.Module, Any], None] | None = None
+    text_mask_arg: str | None = None
     check_call: Callable[[dict[str, Any]], None] | None = None
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -124,6 +127,17 @@ def _split_args(engine, names: list[str], spec: dict[str, Split], args: tuple, k
             if args[i] is not None:
                 args[i] = engine.split(args[i], split.kind, split.dim)
     return tuple(args), kwargs
+
+
+def _set_arg(names: list[str], name: str, value, args: tuple, kwargs: dict):
+    """The call's arguments with `name` set to `value` (wherever it was passed)."""
+    if name in kwargs:
+        kwargs[name] = value
+    elif name in names and names.index(name) < len(args):
+        args = list(args)
+        args[names.index(name)] = value
+        args = tuple(args)
+    return args, kwargs
 
 
 def _bind(module: nn.Module, args: tuple, kwargs: dict, signature: inspect.Signature | None = None) -> dict[str, Any]:
@@ -215,8 +229,14 @@ class PlanHooks:
             batch=bound["hidden_states"].shape[0],
             elem=param.element_size() if param is not None else 4,
         )
+        kwargs = dict(kwargs)
+        if self.plan.text_mask_arg is not None:
+            # the engine holds the text mask (None when all ones: unmasked attention, the fast kernels);
+            # diffusers' forward gets None, so it makes no host copies a CUDA graph capture would refuse
+            self.engine.hold_text_mask(bound.get(self.plan.text_mask_arg))
+            args, kwargs = _set_arg(self._root_names, self.plan.text_mask_arg, None, args, kwargs)
         spec = self.plan.split_inputs.get("", {})
-        return _split_args(self.engine, self._root_names, spec, args, dict(kwargs))
+        return _split_args(self.engine, self._root_names, spec, args, kwargs)
 
     def _root_post(self, module, args, output):
         self.engine.end_call()

@@ -45,7 +45,8 @@ class JointAttnProcessor:
         layer: the attention module's name (its per-layer key).
         text_first: local order [text, image] (FLUX, Qwen-Image) or [image, text] (SD3).
         qk: how Q and K get their norms and RoPE (default: norms, no RoPE).
-        text_mask: the family takes a text padding mask `encoder_hidden_states_mask` (Qwen-Image).
+        text_mask: the family takes a text padding mask (Qwen-Image): the engine holds it (`engine.text_mask`,
+            None when all ones).
         single_stream: token kinds of `hidden_states` when no text stream is passed: FLUX's single-stream
             blocks carry [text, image] in one stream, SD3.5's `attn2` only the image.
     """
@@ -83,6 +84,8 @@ class JointAttnProcessor:
             )
         if encoder_hidden_states_mask is not None and not self.text_mask:
             raise ValueError(f"cocodiff: {type(attn).__name__} takes no encoder_hidden_states_mask")
+        if self.text_mask and encoder_hidden_states_mask is None:
+            encoder_hidden_states_mask = self.engine.text_mask  # held by the engine (sharding.PlanHooks)
         joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
         H = attn.heads
 

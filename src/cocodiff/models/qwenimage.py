@@ -53,5 +53,6 @@ PLAN = ModelPlan(
     split_outputs={"pos_embed": {0: Split(IMG, 0), 1: Split(TXT, 0)}},
     gather_outputs={"proj_out": Gather(IMG, 1)},
     processors={Attention: processor},
+    text_mask_arg="encoder_hidden_states_mask",
     check_call=_check_call,
 )

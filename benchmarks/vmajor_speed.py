@@ -1,0 +1,252 @@
+"""V-Major's speed across an emulated slow tier: whole denoising loops of a FLUX.1-sized transformer.
+
+    torchrun --nproc-per-node 2 benchmarks/vmajor_speed.py --out OUT --topology 2x1 --ctas 1 auto
+
+Per slow-link calibration (NCCL CTA cap of the emulated inter-"node" link, measured in GB/s per rank first;
+"auto" picks the cap closest to a 400 Gb/s NIC per GPU, 50 GB/s), per image size and per step count: one
+whole loop (the transformer called once per step by diffusers' flow-matching scheduler, whose step index the
+engine follows; no text encoders or VAE: embeddings are given) for each configuration, each replaying CUDA
+graphs (`cuda_graph=True`): "flat" (the paper's baseline), "vfirst+fused" (V-First, the fused Q/K kernel),
+"cocodiff" (the preset: V-First + V-Major, fused Q/K) and "nocomm" (every exchange a no-op: the compute-only
+bound; wrong output, timing only). Timings: CUDA events around the loop, after one untimed loop that captures
+the graphs, median of --reps. Also: slow-tier bytes of the loop per rank, the relative error of the final
+latents against the exact flat loop, and the Amdahl estimate T_nocomm + (T_flat - T_nocomm) * bytes_left.
+Rank 0 writes vmajor_speed.json. `--cpu` runs the same code on gloo CPU ranks with a tiny model (no graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cocodiff import ParallelConfig, SlowTierEmulation, parallelize
+from cocodiff.apps import families as zoo
+from cocodiff.apps.launch import set_multi_gpu_env
+from cocodiff.exchange import BlockExchange, Handle
+from cocodiff.topology import Topology, slow_link_options
+
+TEXT_TOKENS = 512
+
+
+class NoExchange(BlockExchange):
+    """Compute-only bound: every exchange returns its send buffer (same shapes, nothing moves)."""
+
+    name = "none"
+
+    def start(self, send, post=None):
+        return Handle([], send, post)
+
+
+def calibrate(topo: Topology, device, ctas_list, mb: float = 32.0) -> dict:
+    """GB/s per rank of inter-"node" traffic over a CTA-capped world communicator."""
+    world, rank = topo.world_size, dist.get_rank()
+    local = world // topo.sizes[-1]
+    splits = [0 if r // local == rank // local else 1 for r in range(world)]
+    remote = world - local
+    cols = max(1, int(mb * 1e6 / 2 / max(remote, 1)))
+    send = torch.randn(remote, cols, device=device).to(torch.bfloat16)
+    recv = torch.empty_like(send)
+    out = {}
+    for ctas in ctas_list:
+        g = dist.new_group(list(range(world)), pg_options=slow_link_options(dist.group.WORLD, ctas))
+        for _ in range(3):
+            dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits, group=g)
+        times = []
+        for _ in range(10):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits, group=g)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        t = statistics.median(times)
+        out[ctas] = {"ms": t, "GBps_per_rank": send.numel() * 2 / t / 1e6}
+    return out
+
+
+def loop(model, inputs: dict, steps: int, dtype) -> tuple[torch.Tensor, int]:
+    """One denoising loop; returns (final latents, bytes sent by this rank over the slow tier)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(steps)
+    engine = model.cocodiff
+    engine.steps.follow(sched)
+    x = inputs["hidden_states"].clone()
+    slow = 0
+    for t in sched.timesteps:
+        tt = (t / 1000).expand(x.shape[0]).to(dtype)
+        with torch.no_grad():
+            v = model(**{**inputs, "hidden_states": x, "timestep": tt}, return_dict=False)[0]
+        slow += engine.step_stats.bytes_by_tier[-1]
+        x = sched.step(v, t, x, return_dict=False)[0]
+    return x, slow
+
+
+def timed(fn, cuda: bool, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            out.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--topology", default="2x1")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--steps", type=int, nargs="+", default=[28, 50])
+    ap.add_argument("--ctas", nargs="+", default=["1", "auto"], help="CTA caps of the slow link ('auto': ~50 GB/s)")
+    ap.add_argument("--configs", nargs="+", default=["flat", "vfirst+fused", "cocodiff", "nocomm"])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--cpu", action="store_true", help="gloo CPU ranks, tiny model, no graphs (a dry run)")
+    args = ap.parse_args()
+
+    cuda = not args.cpu
+    if cuda:
+        set_multi_gpu_env()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+        size_name, dtype = "full", torch.bfloat16
+    else:
+        dist.init_process_group("gloo")
+        device, size_name, dtype = torch.device("cpu"), "tiny", torch.float32
+    rank, world = dist.get_rank(), dist.get_world_size()
+    topo = Topology.from_spec(args.topology, world)
+    import diffusers
+
+    result = {
+        "what": "whole denoising loops, FLUX.1-sized transformer (random weights), emulated slow tier",
+        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "P": world,
+        "topology": args.topology,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+        "reps": args.reps,
+        "text_tokens": TEXT_TOKENS,
+        "runs": [],
+    }
+    out_dir = Path(args.out)
+
+    def save():
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "vmajor_speed.json").write_text(json.dumps(result, indent=1))
+
+    cal = calibrate(topo, device, [1, 2, 4, 8]) if cuda else {1: {"GBps_per_rank": None}}
+    result["calibration_32MB"] = {str(k): v for k, v in cal.items()}
+    for c in args.ctas:
+        ctas = min(cal, key=lambda k: abs((cal[k]["GBps_per_rank"] or 0) - 50.0)) if c == "auto" else int(c)
+        emu = SlowTierEmulation(
+            max_ctas=ctas,
+            stands_for="400 Gb/s NIC per GPU" if c == "auto" else f"the slowest emulated link ({ctas} CTA)",
+        )
+        for size in args.sizes:
+            probe = zoo.build_model("flux", size_name, dtype=dtype, device=device, seed=0)
+            rows, cols = zoo.image_tokens("flux", probe, size, size) if cuda else (8, 8)
+            inputs = zoo.make_inputs(
+                "flux", probe, rows=rows, cols=cols, n_txt=TEXT_TOKENS if cuda else 8, device=device, dtype=dtype
+            )
+            del probe
+            finals = {}
+            for name in args.configs:
+                entry = {
+                    "ctas": ctas,
+                    "link_GBps_per_rank": cal.get(ctas, {}).get("GBps_per_rank"),
+                    "stands_for": emu.stands_for,
+                    "size": size,
+                    "config": name,
+                }
+                try:
+                    model = zoo.build_model("flux", size_name, dtype=dtype, device=device, seed=0)
+                    fused = name != "flat" and cuda
+                    common = dict(topology=args.topology, emulate_slow_tier=emu, cuda_graph=cuda, fuse_qk=fused)
+                    if name == "cocodiff":
+                        cfg = ParallelConfig.preset("cocodiff", **common)
+                    else:
+                        cfg = ParallelConfig(v_first=name != "flat", **common)
+                    parallelize(model, cfg)
+                    if name == "nocomm":
+                        eng = model.cocodiff
+                        eng.use_exchange(NoExchange(topology=eng.topology, rank=eng.rank, stats=eng.stats))
+                    t0 = time.perf_counter()
+                    loop(model, inputs, max(args.steps), dtype)  # captures every graph the loops replay
+                    entry["first_loop_s"] = time.perf_counter() - t0
+                    entry["graphs"] = len(model.cocodiff.graphs) if model.cocodiff.graphs is not None else 0
+                    for steps in args.steps:
+                        got = {}
+
+                        def run(steps=steps, got=got, model=model):
+                            got["x"], got["slow"] = loop(model, inputs, steps, dtype)
+
+                        ms = timed(run, cuda, args.reps)
+                        entry[f"loop_ms_{steps}"] = statistics.median(ms)
+                        entry[f"step_ms_{steps}"] = statistics.median(ms) / steps
+                        entry[f"slow_bytes_{steps}"] = got["slow"]
+                        finals[(name, steps)] = got["x"].float().cpu()
+                    del model
+                except Exception as exc:  # a failed configuration is a row that says why
+                    entry["error"] = f"{type(exc).__name__}: {exc}"[:800]
+                gc.collect()
+                if cuda:
+                    torch.cuda.empty_cache()
+                result["runs"].append(entry)
+                if rank == 0:
+                    print(json.dumps({k: v for k, v in entry.items() if not k.startswith("first")}), flush=True)
+                save()
+            for entry in result["runs"]:
+                if entry["size"] != size or entry["ctas"] != ctas:
+                    continue
+                for steps in args.steps:
+                    ref, x = finals.get(("flat", steps)), finals.get((entry["config"], steps))
+                    if ref is not None and x is not None and entry["config"] != "nocomm":
+                        entry[f"rel_err_vs_flat_{steps}"] = ((x - ref).norm() / ref.norm()).item()
+            _amdahl(result, size, ctas, args.steps)
+            save()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _amdahl(result: dict, size: int, ctas: int, steps_list) -> None:
+    rows = {e["config"]: e for e in result["runs"] if e["size"] == size and e["ctas"] == ctas and "error" not in e}
+    flat, nocomm = rows.get("flat"), rows.get("nocomm")
+    if flat is None or nocomm is None:
+        return
+    for e in rows.values():
+        for s in steps_list:
+            if f"slow_bytes_{s}" not in e or not flat.get(f"slow_bytes_{s}"):
+                continue
+            left = e[f"slow_bytes_{s}"] / flat[f"slow_bytes_{s}"]
+            t_nc, t_flat = nocomm[f"step_ms_{s}"], flat[f"step_ms_{s}"]
+            e[f"slow_bytes_fraction_{s}"] = left
+            e[f"amdahl_step_ms_{s}"] = t_nc + (t_flat - t_nc) * left
+            e[f"speedup_vs_flat_{s}"] = t_flat / e[f"step_ms_{s}"]
+
+
+if __name__ == "__main__":
+    main()
