@@ -132,7 +132,7 @@ def main() -> None:
         help="1 GPU: also time the model through cocodiff (1 rank) with fuse_qk, as the fair baseline",
     )
     ap.add_argument("--profile", action="store_true", help="with --graph: kernel time per category of one replay")
-    ap.add_argument("--ref-dir", required=True)
+    ap.add_argument("--ref-dir", default="/tmp/cocodiff_ref", help="where the 1-GPU run keeps its outputs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
