@@ -582,3 +582,187 @@ def cuda_graph_switch_logic(world):
         assert "inference-only" in str(exc), exc
     assert len(graphs) == 0
     return True
+
+
+# ---- video families (tests/test_video.py) ---------------------------------------------------------------
+def _video_config(cfg_kwargs):
+    kwargs = dict(cfg_kwargs)
+    preset = kwargs.pop("preset", None)
+    return cocodiff.ParallelConfig.preset(preset, **kwargs) if preset else cocodiff.ParallelConfig(**kwargs)
+
+
+def video_matches_single_process(family, size, world, cfg_kwargs, cases):
+    """A video model (config `size`) sharded over `world` ranks with `ParallelConfig(**cfg_kwargs)` equals the
+    single-process model for every case (`make_video_inputs` arguments); returns the max differences and the
+    last call's byte counts."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, size, seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, _video_config(cfg_kwargs), group=group)
+    diffs = []
+    for case in cases:
+        inputs = zoo.make_video_inputs(family, model, **case)
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+        assert par.cocodiff.step_stats.exchanges > 0
+        diffs.append((out - ref).abs().max().item())
+    return diffs, par.cocodiff.step_stats.as_dict()
+
+
+def _attempt(fn):
+    try:
+        fn()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def video_refusals(world):
+    """Inputs and models the video plans cannot shard exactly: every rank raises the same clear ValueError
+    (before any exchange), none hangs. Returns {case: message}."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    out = {}
+    wan = zoo.build_model("wan", "tiny", seed=0)
+    cocodiff.parallelize(wan, cocodiff.ParallelConfig(), group=group)
+    good = zoo.make_video_inputs("wan", wan, frames=2, rows=2, cols=3, n_txt=5, per_token_timestep=True)
+    one_token = zoo.make_video_inputs("wan", wan, frames=1, rows=1, cols=1, n_txt=5, per_token_timestep=True)
+
+    def call(model, inputs):
+        def run():
+            with torch.no_grad():
+                model(**inputs)
+
+        return run
+
+    out["wan_timestep_length"] = _attempt(call(wan, {**good, "timestep": good["timestep"][:, :-1]}))
+    out["wan_timestep_tokens"] = _attempt(call(wan, one_token))
+    out["wan_4d"] = _attempt(call(wan, {**good, "hidden_states": good["hidden_states"][:, :, 0]}))
+    with torch.no_grad():  # still usable after refusals
+        wan(**good)
+    hv = zoo.build_model("hunyuanvideo", "tiny", seed=0)
+    cocodiff.parallelize(hv, cocodiff.ParallelConfig(), group=group)
+    few = zoo.make_video_inputs("hunyuanvideo", hv, frames=2, rows=2, cols=3, n_txt=world - 1)
+    out["hunyuan_text_tokens"] = _attempt(call(hv, few))
+    ok = zoo.make_video_inputs("hunyuanvideo", hv, frames=2, rows=2, cols=3, n_txt=6)
+    out["hunyuan_mask"] = _attempt(call(hv, {**ok, "encoder_attention_mask": ok["encoder_attention_mask"][:, :-1]}))
+    # set-up refusals: heads that do not divide (the cross-attention's heads are not sharded: not named),
+    # fused projections
+    odd = zoo.build_model("wan", "tiny", seed=0, num_attention_heads=5, attention_head_dim=6)
+    out["wan_heads"] = _attempt(lambda: cocodiff.parallelize(odd, cocodiff.ParallelConfig(), group=group))
+    out["wan_sharded_attentions"] = sorted({n.rsplit(".", 1)[-1] for n, _ in wan.cocodiff.plan.attention_modules(wan)})
+    fused = zoo.build_model("wan", "tiny", seed=0)
+    fused.fuse_qkv_projections()
+    out["wan_fused"] = _attempt(lambda: cocodiff.parallelize(fused, cocodiff.ParallelConfig(), group=group))
+    small = zoo.build_model("wan", "tiny", seed=0)
+    cocodiff.parallelize(small, cocodiff.ParallelConfig(memory_budget_gb=1e-7), group=group)
+    out["wan_memory"] = _attempt(call(small, good))
+    return out
+
+
+def video_fused_qk_path(family, world, case):
+    """`fuse_qk` wiring of a video family on CPU ranks: the fused path is forced on (the uncompiled reference
+    stands in for the compiled CUDA kernel) and must reproduce the single-process model (diffusers' eager
+    norms and RoPE); returns (max diff, fused calls)."""
+    from cocodiff import fused_qk as kernels
+    from cocodiff.models import hunyuan_video, wan
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    mod, name, reference = {
+        "wan": (wan, "norm_rope_kernel", wan.norm_rope_reference),
+        "hunyuanvideo": (hunyuan_video, "norm_rope_cat_kernel", hunyuan_video.norm_rope_cat_reference),
+    }[family]
+    calls = [0]
+
+    def counting():
+        calls[0] += 1
+        return reference
+
+    model = zoo.build_model(family, "tiny", seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True, fuse_qk=True), group=group)
+    saved = kernels.fused_device, getattr(mod, name)
+    kernels.fused_device = lambda x: True
+    setattr(mod, name, counting)
+    try:
+        inputs = zoo.make_video_inputs(family, model, **case)
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+    finally:
+        kernels.fused_device = saved[0]
+        setattr(mod, name, saved[1])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item(), calls[0]
+
+
+def _tiny_wan_pipeline(two_experts: bool):
+    """A WanPipeline of tiny components built from configs (no tokenizer or text encoder: the prompts come as
+    embeddings); the same weights on every rank."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    return WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=zoo.build_model("wan", "tiny", seed=0),
+        transformer_2=zoo.build_model("wan", "tiny", seed=1) if two_experts else None,
+        boundary_ratio=0.5 if two_experts else None,
+    )
+
+
+def wan_pipeline_matches_single_process(world, two_experts=False, cfg_kwargs=None):
+    """A tiny WanPipeline, text-to-video with CFG, end to end (denoising loop and VAE decode) on `world` ranks
+    through `cocodiff.parallelize(pipe, cfg)`, equals the same pipeline in one process. With `two_experts`,
+    Wan 2.2's high-/low-noise pair (`transformer_2`, `boundary_ratio`). Returns (max diff of the frames,
+    transformer calls that exchanged on each expert)."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    ref_pipe, pipe = _tiny_wan_pipeline(two_experts), _tiny_wan_pipeline(two_experts)
+    cocodiff.parallelize(pipe, _video_config(cfg_kwargs or {"v_first": True}), group=group)
+    experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+    calls = [0] * len(experts)
+    for i, m in enumerate(experts):
+        m.register_forward_hook(
+            lambda mod, a, o, i=i: calls.__setitem__(i, calls[i] + (mod.cocodiff.stats.exchanges > 0))
+        )
+    g = torch.Generator().manual_seed(5)
+    embeds = torch.randn(1, 7, 16, generator=g), torch.randn(1, 7, 16, generator=g)
+    kwargs = dict(
+        prompt_embeds=embeds[0],
+        negative_prompt_embeds=embeds[1],
+        height=48,
+        width=80,  # latent 3 x 6 x 10 -> 3 x 3 x 5 = 45 tokens: uneven over 2 and 4 ranks
+        num_frames=9,
+        num_inference_steps=4 if two_experts else 2,
+        guidance_scale=4.0,
+        output_type="pt",
+    )
+    with torch.no_grad():
+        ref = ref_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item(), calls
