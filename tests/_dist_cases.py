@@ -766,3 +766,61 @@ def wan_pipeline_matches_single_process(world, two_experts=False, cfg_kwargs=Non
         out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return (out - ref).abs().max().item(), calls
+
+
+def hunyuan_pipeline_matches_single_process(world):
+    """A tiny HunyuanVideoPipeline (padded prompt embeddings with their mask, as its Llama encoder gives them;
+    no text encoders) end to end on `world` ranks equals one process. Returns (max diff, sharded calls)."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+
+    def build():
+        torch.manual_seed(0)
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=4,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+        ).eval()
+        return HunyuanVideoPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            transformer=zoo.build_model("hunyuanvideo", "tiny", seed=0),
+            vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+            text_encoder_2=None,
+            tokenizer_2=None,
+        )
+
+    ref_pipe, pipe = build(), build()
+    cocodiff.parallelize(pipe, cocodiff.ParallelConfig(v_first=True), group=group)
+    calls = [0]
+    pipe.transformer.register_forward_hook(
+        lambda m, a, o: calls.__setitem__(0, calls[0] + (m.cocodiff.stats.exchanges > 0))
+    )
+    g = torch.Generator().manual_seed(6)
+    mask = torch.ones(1, 9, dtype=torch.long)
+    mask[:, 6:] = 0  # the prompt's last 3 tokens are padding
+    kwargs = dict(
+        prompt_embeds=torch.randn(1, 9, 16, generator=g),
+        pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+        prompt_attention_mask=mask,
+        height=48,
+        width=80,  # latent 3 x 6 x 10 -> 3 x 3 x 5 = 45 video tokens
+        num_frames=9,
+        num_inference_steps=2,
+        output_type="pt",
+    )
+    with torch.no_grad():
+        ref = ref_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item(), calls[0]

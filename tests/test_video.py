@@ -98,6 +98,27 @@ def test_wan22_two_expert_pipeline_shards_both_experts(pools):
     assert calls[0] > 0 and calls[1] > 0 and sum(calls) == 8  # 4 steps x CFG, split at the boundary
 
 
+def test_hunyuan_pipeline_end_to_end_equals_single_process(pools):
+    diff, calls = pools(4).run(cases.hunyuan_pipeline_matches_single_process, 3)[0]
+    assert diff < 2e-5
+    assert calls == 2  # 2 steps (guidance-distilled: one call per step), each sharded
+
+
+def test_benchmark_dry_run(tmp_path):
+    # benchmarks/video_step.py through its code path on CPU (one process, tiny Wan): it imports, parses, writes JSON
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "video_step.py"
+    args = ["--dry-run", "--families", "wan", "--resolutions", "480p", "--warmup", "0", "--iters", "1"]
+    args += ["--ref-dir", str(tmp_path / "ref"), "--out", str(tmp_path / "out")]
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True, timeout=120)
+    result = json.loads((tmp_path / "out" / "wan_P1.json").read_text())
+    assert result["resolutions"]["480p"]["single"]["eager_ms_median"] > 0
+
+
 # ---- GPU (skipped without CUDA) -------------------------------------------------------------------------
 def _gpus():
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
