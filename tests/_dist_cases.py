@@ -672,38 +672,77 @@ def video_fused_qk_path(family, world, case):
     stands in for the compiled CUDA kernel) and must reproduce the single-process model (diffusers' eager
     norms and RoPE); returns (max diff, fused calls)."""
     from cocodiff import fused_qk as kernels
-    from cocodiff.models import hunyuan_video, wan
 
     group = subgroup(world)
     if dist.get_rank() >= world:
         return None
     torch.set_num_threads(1)
-    mod, name, reference = {
-        "wan": (wan, "norm_rope_kernel", wan.norm_rope_reference),
-        "hunyuanvideo": (hunyuan_video, "norm_rope_cat_kernel", hunyuan_video.norm_rope_cat_reference),
-    }[family]
     calls = [0]
 
-    def counting():
+    def uncompiled(fn):
         calls[0] += 1
-        return reference
+        return fn
 
     model = zoo.build_model(family, "tiny", seed=0)
     par = copy.deepcopy(model)
     cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True, fuse_qk=True), group=group)
-    saved = kernels.fused_device, getattr(mod, name)
-    kernels.fused_device = lambda x: True
-    setattr(mod, name, counting)
+    saved = kernels.fused_device, kernels.compiled
+    kernels.fused_device, kernels.compiled = (lambda x: True), uncompiled
     try:
         inputs = zoo.make_video_inputs(family, model, **case)
         with torch.no_grad():
             ref = model(**inputs).sample
             out = par(**inputs).sample
     finally:
-        kernels.fused_device = saved[0]
-        setattr(mod, name, saved[1])
+        kernels.fused_device, kernels.compiled = saved
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return (out - ref).abs().max().item(), calls[0]
+
+
+def hunyuan_single_block_overlap(world):
+    """HunyuanVideo's single blocks under `overlap_output`: the MLP activation runs while exchanges are in flight
+    (first half under V/Q/K's, second under the output's), without it with none in flight; both equal the single
+    process, also when `proj_mlp` is hooked (then called whole). Returns {overlap: [exchanges in flight at each
+    activation]}."""
+    from cocodiff import exchange as comm
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model("hunyuanvideo", "tiny", seed=0)
+    hooked = copy.deepcopy(model)
+    for block in hooked.single_transformer_blocks:
+        block.proj_mlp.register_forward_hook(lambda m, a, out: out * 1.5 + 0.25)
+    inputs = zoo.make_video_inputs("hunyuanvideo", model, frames=2, rows=3, cols=5, n_txt=5, batch=2, text_mask=True)
+    waited = [0]
+    original_wait = comm.Handle.wait
+
+    def counting_wait(self):
+        waited[0] += not self._done
+        return original_wait(self)
+
+    res = {}
+    comm.Handle.wait = counting_wait
+    try:
+        for single in (model, hooked):
+            par = copy.deepcopy(single)
+            cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+            eng, block, seen = par.cocodiff, par.single_transformer_blocks[0], {}
+            block.register_forward_pre_hook(lambda m, a: seen.update(block=eng.stats.exchanges - waited[0], act=[]))
+            block.act_mlp.register_forward_pre_hook(
+                lambda m, a: seen["act"].append(eng.stats.exchanges - waited[0] - seen["block"])
+            )
+            with torch.no_grad():
+                ref = single(**inputs).sample
+                for overlap in (False, True):
+                    eng.set_schedule(overlap_output=overlap)
+                    out = par(**inputs).sample
+                    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+                    res[(single is hooked, overlap)] = seen["act"]
+    finally:
+        comm.Handle.wait = original_wait
+    return res
 
 
 def _tiny_wan_pipeline(two_experts: bool):

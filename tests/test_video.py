@@ -69,6 +69,27 @@ def test_fused_qk_path_equals_single_process(pools, family):
     assert calls > 0  # the fused path was taken
 
 
+def test_hunyuan_single_block_mlp_runs_under_the_exchanges(pools):
+    for in_flight in pools(4).run(cases.hunyuan_single_block_overlap, 2)[:2]:
+        assert in_flight[(False, False)] == [0] and in_flight[(False, True)] == [3, 1]
+        assert in_flight[(True, False)] == [0] and in_flight[(True, True)] == [1]  # hooked: whole, under O's
+
+
+def test_copied_single_block_forward_is_current():
+    # the reordered copy in models/hunyuan_video.py follows diffusers' forward of this hash
+    import hashlib
+    import inspect
+
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoSingleTransformerBlock
+
+    from cocodiff.models import hunyuan_video
+
+    source = inspect.getsource(HunyuanVideoSingleTransformerBlock.forward)
+    assert hashlib.sha256(source.encode()).hexdigest() == hunyuan_video.SINGLE_BLOCK_FORWARD_SHA256, (
+        "diffusers changed HunyuanVideoSingleTransformerBlock.forward: update single_block_forward and the hash"
+    )
+
+
 def test_refusals_are_clear_and_shared_by_all_ranks(pools):
     out = pools(4).run(cases.video_refusals, 4)
     assert all(o == out[0] for o in out)  # every rank raised the same error
@@ -159,15 +180,27 @@ def _video_fused_qk_close(family):
     import torch.distributed as dist
 
     import cocodiff
+    from cocodiff import fused_qk as kernels
 
     dev = torch.device("cuda", torch.cuda.current_device())
+    calls, compiled = [0], kernels.compiled
+
+    def counting(fn):
+        calls[0] += 1
+        return compiled(fn)
+
     out = {}
-    for fused in (False, True):
-        model = zoo.build_model(family, "tiny", device=dev, dtype=torch.bfloat16, seed=0)
-        cocodiff.parallelize(model, cocodiff.ParallelConfig(v_first=True, fuse_qk=fused))
-        inputs = zoo.make_video_inputs(family, model, frames=3, rows=4, cols=5, n_txt=7, device=dev, text_mask=True)
-        with torch.no_grad():
-            out[fused] = model(**inputs).sample.float()
+    kernels.compiled = counting
+    try:
+        for fused in (False, True):
+            model = zoo.build_model(family, "tiny", device=dev, dtype=torch.bfloat16, seed=0)
+            cocodiff.parallelize(model, cocodiff.ParallelConfig(v_first=True, fuse_qk=fused))
+            inputs = zoo.make_video_inputs(family, model, frames=3, rows=4, cols=5, n_txt=7, device=dev, text_mask=True)
+            with torch.no_grad():
+                out[fused] = model(**inputs).sample.float()
+            assert (calls[0] > 0) == fused, (fused, calls[0])  # the compiled kernel ran exactly when asked
+    finally:
+        kernels.compiled = compiled
     err = ((out[True] - out[False]).norm() / out[False].norm()).item()
     assert err < 1e-2, err  # bf16 rounding of a different kernel order, not a different function
     return dist.get_rank()

@@ -8,12 +8,14 @@ sees the whole sequence and builds the whole key mask `(B, 1, 1, N_VIDEO + N_TEX
 order the exchange delivers tokens, with no collective. The RoPE tables are split with the video tokens at
 `rope`'s outputs; the output is gathered after `proj_out`. The text refiner (`context_embedder`) runs whole
 on every rank. HunyuanVideo-I2V's "token_replace" blocks get this rank's share of the first frame's tokens.
+With `overlap_output` (on with V-First) the single blocks' MLP runs under the exchanges, as in FLUX.1.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
+import types
+import warnings
 
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
@@ -21,6 +23,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_hunyuan_video import (
+    HunyuanVideoSingleTransformerBlock,
     HunyuanVideoTokenReplaceSingleTransformerBlock,
     HunyuanVideoTokenReplaceTransformerBlock,
 )
@@ -28,28 +31,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 from .. import fused_qk
 from ..layout import IMG, TXT
 from ..sharding import Gather, ModelPlan, Split
-from .joint import JointAttnProcessor, matching, refuse_attention_kwargs, require, rotate
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # diffusers' RMSNorm (not torch's): fp32 variance, the normalised value rounded to the weight's dtype
-    return (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype) * weight
-
-
-def norm_rope_cat_reference(img, txt, w_img, w_txt, eps: float, freqs_cos, freqs_sin) -> torch.Tensor:
-    """Q or K `(B, L, H, D)`: diffusers' RMSNorm of each stream, RoPE on the video part, then [video, text]."""
-    img = fused_qk._rope(_rms(img, w_img, eps), freqs_cos, freqs_sin)
-    return img if txt is None else torch.cat([img, _rms(txt, w_txt, eps)], dim=1)
-
-
-@functools.cache
-def _compiled():
-    return torch.compile(norm_rope_cat_reference, dynamic=False, fullgraph=True)
-
-
-def norm_rope_cat_kernel():
-    """The compiled `norm_rope_cat_reference` used with `fuse_qk` on CUDA (tests substitute the reference)."""
-    return _compiled()
+from .joint import JointAttnProcessor, matching, refuse_attention_kwargs, require, rotate, split_mlp
 
 
 def _fusable(norm) -> bool:
@@ -75,7 +57,7 @@ def hunyuan_qk(engine, img, txt, norm, added_norm, freqs):
         and (txt is None or (_fusable(added_norm) and added_norm.eps == norm.eps))
     ):
         w_txt = None if txt is None else added_norm.weight
-        return norm_rope_cat_kernel()(img, txt, norm.weight, w_txt, norm.eps, *freqs)
+        return fused_qk.compiled(fused_qk.norm_rope_cat_reference)(img, txt, norm.weight, w_txt, norm.eps, *freqs)
     img = img if norm is None else norm(img)
     if freqs is not None:
         img = rotate(apply_rotary_emb, img, freqs, sequence_dim=1)
@@ -92,7 +74,15 @@ class HunyuanVideoAttnProcessor(JointAttnProcessor):
     def __init__(self, engine, layer: str):
         super().__init__(engine, layer, text_first=False, qk=hunyuan_qk, text_mask=True, shared_projections=True)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        independent=(),
+    ):
         txt_mask = None
         if attention_mask is not None:
             lay = self.engine.layout
@@ -109,7 +99,45 @@ class HunyuanVideoAttnProcessor(JointAttnProcessor):
             encoder_hidden_states,
             image_rotary_emb=image_rotary_emb,
             encoder_hidden_states_mask=txt_mask,
+            independent=independent,
         )
+
+
+# sha256 of the diffusers `HunyuanVideoSingleTransformerBlock.forward` source that `single_block_forward` copies
+# (tests/test_video.py fails when the installed diffusers changes it)
+SINGLE_BLOCK_FORWARD_SHA256 = "3e921434984e3891860e632e553633cc51b55bdfd5974340aa082d5914cecb00"
+
+
+def single_block_forward(
+    self, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None, *args, **kwargs
+):
+    """diffusers' `HunyuanVideoSingleTransformerBlock.forward` (0.42) with the MLP branch moved into the
+    attention's shadow, as FLUX.1's: its first half (output columns) runs while K's exchange is in flight, its
+    second half while the attention output's is. GELU is elementwise, so the halves equal the whole (a GEMM
+    of half the width may round differently). Installed per block; active with `overlap_output`."""
+    processor = self.attn.processor
+    if not isinstance(processor, HunyuanVideoAttnProcessor) or not processor.engine.config.overlaps_output:
+        return type(self).forward(
+            self, hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb, *args, **kwargs
+        )
+    n_txt = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
+    mlp_parts = []
+    independent = split_mlp(self.proj_mlp, self.act_mlp, norm_hidden_states, mlp_parts)
+    attn_output, context_attn_output = processor(
+        self.attn,
+        norm_hidden_states[:, :-n_txt],
+        norm_hidden_states[:, -n_txt:],
+        attention_mask=attention_mask,
+        image_rotary_emb=image_rotary_emb,
+        independent=independent,
+    )
+    attn_output = torch.cat([attn_output, context_attn_output], dim=1)
+    hidden_states = torch.cat([attn_output, *mlp_parts], dim=2)
+    hidden_states = gate.unsqueeze(1) * self.proj_out(hidden_states) + residual
+    return hidden_states[:, :-n_txt], hidden_states[:, -n_txt:]
 
 
 def _is_block_attention(attn) -> bool:
@@ -161,9 +189,22 @@ def _local_first_frame(engine, block):
 
 
 def _install(model, engine) -> None:
+    wrapped = 0
     for m in model.modules():
         if isinstance(m, TOKEN_REPLACE_BLOCKS):
             m.register_forward_pre_hook(_local_first_frame(engine, m), with_kwargs=True)
+        # exact type: a subclass may have its own forward, which the reordered copy would silently replace
+        if type(m) is HunyuanVideoSingleTransformerBlock:
+            if "forward" in m.__dict__:  # already wrapped (diffusers hooks: caching, offloading): keep theirs
+                wrapped += 1
+            else:
+                m.forward = types.MethodType(single_block_forward, m)
+    if wrapped:
+        warnings.warn(
+            f"cocodiff: {wrapped} HunyuanVideo single-stream blocks already have a wrapped forward (diffusers "
+            "hooks); they keep it, and their MLP does not run under the exchanges (overlap_output)",
+            stacklevel=4,
+        )
 
 
 def _check_call(bound):

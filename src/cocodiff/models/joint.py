@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import fused_qk
@@ -235,3 +236,19 @@ def matching(base: type, predicate: Callable[[nn.Module], bool], name: str) -> t
             return isinstance(obj, base) and predicate(obj)
 
     return _Matching(name, (), {"__doc__": f"{base.__name__} modules selected by {predicate.__name__}"})
+
+
+def split_mlp(proj: nn.Module, act, x: torch.Tensor, parts: list) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A single-stream block's MLP input branch `act(proj(x))` as the schedule's `independent` work, each
+    piece appended to `parts`: with a plain `nn.Linear` two halves of its output columns (the first runs under
+    the input exchanges, the second under the output's; `act` must be elementwise); otherwise (LoRA-wrapped or
+    hooked) the layer called whole, under the output exchange."""
+    if not plain_linear(proj):
+        return (lambda: None, lambda: parts.append(act(proj(x))))
+    w, b = proj.weight, proj.bias
+    half = w.shape[0] // 2
+
+    def piece(lo: int, hi: int) -> None:
+        parts.append(act(F.linear(x, w[lo:hi], None if b is None else b[lo:hi])))
+
+    return (lambda: piece(0, half), lambda: piece(half, w.shape[0]))

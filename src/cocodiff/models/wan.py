@@ -11,8 +11,6 @@ embedding, so every per-token modulation (blocks and output norm) is local."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
@@ -36,23 +34,6 @@ def apply_wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Te
     return out.type_as(x)
 
 
-def norm_rope_reference(x, weight, eps: float, heads: int, freqs_cos, freqs_sin) -> torch.Tensor:
-    """Q or K of Wan's self-attention from its projection `x` `(B, L, H * D)`: RMSNorm over all heads (as
-    `torch.nn.RMSNorm`, in fp32), the head split, RoPE; returns `(B, L, H, D)`."""
-    x = fused_qk._rms(x, weight, eps).unflatten(2, (heads, -1))  # (B, L, H * D) -> (B, L, H, D)
-    return x if freqs_cos is None else apply_wan_rope(x, freqs_cos, freqs_sin)
-
-
-@functools.cache
-def _compiled():
-    return torch.compile(norm_rope_reference, dynamic=False, fullgraph=True)
-
-
-def norm_rope_kernel():
-    """The compiled `norm_rope_reference` used with `fuse_qk` on CUDA (tests substitute the reference)."""
-    return _compiled()
-
-
 class WanSelfAttnProcessor:
     """Sharded replacement of diffusers' `WanAttnProcessor` on the self-attentions (`attn1`)."""
 
@@ -67,12 +48,12 @@ class WanSelfAttnProcessor:
                 "parallelism"
             )
         H = attn.heads
-        freqs = (None, None) if rotary_emb is None else rotary_emb
 
         def project_qk(proj, norm):
             x = proj(hidden_states)  # (B, L, H * D)
             if self.engine.config.fuse_qk and fused_qk.fused_device(x) and x.numel() and fused_qk.fusable_norm(norm):
-                return norm_rope_kernel()(x, norm.weight, norm.eps, H, *freqs)
+                cos, sin = (t[0, :, 0] for t in rotary_emb) if rotary_emb is not None else (None, None)
+                return fused_qk.compiled(fused_qk.heads_norm_rope_reference)(x, norm.weight, norm.eps, H, cos, sin)
             x = norm(x).unflatten(2, (H, -1))  # (B, L, H * D) -> (B, L, H, D)
             return x if rotary_emb is None else rotate(apply_wan_rope, x, *rotary_emb)
 
