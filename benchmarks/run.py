@@ -43,9 +43,10 @@ def main() -> int:
     ap.add_argument("--tests", action="store_true", help="run tests/test_gpu.py first")
     ap.add_argument("--cli", action="store_true", help="the command after -- is a `cocodiff` subcommand")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per launch")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- SCRIPT [ARGS...]")
-    args = ap.parse_args()
-    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    cmd = argv[cut + 1 :]  # the script (or cocodiff subcommand) and its arguments
     _ensure_installed()
     env = {**os.environ, **ENV}
     out = Path(args.out)

@@ -87,7 +87,7 @@ def loop(model, inputs: dict, steps: int, dtype) -> tuple[torch.Tensor, int]:
     x = inputs["hidden_states"].clone()
     slow = 0
     for t in sched.timesteps:
-        tt = (t / 1000).expand(x.shape[0]).to(dtype)
+        tt = (t / 1000).expand(x.shape[0]).to(device=x.device, dtype=dtype)
         with torch.no_grad():
             v = model(**{**inputs, "hidden_states": x, "timestep": tt}, return_dict=False)[0]
         slow += engine.step_stats.bytes_by_tier[-1]

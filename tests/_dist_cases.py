@@ -609,3 +609,284 @@ def uneven_heads_match(family, world, heads=10):
         out = par(**inputs).sample
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return (out - ref).abs().max().item()
+
+
+# ---- video families (tests/test_video.py) ---------------------------------------------------------------
+def _video_config(cfg_kwargs):
+    kwargs = dict(cfg_kwargs)
+    preset = kwargs.pop("preset", None)
+    return cocodiff.ParallelConfig.preset(preset, **kwargs) if preset else cocodiff.ParallelConfig(**kwargs)
+
+
+def video_matches_single_process(family, size, world, cfg_kwargs, cases):
+    """A video model (config `size`) sharded over `world` ranks with `ParallelConfig(**cfg_kwargs)` equals the
+    single-process model for every case (`make_video_inputs` arguments); returns the max differences and the
+    last call's byte counts."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, size, seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, _video_config(cfg_kwargs), group=group)
+    diffs = []
+    for case in cases:
+        inputs = zoo.make_video_inputs(family, model, **case)
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+        assert par.cocodiff.step_stats.exchanges > 0
+        diffs.append((out - ref).abs().max().item())
+    return diffs, par.cocodiff.step_stats.as_dict()
+
+
+def _attempt(fn):
+    try:
+        fn()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def video_refusals(world):
+    """Inputs and models the video plans cannot shard exactly: every rank raises the same clear ValueError
+    (before any exchange), none hangs. Returns {case: message}."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    out = {}
+    wan = zoo.build_model("wan", "tiny", seed=0)
+    cocodiff.parallelize(wan, cocodiff.ParallelConfig(), group=group)
+    good = zoo.make_video_inputs("wan", wan, frames=2, rows=2, cols=3, n_txt=5, per_token_timestep=True)
+    one_token = zoo.make_video_inputs("wan", wan, frames=1, rows=1, cols=1, n_txt=5, per_token_timestep=True)
+
+    def call(model, inputs):
+        def run():
+            with torch.no_grad():
+                model(**inputs)
+
+        return run
+
+    out["wan_timestep_length"] = _attempt(call(wan, {**good, "timestep": good["timestep"][:, :-1]}))
+    out["wan_timestep_tokens"] = _attempt(call(wan, one_token))
+    out["wan_4d"] = _attempt(call(wan, {**good, "hidden_states": good["hidden_states"][:, :, 0]}))
+    with torch.no_grad():  # still usable after refusals
+        wan(**good)
+    hv = zoo.build_model("hunyuanvideo", "tiny", seed=0)
+    cocodiff.parallelize(hv, cocodiff.ParallelConfig(), group=group)
+    few = zoo.make_video_inputs("hunyuanvideo", hv, frames=2, rows=2, cols=3, n_txt=world - 1)
+    out["hunyuan_text_tokens"] = _attempt(call(hv, few))
+    ok = zoo.make_video_inputs("hunyuanvideo", hv, frames=2, rows=2, cols=3, n_txt=6)
+    out["hunyuan_mask"] = _attempt(call(hv, {**ok, "encoder_attention_mask": ok["encoder_attention_mask"][:, :-1]}))
+    # set-up refusals: fewer heads than ranks (the cross-attention's heads are not sharded: not named),
+    # fused projections
+    odd = zoo.build_model("wan", "tiny", seed=0, num_attention_heads=3, attention_head_dim=6)
+    out["wan_heads"] = _attempt(lambda: cocodiff.parallelize(odd, cocodiff.ParallelConfig(), group=group))
+    out["wan_sharded_attentions"] = sorted({n.rsplit(".", 1)[-1] for n, _ in wan.cocodiff.plan.attention_modules(wan)})
+    fused = zoo.build_model("wan", "tiny", seed=0)
+    fused.fuse_qkv_projections()
+    out["wan_fused"] = _attempt(lambda: cocodiff.parallelize(fused, cocodiff.ParallelConfig(), group=group))
+    small = zoo.build_model("wan", "tiny", seed=0)
+    cocodiff.parallelize(small, cocodiff.ParallelConfig(memory_budget_gb=1e-7), group=group)
+    out["wan_memory"] = _attempt(call(small, good))
+    return out
+
+
+def video_fused_qk_path(family, world, case):
+    """`fuse_qk` wiring of a video family on CPU ranks: the fused path is forced on (the uncompiled reference
+    stands in for the compiled CUDA kernel) and must reproduce the single-process model (diffusers' eager
+    norms and RoPE); returns (max diff, fused calls)."""
+    from cocodiff import fused_qk as kernels
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    calls = [0]
+
+    def uncompiled(fn):
+        calls[0] += 1
+        return fn
+
+    model = zoo.build_model(family, "tiny", seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True, fuse_qk=True), group=group)
+    saved = kernels.fused_device, kernels.compiled
+    kernels.fused_device, kernels.compiled = (lambda x: True), uncompiled
+    try:
+        inputs = zoo.make_video_inputs(family, model, **case)
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+    finally:
+        kernels.fused_device, kernels.compiled = saved
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item(), calls[0]
+
+
+def hunyuan_single_block_overlap(world):
+    """HunyuanVideo's single blocks under `overlap_output`: the MLP activation runs while exchanges are in flight
+    (first half under V/Q/K's, second under the output's), without it with none in flight; both equal the single
+    process, also when `proj_mlp` is hooked (then called whole). Returns {overlap: [exchanges in flight at each
+    activation]}."""
+    from cocodiff import exchange as comm
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model("hunyuanvideo", "tiny", seed=0)
+    hooked = copy.deepcopy(model)
+    for block in hooked.single_transformer_blocks:
+        block.proj_mlp.register_forward_hook(lambda m, a, out: out * 1.5 + 0.25)
+    inputs = zoo.make_video_inputs("hunyuanvideo", model, frames=2, rows=3, cols=5, n_txt=5, batch=2, text_mask=True)
+    waited = [0]
+    original_wait = comm.Handle.wait
+
+    def counting_wait(self):
+        waited[0] += not self._done
+        return original_wait(self)
+
+    res = {}
+    comm.Handle.wait = counting_wait
+    try:
+        for single in (model, hooked):
+            par = copy.deepcopy(single)
+            cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+            eng, block, seen = par.cocodiff, par.single_transformer_blocks[0], {}
+            block.register_forward_pre_hook(lambda m, a: seen.update(block=eng.stats.exchanges - waited[0], act=[]))
+            block.act_mlp.register_forward_pre_hook(
+                lambda m, a: seen["act"].append(eng.stats.exchanges - waited[0] - seen["block"])
+            )
+            with torch.no_grad():
+                ref = single(**inputs).sample
+                for overlap in (False, True):
+                    eng.set_schedule(overlap_output=overlap)
+                    out = par(**inputs).sample
+                    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+                    res[(single is hooked, overlap)] = seen["act"]
+    finally:
+        comm.Handle.wait = original_wait
+    return res
+
+
+def _tiny_wan_pipeline(two_experts: bool):
+    """A WanPipeline of tiny components built from configs (no tokenizer or text encoder: the prompts come as
+    embeddings); the same weights on every rank."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    return WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=zoo.build_model("wan", "tiny", seed=0),
+        transformer_2=zoo.build_model("wan", "tiny", seed=1) if two_experts else None,
+        boundary_ratio=0.5 if two_experts else None,
+    )
+
+
+def wan_pipeline_matches_single_process(world, two_experts=False, cfg_kwargs=None):
+    """A tiny WanPipeline, text-to-video with CFG, end to end (denoising loop and VAE decode) on `world` ranks
+    through `cocodiff.parallelize(pipe, cfg)`, equals the same pipeline in one process. With `two_experts`,
+    Wan 2.2's high-/low-noise pair (`transformer_2`, `boundary_ratio`). Returns (max diff of the frames,
+    transformer calls that exchanged on each expert)."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    ref_pipe, pipe = _tiny_wan_pipeline(two_experts), _tiny_wan_pipeline(two_experts)
+    cocodiff.parallelize(pipe, _video_config(cfg_kwargs or {"v_first": True}), group=group)
+    experts = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+    calls = [0] * len(experts)
+    for i, m in enumerate(experts):
+        m.register_forward_hook(
+            lambda mod, a, o, i=i: calls.__setitem__(i, calls[i] + (mod.cocodiff.stats.exchanges > 0))
+        )
+    g = torch.Generator().manual_seed(5)
+    embeds = torch.randn(1, 7, 16, generator=g), torch.randn(1, 7, 16, generator=g)
+    kwargs = dict(
+        prompt_embeds=embeds[0],
+        negative_prompt_embeds=embeds[1],
+        height=48,
+        width=80,  # latent 3 x 6 x 10 -> 3 x 3 x 5 = 45 tokens: uneven over 2 and 4 ranks
+        num_frames=9,
+        num_inference_steps=4 if two_experts else 2,
+        guidance_scale=4.0,
+        output_type="pt",
+    )
+    with torch.no_grad():
+        ref = ref_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item(), calls
+
+
+def hunyuan_pipeline_matches_single_process(world):
+    """A tiny HunyuanVideoPipeline (padded prompt embeddings with their mask, as its Llama encoder gives them;
+    no text encoders) end to end on `world` ranks equals one process. Returns (max diff, sharded calls)."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+
+    def build():
+        torch.manual_seed(0)
+        vae = AutoencoderKLHunyuanVideo(
+            latent_channels=4,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+        ).eval()
+        return HunyuanVideoPipeline(
+            text_encoder=None,
+            tokenizer=None,
+            transformer=zoo.build_model("hunyuanvideo", "tiny", seed=0),
+            vae=vae,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+            text_encoder_2=None,
+            tokenizer_2=None,
+        )
+
+    ref_pipe, pipe = build(), build()
+    cocodiff.parallelize(pipe, cocodiff.ParallelConfig(v_first=True), group=group)
+    calls = [0]
+    pipe.transformer.register_forward_hook(
+        lambda m, a, o: calls.__setitem__(0, calls[0] + (m.cocodiff.stats.exchanges > 0))
+    )
+    g = torch.Generator().manual_seed(6)
+    mask = torch.ones(1, 9, dtype=torch.long)
+    mask[:, 6:] = 0  # the prompt's last 3 tokens are padding
+    kwargs = dict(
+        prompt_embeds=torch.randn(1, 9, 16, generator=g),
+        pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+        prompt_attention_mask=mask,
+        height=48,
+        width=80,  # latent 3 x 6 x 10 -> 3 x 3 x 5 = 45 video tokens
+        num_frames=9,
+        num_inference_steps=2,
+        output_type="pt",
+    )
+    with torch.no_grad():
+        ref = ref_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item(), calls[0]

@@ -98,3 +98,9 @@ def test_vmajor_refusals_are_clear_and_on_every_rank(pools):
 
 def test_step_context_tracks_generations_steps_and_cfg_calls(pools):
     assert pools(2).run(cases.step_context_over_generations, 2) == [True, True]
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuanvideo"])
+def test_vmajor_on_video_families(pools, family):
+    rel, fraction = pools(2).run(cases.video_vmajor, family)[0]
+    assert rel < 0.05 and fraction < 0.8, (rel, fraction)

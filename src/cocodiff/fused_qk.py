@@ -76,3 +76,30 @@ def norm_cat_rope(parts, norms, freqs):
 def kernel():
     """The compiled `norm_cat_rope_reference` (tests may substitute the reference itself)."""
     return _compiled()
+
+
+# ---- the video families' Q/K preparation (models/wan.py, models/hunyuan_video.py) ----------------------------
+def heads_norm_rope_reference(x: torch.Tensor, weight, eps: float, heads: int, cos, sin) -> torch.Tensor:
+    """Wan's Q or K from its projection `x` `(B, L, H * D)`: RMSNorm over all heads (as `torch.nn.RMSNorm`),
+    the head split, RoPE with `(L, D)` tables (Wan's rotation of pairs is diffusers' `apply_rotary_emb` with
+    each frequency repeated for the pair); returns `(B, L, H, D)`."""
+    x = _rms(x, weight, eps).unflatten(2, (heads, -1))  # (B, L, H * D) -> (B, L, H, D)
+    return x if cos is None else _rope(x, cos, sin)
+
+
+def _rms_diffusers(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # diffusers' own RMSNorm (not torch's): fp32 variance, the normalised value rounded to the weight's dtype
+    return (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype) * weight
+
+
+def norm_rope_cat_reference(img, txt, w_img, w_txt, eps: float, cos, sin) -> torch.Tensor:
+    """HunyuanVideo's Q or K `(B, L, H, D)`: diffusers' RMSNorm of each stream, RoPE on the video part only,
+    then [video, text]."""
+    img = _rope(_rms_diffusers(img, w_img, eps), cos, sin)
+    return img if txt is None else torch.cat([img, _rms_diffusers(txt, w_txt, eps)], dim=1)
+
+
+@functools.cache
+def compiled(fn):
+    """`fn` compiled by inductor (static shapes, one graph), once per function (tests substitute `fn` itself)."""
+    return torch.compile(fn, dynamic=False, fullgraph=True)

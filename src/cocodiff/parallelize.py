@@ -34,6 +34,13 @@ def _find_transformer(obj) -> nn.Module:
     )
 
 
+def _second_transformer(obj, model: nn.Module) -> nn.Module | None:
+    """A pipeline's second transformer (Wan 2.2 A14B: the low-noise expert, `transformer_2`), sharded with
+    the first so that every denoising step runs parallel."""
+    second = getattr(obj, "transformer_2", None) if obj is not model else None
+    return second if isinstance(second, nn.Module) and second is not model else None
+
+
 def _group_device(group) -> torch.device:
     backend = dist.get_backend(group)
     if backend == "nccl":
@@ -112,7 +119,8 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     """Shard `obj`'s transformer with Ulysses sequence parallelism, in place.
 
     Args:
-        obj: a supported diffusers transformer (FLUX.1, SD3/3.5, Qwen-Image, FLUX.2) or a pipeline holding one.
+        obj: a supported diffusers transformer (FLUX.1, SD3/3.5, Qwen-Image, FLUX.2, Wan 2.x, HunyuanVideo) or a
+            pipeline holding one; a pipeline's `transformer_2` (Wan 2.2's second expert) is sharded too.
         config: a `ParallelConfig` (default: the "flat" preset).
         group: the process group of the Ulysses ranks (default: the default group).
 
@@ -142,8 +150,12 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
 
     # ---- validation: local checks, then one agreement round, before any other collective --------
     error = None
+    second = None
     try:
         model, plan, topology = _validate(obj, config, group, world, device)
+        second = _second_transformer(obj, model)
+        if second is not None:
+            _validate(second, config, group, world, device)
     except (TypeError, ValueError) as exc:
         error = exc
     _raise_together(error, group, device, same_host=needs_one_host(config))
@@ -163,4 +175,8 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     if scheduler is not None and hasattr(scheduler, "timesteps"):
         engine.steps.follow(scheduler)
     model.cocodiff = engine
+    if second is not None:  # validated above, with the first
+        parallelize(second, config, group=group)
+        if scheduler is not None and hasattr(scheduler, "timesteps"):
+            second.cocodiff.steps.follow(scheduler)
     return obj

@@ -1,15 +1,19 @@
-"""Model configurations and input builders for the four supported DiT families.
+"""Model configurations and input builders for the supported DiT families (images and video).
 
-"full" configs are the published architectures (FLUX.1-dev, SD3.5-large, Qwen-Image, FLUX.2-dev) used with
-random weights for speed measurements (speed does not depend on values); "tiny" configs keep every code path
-(joint attention, single blocks, RoPE, SD3.5's second attention, QK norms) at a size a CPU test can afford.
+"full" configs are the published architectures (FLUX.1-dev, SD3.5-large, Qwen-Image, FLUX.2-dev, Wan2.1-T2V-14B,
+HunyuanVideo) used with random weights for speed measurements (speed does not depend on values); "tiny" configs
+keep every code path (joint attention, single blocks, RoPE, SD3.5's second attention, QK norms; Wan's self- and
+cross-attention and I2V image context; HunyuanVideo's text refiner and masks) at a size a CPU test can afford.
+Image families take a token grid (`make_inputs`), video families a (frames, rows, cols) grid
+(`make_video_inputs`).
 """
 
 from __future__ import annotations
 
 import torch
 
-FAMILIES = ("flux", "sd3", "qwenimage", "flux2")
+FAMILIES = ("flux", "sd3", "qwenimage", "flux2")  # image families
+VIDEO_FAMILIES = ("wan", "hunyuanvideo")
 
 CONFIGS: dict[str, dict[str, dict]] = {
     "flux": {
@@ -110,7 +114,156 @@ CONFIGS: dict[str, dict[str, dict]] = {
         # FLUX.2-dev (32B)
         "full": dict(),
     },
+    "wan": {
+        # 12 heads divide 2, 3 and 4 ranks; head dim 6 gives Wan's RoPE 2 + 2 + 2 dims (frames, rows, cols)
+        "tiny": dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=12,
+            attention_head_dim=6,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ),
+        # Wan 2.1 I2V: image context tokens (CLIP features) join the cross-attention's keys (`add_k_proj`); the
+        # text must then be 512 tokens (diffusers' processor hard-codes it)
+        "tiny-i2v": dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=12,
+            attention_head_dim=6,
+            in_channels=8,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+            image_dim=8,
+            added_kv_proj_dim=72,
+        ),
+        # Wan2.1-T2V-14B (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json: dim 5120 = 40 x 128, 40 layers,
+        # ffn 13824, UMT5 text dim 4096); Wan 2.2 T2V/I2V-A14B use two experts of this size (`transformer_2`)
+        "full": dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=40,
+            attention_head_dim=128,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=13824,
+            num_layers=40,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+        ),
+        # Wan2.1-I2V-14B-480P/720P: 36 input channels (noise, mask, image latent), CLIP image context 1280 -> 5120
+        "full-i2v": dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=40,
+            attention_head_dim=128,
+            in_channels=36,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=13824,
+            num_layers=40,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            image_dim=1280,
+            added_kv_proj_dim=5120,
+            rope_max_seq_len=1024,
+        ),
+        # Wan2.2-TI2V-5B: dim 3072 = 24 x 128, 30 layers, ffn 14336, 48 latent channels (its VAE compresses
+        # 16x16 spatially, 4x in time); the pipeline passes per-token timesteps (`expand_timesteps`)
+        "full-ti2v-5b": dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=24,
+            attention_head_dim=128,
+            in_channels=48,
+            out_channels=48,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=14336,
+            num_layers=30,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=1024,
+        ),
+    },
+    "hunyuanvideo": {
+        "tiny": dict(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=12,
+            attention_head_dim=6,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            mlp_ratio=2.0,
+            patch_size=2,
+            patch_size_t=1,
+            qk_norm="rms_norm",
+            guidance_embeds=True,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 2, 2),
+        ),
+        # HunyuanVideo-I2V's "token_replace" conditioning: the first frame's tokens are modulated apart
+        "tiny-token-replace": dict(
+            in_channels=8,
+            out_channels=4,
+            num_attention_heads=12,
+            attention_head_dim=6,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            mlp_ratio=2.0,
+            patch_size=2,
+            patch_size_t=1,
+            qk_norm="rms_norm",
+            guidance_embeds=False,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 2, 2),
+            image_condition_type="token_replace",
+        ),
+        # HunyuanVideo 13B (hunyuanvideo-community/HunyuanVideo transformer/config.json, = diffusers' defaults):
+        # 24 heads x 128, 20 double + 40 single blocks, 2 refiner blocks, Llama text dim 4096, CLIP pooled 768
+        "full": dict(
+            in_channels=16,
+            out_channels=16,
+            num_attention_heads=24,
+            attention_head_dim=128,
+            num_layers=20,
+            num_single_layers=40,
+            num_refiner_layers=2,
+            mlp_ratio=4.0,
+            patch_size=2,
+            patch_size_t=1,
+            qk_norm="rms_norm",
+            guidance_embeds=True,
+            text_embed_dim=4096,
+            pooled_projection_dim=768,
+            rope_theta=256.0,
+            rope_axes_dim=(16, 56, 56),
+        ),
+    },
 }
+
+# text tokens of one prompt as the pipelines pass them (benchmarks): FLUX's T5 512, SD3's CLIP 77 + T5 256,
+# Qwen-Image ~256, FLUX.2 512; WanPipeline's UMT5 512 (max_sequence_length), HunyuanVideoPipeline's Llama 256
+TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512, "wan": 512, "hunyuanvideo": 256}
 
 
 def model_class(family: str):
@@ -122,8 +275,12 @@ def model_class(family: str):
         from diffusers import QwenImageTransformer2DModel as cls
     elif family == "flux2":
         from diffusers import Flux2Transformer2DModel as cls
+    elif family == "wan":
+        from diffusers import WanTransformer3DModel as cls
+    elif family == "hunyuanvideo":
+        from diffusers import HunyuanVideoTransformer3DModel as cls
     else:
-        raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+        raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES + VIDEO_FAMILIES}")
     return cls
 
 
@@ -227,3 +384,91 @@ def make_inputs(
             out["guidance"] = torch.full((batch,), 4.0, device=device, dtype=dtype)
         return out
     raise ValueError(f"unknown model family {family!r}")
+
+
+# ---- video ------------------------------------------------------------------------------------------------
+def video_latent(height: int, width: int, num_frames: int, *, spatial: int = 8, temporal: int = 4):
+    """Latent (frames, height, width) of a video as Wan's and HunyuanVideo's VAEs make it: 8x spatially, 4x in
+    time after the first frame (81 frames -> 21 latent frames). Wan 2.2 TI2V's VAE: `spatial=16`."""
+    return (num_frames - 1) // temporal + 1, height // spatial, width // spatial
+
+
+def patch_size(family: str, model) -> tuple[int, int, int]:
+    """(frames, rows, cols) of one patch: one video token."""
+    cfg = model.config
+    if family == "wan":
+        return tuple(cfg.patch_size)
+    if family == "hunyuanvideo":
+        return cfg.patch_size_t, cfg.patch_size, cfg.patch_size
+    raise ValueError(f"unknown video family {family!r}; choose one of {VIDEO_FAMILIES}")
+
+
+def video_tokens(family: str, model, height: int, width: int, num_frames: int) -> tuple[int, int, int]:
+    """Token grid (frames, rows, cols) of a video of `num_frames` frames of `height` x `width` pixels;
+    480p x 81 frames on Wan: (21, 30, 52) = 32,760 tokens, 720p: (21, 45, 80) = 75,600."""
+    f, h, w = video_latent(height, width, num_frames)
+    pt, ph, pw = patch_size(family, model)
+    return f // pt, h // ph, w // pw
+
+
+def make_video_inputs(
+    family: str,
+    model,
+    *,
+    frames: int,
+    rows: int,
+    cols: int,
+    n_txt: int,
+    batch: int = 1,
+    dtype=None,
+    device="cpu",
+    seed: int = 1,
+    text_mask: bool = False,
+    per_token_timestep: bool = False,
+    image_tokens: int = 257,
+    extra: int = 0,
+) -> dict:
+    """Random inputs of one transformer call on a `frames` x `rows` x `cols` token grid with `n_txt` text tokens.
+
+    Args:
+        text_mask: HunyuanVideo: padded text, a different number of valid tokens per sample (else all valid).
+        per_token_timestep: Wan: one timestep per video token, `(B, S)`, as Wan 2.2 TI2V's pipeline passes
+            them (the first frame's tokens at 0, the conditioning image).
+        image_tokens: Wan 2.1 I2V (`image_dim` set): image context tokens (CLIP: 257).
+        extra: latent rows and columns beyond the patch grid (dropped by the strided patch embedding).
+    """
+    cfg = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    pt, ph, pw = patch_size(family, model)
+    latent = (batch, cfg.in_channels, frames * pt, rows * ph + extra, cols * pw + extra)
+    t = torch.rand(batch, generator=g) * 1000
+    if family == "wan":
+        out = dict(hidden_states=rnd(*latent), encoder_hidden_states=rnd(batch, n_txt, cfg.text_dim))
+        if per_token_timestep:
+            ts = t[:, None].repeat(1, frames * rows * cols)
+            ts[:, : rows * cols] = 0  # the first frame: the conditioning image, no noise
+            out["timestep"] = ts.to(device)
+        else:
+            out["timestep"] = t.to(device)
+        if cfg.image_dim is not None:
+            out["encoder_hidden_states_image"] = rnd(batch, image_tokens, cfg.image_dim)
+        return out
+    mask = torch.ones(batch, n_txt, dtype=torch.long)
+    if text_mask:
+        for b in range(batch):
+            mask[b, max(1, n_txt - 1 - 2 * b) :] = 0  # padded tail, different per sample
+    out = dict(
+        hidden_states=rnd(*latent),
+        timestep=t.to(device=device, dtype=dtype),
+        encoder_hidden_states=rnd(batch, n_txt, cfg.text_embed_dim),
+        encoder_attention_mask=mask.to(device),
+        pooled_projections=rnd(batch, cfg.pooled_projection_dim),
+    )
+    if cfg.guidance_embeds:
+        out["guidance"] = torch.full((batch,), 6000.0, device=device, dtype=dtype)
+    return out

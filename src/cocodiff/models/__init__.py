@@ -11,7 +11,7 @@ from torch import nn
 
 from ..sharding import ModelPlan
 
-_PLAN_MODULES = ("flux", "sd3", "qwenimage", "flux2")
+_PLAN_MODULES = ("flux", "sd3", "qwenimage", "flux2", "wan", "hunyuan_video")
 
 
 def plans() -> dict[str, ModelPlan]:

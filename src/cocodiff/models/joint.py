@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import fused_qk
@@ -49,6 +50,9 @@ class JointAttnProcessor:
             None when all ones).
         single_stream: token kinds of `hidden_states` when no text stream is passed: FLUX's single-stream
             blocks carry [text, image] in one stream, SD3.5's `attn2` only the image.
+        shared_projections: an attention without text projections (`add_q_proj`) that is passed a text
+            stream projects it with the image stream's projections and norms (HunyuanVideo's single-stream
+            blocks: one projection of [image, text]); the streams are still joined in local order.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class JointAttnProcessor:
         qk: QK | None = None,
         text_mask: bool = False,
         single_stream: tuple[str, ...] = (IMG,),
+        shared_projections: bool = False,
     ):
         self.engine = engine
         self.layer = layer
@@ -67,6 +72,7 @@ class JointAttnProcessor:
         self.qk = qk or norms_then_concat(text_first)
         self.text_mask = text_mask
         self.single_stream = single_stream
+        self.shared_projections = shared_projections
 
     def __call__(
         self,
@@ -86,7 +92,9 @@ class JointAttnProcessor:
             raise ValueError(f"cocodiff: {type(attn).__name__} takes no encoder_hidden_states_mask")
         if self.text_mask and encoder_hidden_states_mask is None:
             encoder_hidden_states_mask = self.engine.text_mask  # held by the engine (sharding.PlanHooks)
-        joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
+        has_added = getattr(attn, "add_q_proj", None) is not None
+        shared = self.shared_projections and encoder_hidden_states is not None and not has_added
+        joint = encoder_hidden_states is not None and (has_added or shared)
         H = attn.heads
 
         def heads(x):
@@ -102,7 +110,9 @@ class JointAttnProcessor:
             return torch.cat([txt, img] if self.text_first else [img, txt], dim=1)
 
         def added(name):
-            return getattr(attn, name, None) if joint else None
+            if not joint:
+                return None
+            return getattr(attn, _SHARED[name]) if shared else getattr(attn, name, None)
 
         kinds = ((TXT, IMG) if self.text_first else (IMG, TXT)) if joint else self.single_stream
         key_mask = None
@@ -130,6 +140,16 @@ class JointAttnProcessor:
         if not getattr(attn, "context_pre_only", False) and getattr(attn, "to_add_out", None) is not None:
             txt_out = attn.to_add_out(txt_out.contiguous())
         return _out(attn, img_out.contiguous()), txt_out
+
+
+# the image stream's module standing in for each text-stream module under `shared_projections`
+_SHARED = {
+    "add_q_proj": "to_q",
+    "add_k_proj": "to_k",
+    "add_v_proj": "to_v",
+    "norm_added_q": "norm_q",
+    "norm_added_k": "norm_k",
+}
 
 
 def _out(attn, x: torch.Tensor) -> torch.Tensor:
@@ -204,3 +224,34 @@ def norm_rope(engine, x, norm, rope_fn, freqs, *, added=None, added_norm=None, *
     if freqs is not None:
         x = rotate(rope_fn, x, freqs, **rope_kwargs)
     return x
+
+
+def matching(base: type, predicate: Callable[[nn.Module], bool], name: str) -> type:
+    """A key for `ModelPlan.processors` that matches only the `base` modules for which `predicate` holds.
+
+    The plan selects attention modules with `isinstance`; some families use one class for attentions that
+    must be sharded and for attentions that must stay local (Wan's self- and cross-attention, HunyuanVideo's
+    block attentions and its text refiner's). The returned class answers `isinstance` by `predicate`, so the
+    local ones keep their own processors and are left out of the head-count check."""
+
+    class _Matching(type):
+        def __instancecheck__(cls, obj) -> bool:
+            return isinstance(obj, base) and predicate(obj)
+
+    return _Matching(name, (), {"__doc__": f"{base.__name__} modules selected by {predicate.__name__}"})
+
+
+def split_mlp(proj: nn.Module, act, x: torch.Tensor, parts: list) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A single-stream block's MLP input branch `act(proj(x))` as the schedule's `independent` work, each
+    piece appended to `parts`: with a plain `nn.Linear` two halves of its output columns (the first runs under
+    the input exchanges, the second under the output's; `act` must be elementwise); otherwise (LoRA-wrapped or
+    hooked) the layer called whole, under the output exchange."""
+    if not plain_linear(proj):
+        return (lambda: None, lambda: parts.append(act(proj(x))))
+    w, b = proj.weight, proj.bias
+    half = w.shape[0] // 2
+
+    def piece(lo: int, hi: int) -> None:
+        parts.append(act(F.linear(x, w[lo:hi], None if b is None else b[lo:hi])))
+
+    return (lambda: piece(0, half), lambda: piece(half, w.shape[0]))
