@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny configs, fp32: exercise the code path")
-    ap.add_argument("--ref-dir", required=True)
+    ap.add_argument("--ref-dir", default="/tmp/cocodiff_video_ref", help="where the 1-GPU run keeps its outputs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     unknown = [c for c in args.configs if c not in CONFIGS]
