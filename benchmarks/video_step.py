@@ -11,7 +11,7 @@ compare against:
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # (also set here)
     torchrun --nproc-per-node 1 benchmarks/video_step.py --ref-dir REF --out OUT --single-fused
     torchrun --nproc-per-node 2 benchmarks/video_step.py --ref-dir REF --out OUT --graph
-    benchmarks/run_video_step.sh OUT [args]     # 1 GPU, then P = 2, 4, 8 where the host has them
+    python benchmarks/run.py OUT --gpus 1 2 4 8 -- video_step.py --graph   # 1 GPU first, then P (host allowing)
 
 Rows per (family, resolution), in one JSON per (family, P) with hardware and versions:
   single              1 GPU, plain diffusers: the reference
