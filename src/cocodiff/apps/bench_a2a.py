@@ -217,10 +217,12 @@ def plot_a2a(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="microbenchmarks")
-    bsub = bench.add_subparsers(dest="bench", required=True)
-    p = bsub.add_parser("a2a", help="all-to-all: flat vs TAPA over message sizes (JSON + PNG)")
+def add_parser(sub, formatter_class=None) -> None:
+    bench = sub.add_parser("bench", help="microbenchmarks", formatter_class=formatter_class)
+    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
+    p = bsub.add_parser(
+        "a2a", help="all-to-all: flat vs TAPA over message sizes (JSON + PNG)", formatter_class=formatter_class
+    )
     p.add_argument("--topology", default=None, help="tier spec, outermost first (e.g. 2x2); default: launcher")
     p.add_argument("--emulate", action="store_true", help="emulate a slow outermost tier (one host)")
     p.add_argument("--max-ctas", default="auto", help="CTA cap of the emulated slow link, or 'auto' (calibrate)")

@@ -304,9 +304,14 @@ def run_quality(args) -> int:
     return 0
 
 
-def add_parser(subparsers, add_parallel_args) -> None:
+def add_parser(subparsers, add_parallel_args, formatter_class=None) -> None:
     """Register `cocodiff quality` (the generic --preset/--v-first/--topology flags add one extra row)."""
-    p = subparsers.add_parser("quality", help="PSNR/SSIM of communication modes vs single process (inpainting)")
+    p = subparsers.add_parser(
+        "quality",
+        help="PSNR/SSIM of communication modes vs single process (inpainting)",
+        description="Inpaint and generate with every communication mode on CPU ranks; compare with one process.",
+        formatter_class=formatter_class,
+    )
     p.add_argument("--ranks", default="2,4", help="comma-separated CPU rank counts (default 2,4)")
     p.add_argument(
         "--modes",
