@@ -233,7 +233,7 @@ def _rank_prefix() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"cocodiff {args.command}"
-    from .launch import RankError
+    from .launch import RankError, short_error
 
     try:
         if args.command == "generate":
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)  # a check in this process
             return 2
         name = type(exc).__name__
-        first = str(exc).splitlines()[0] if str(exc) else name
+        first = short_error(str(exc).splitlines()[0]) if str(exc) else name
         print(f"\n{prog}: {_rank_prefix()}{name}: {first}", file=sys.stderr)
         return 1
     return 0

@@ -20,6 +20,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import pickle
+import re
 import signal
 import socket
 import threading
@@ -52,8 +53,8 @@ class RankError(RuntimeError):
     """A function failed on one or more ranks. `summary` is one line naming the rank that failed first and
     its error; `details` holds every failed rank's traceback; `str()` is both."""
 
-    def __init__(self, summary: str, details: str = "", root: str = ""):
-        super().__init__(summary + details)
+    def __init__(self, summary: str, details: str = "", root: str = "", *, what: str = ""):
+        super().__init__(f"{what}: {summary}{details}" if what else summary + details)
         self.summary, self.details, self.root = summary, details, root
 
 
@@ -97,6 +98,12 @@ def _init_group(rank: int, world: int, port: int, backend: str, timeout_s: float
 def _detach_from_terminal(parent_pid: int) -> None:
     """In a rank: Ctrl-C is the parent's to handle (it stops the ranks), and a rank whose parent is gone exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # tqdm's default lock is a multiprocessing semaphore, left behind when a rank is killed
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
+    except ImportError:
+        pass
 
     def watch():
         while os.getppid() == parent_pid:
@@ -236,7 +243,7 @@ class _Ranks:
         if failures:
             self.stop()
             summary, root = summarize(failures)
-            raise RankError(f"{what}: {summary}", _fmt(failures), root)
+            raise RankError(summary, _fmt(failures), root, what=what)
         return out
 
     def stop(self) -> None:
@@ -284,9 +291,14 @@ _SECONDARY = (
 )
 
 
+def short_error(line: str) -> str:
+    """An error line without gloo's source location prefix ("[/.../pair.cc:537] Read error ...")."""
+    return re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", line.strip())
+
+
 def _last_line(tb: str) -> str:
     lines = [ln for ln in tb.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else "unknown error"
+    return short_error(lines[-1]) if lines else "unknown error"
 
 
 def _is_secondary(tb: str) -> bool:
@@ -313,7 +325,8 @@ def summarize(errors: dict[int, str | _Failure]) -> tuple[str, str]:
     stopped = sorted(r for r in failures if r not in roots and failures[r].kind == "stopped")
     if stopped:
         head += f"; ranks {stopped} were stopped"
-    return head, failures[roots[0]].text
+    first = failures[roots[0]]
+    return head, first.text if first.kind == "error" else ""
 
 
 def _fmt(errors: dict[int, _Failure]) -> str:
