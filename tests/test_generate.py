@@ -83,6 +83,7 @@ def test_sd3_with_cfg_on_two_ranks_equals_one_process(tmp_path):
     assert record["height"] == 32 and record["max_abs_diff_vs_single_process"] < 1e-5
 
 
+@pytest.mark.slow  # the README's `cocodiff generate --prompt moon` runs this path in tests/test_readme.py
 def test_small_model_by_class_name(tmp_path):
     args = ["generate", "--prompt", "moon", "--steps", "2", "--num-images", "2", "--ranks", "2", "--out", str(tmp_path)]
     assert main(args) == 0

@@ -231,9 +231,12 @@ def _rank_prefix() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error, already printed in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     prog = f"cocodiff {args.command}"
-    from .launch import RankError, short_error
+    from .launch import RankError, is_secondary, short_error
 
     try:
         if args.command == "generate":
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         name = type(exc).__name__
         first = short_error(str(exc).splitlines()[0]) if str(exc) else name
-        print(f"\n{prog}: {_rank_prefix()}{name}: {first}", file=sys.stderr)
+        lost = " (lost a peer: it died, exited or hung; the launcher's report names it)" if is_secondary(first) else ""
+        print(f"\n{prog}: {_rank_prefix()}{name}: {first}{lost}", file=sys.stderr)
         return 1
     return 0
 

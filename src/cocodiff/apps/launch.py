@@ -282,6 +282,8 @@ def _start(target, world: int, make_args: Callable[[int, Any], tuple], *, daemon
 
 _SECONDARY = (
     "timed out",
+    "by peer",
+    "pair closure",
     "timeout",
     "connection closed by peer",
     "connection reset",
@@ -301,7 +303,7 @@ def _last_line(tb: str) -> str:
     return short_error(lines[-1]) if lines else "unknown error"
 
 
-def _is_secondary(tb: str) -> bool:
+def is_secondary(tb: str) -> bool:
     """A rank that failed only because a peer was gone (timeout, closed connection)."""
     return any(k in _last_line(tb).lower() for k in _SECONDARY)
 
@@ -311,7 +313,7 @@ def summarize(errors: dict[int, str | _Failure]) -> tuple[str, str]:
     the first root rank's traceback or reason). Roots: ranks that died or raised an error of their own; else
     ranks stopped while the others had timed out waiting for them (hung); else every failed rank."""
     failures = {r: f if isinstance(f, _Failure) else _Failure("error", f) for r, f in errors.items()}
-    own = {r for r, f in failures.items() if f.kind == "died" or (f.kind == "error" and not _is_secondary(f.text))}
+    own = {r for r, f in failures.items() if f.kind == "died" or (f.kind == "error" and not is_secondary(f.text))}
     roots = sorted(own or {r for r, f in failures.items() if f.kind == "stopped"} or failures)
     by_msg: dict[str, list[int]] = {}
     for r in roots:
