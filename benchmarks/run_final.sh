@@ -14,5 +14,5 @@ echo "profile rc=$?"
 timeout 200 torchrun --standalone --nproc-per-node 4 "$here/flux_step.py" --graph --topology 2x2 --emulate \
   --max-ctas 4 --configs flat vfirst+fused tapa-vfirst+fused --tag _2x2_emulated --ref-dir /tmp/ref --out "$OUT"
 echo "emulated rc=$?"
-timeout 150 python3 -m cocodiff.cli demo --v-first --fuse-qk --cuda-graph --steps 20 --out "$OUT/demo" 2>&1 | tail -14
+timeout 150 python3 -m cocodiff demo --v-first --fuse-qk --cuda-graph --steps 20 --out "$OUT/demo" 2>&1 | tail -14
 echo "demo rc=$?"; rm -f "$OUT/demo/report.md"  # printed above; keeps the files that come back few

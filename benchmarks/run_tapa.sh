@@ -9,9 +9,9 @@ REF=${REF_DIR:-/tmp/cocodiff_ref}
 here=$(dirname "$0")
 export PYTHONPATH="$here/../src:${PYTHONPATH:-}"
 run="torchrun --standalone --nproc-per-node 4"
-$run -m cocodiff.cli bench a2a --topology 4 --out "$OUT"
-$run -m cocodiff.cli bench a2a --topology 2x2 --out "$OUT"
-$run -m cocodiff.cli bench a2a --topology 2x2 --emulate --max-ctas auto --out "$OUT"
+$run -m cocodiff bench a2a --topology 4 --out "$OUT"
+$run -m cocodiff bench a2a --topology 2x2 --out "$OUT"
+$run -m cocodiff bench a2a --topology 2x2 --emulate --max-ctas auto --out "$OUT"
 CTAS=$(python3 -c "import json,sys; print(json.load(open('$OUT/a2a_2x2_emulated_P4.json'))['emulation']['max_ctas'])")
 echo "emulated slow link: max_ctas=$CTAS"
 [ -f "$REF/flux_1024.pt" ] || torchrun --standalone --nproc-per-node 1 "$here/flux_step.py" --ref-dir "$REF" --out "$OUT/ref" --iters 3
