@@ -323,7 +323,8 @@ def summarize(errors: dict[int, str | _Failure]) -> tuple[str, str]:
     head = "; ".join(f"{'rank ' + str(rs[0]) if len(rs) == 1 else 'ranks ' + str(rs)} {m}" for m, rs in by_msg.items())
     waiting = sorted(r for r in failures if r not in roots and failures[r].kind == "error")
     if waiting:
-        head += f"; ranks {waiting} stopped waiting for it ({_last_line(failures[waiting[0]].text)[:120]})"
+        why = _last_line(failures[waiting[0]].text).split(". ")[0][:120]  # gloo adds advice after the first sentence
+        head += f"; ranks {waiting} stopped waiting for it ({why})"
     stopped = sorted(r for r in failures if r not in roots and failures[r].kind == "stopped")
     if stopped:
         head += f"; ranks {stopped} were stopped"
