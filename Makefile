@@ -5,11 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-compat lint format clean
+.PHONY: setup demo test test-fast test-compat lint format lock clean
 
+# The test and pipelines extras: tests, and what diffusers' pipelines need (transformers, tokenizers, ...).
 $(STAMP): pyproject.toml requirements/lock.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "cocodiff needs Python 3.11 or newer ($(PYTHON) is " + sys.version.split()[0] + "): make PYTHON=python3.11 ...")'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c requirements/lock.txt -e ".[test]"
+	$(PY) -m pip install -q -c requirements/lock.txt -e ".[test,pipelines]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -42,6 +44,16 @@ $(COMPAT)/.installed: pyproject.toml
 
 test-compat: $(COMPAT)/.installed
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_models.py
+
+# Re-pin requirements/lock.txt: a fresh venv from pyproject's ranges (torch and diffusers held), then pip freeze.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q "torch==2.13.0" "diffusers==0.42.1" -e ".[test,pipelines]"
+	head -5 requirements/lock.txt > requirements/lock.new
+	.venv-lock/bin/pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' >> requirements/lock.new
+	mv requirements/lock.new requirements/lock.txt
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) $(COMPAT) cocodiff-out

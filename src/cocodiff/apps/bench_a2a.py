@@ -21,8 +21,11 @@ import torch.distributed as dist
 from ..config import ParallelConfig, SlowTierEmulation
 from ..exchange import CommStats, FlatExchange, TapaExchange, build_exchange, needs_groups
 from ..timing import time_ms
-from ..topology import Topology, build_groups, slow_link_options
+from ..topology import Topology, build_groups, parse_topology_spec, slow_link_options
 from .launch import set_multi_gpu_env, spawn
+
+GPU_SIZES = [0.0625, 0.25, 1, 2, 4, 8, 16, 32, 64]
+CPU_SIZES = [0.0625, 0.25, 1, 4]  # gloo through host memory: the GPU sizes take minutes on two cores
 
 
 def _time(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
@@ -94,7 +97,7 @@ def _bench_rank(opts: dict) -> dict | None:
         "emulation": None,
     }
     emu = None
-    if opts["emulate"]:
+    if opts["emulate"] and cuda:
         ctas = opts["max_ctas"]
         cal = calibrate_slow_link(topo, group, device, opts["calibrate_ctas"], 32.0, opts["iters"])
         if ctas == "auto":
@@ -107,6 +110,20 @@ def _bench_rank(opts: dict) -> dict | None:
             "calibration_32MB": {str(k): v for k, v in cal.items()},
             "achieved_GBps_per_rank": cal.get(emu.max_ctas, {}).get("GBps_per_rank"),
         }
+    elif opts["emulate"]:  # gloo has no CTA cap: the route changes, every link stays host memory
+        emu = SlowTierEmulation()
+        result["emulation"] = {
+            "stands_for": None,
+            "note": "CPU ranks (gloo): routes as on a cluster, but no link is slowed; the times are host memory's",
+        }
+    if rank == 0:
+        print(
+            f"bench a2a: {world} ranks ({result['backend']}, {result['device']}), topology {topo.spec}, "
+            f"{len(opts['sizes'])} sizes {opts['sizes'][0]:g}-{opts['sizes'][-1]:g} MB per rank, "
+            f"{opts['iters']} timed iterations each"
+            + (f"; slow tier: {_emulation_label(result['emulation'])}" if emu is not None else ""),
+            flush=True,
+        )
     cfg = ParallelConfig(all_to_all="tapa", topology=topo.spec, emulate_slow_tier=emu)
     groups = build_groups(topo, group, **needs_groups(cfg))
     auto = build_exchange(cfg, topo, groups, rank)
@@ -169,7 +186,16 @@ def _bench_rank(opts: dict) -> dict | None:
     tag = f"a2a_{topo.spec}{'_emulated' if emu else ''}_P{world}"
     (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
     plot_a2a(result, out / f"{tag}.png")
+    result["files"] = [str(out / f"{tag}.json"), str(out / f"{tag}.png")]
     return result
+
+
+def _emulation_label(emu: dict) -> str:
+    if emu.get("stands_for") is None:
+        return "routed as on a cluster, not slowed (gloo)"
+    achieved = emu.get("achieved_GBps_per_rank")
+    speed = f" ({achieved:.0f} GB/s)" if achieved else ""
+    return f"{emu['max_ctas']}-CTA NCCL{speed} standing for a {emu['stands_for']}"
 
 
 def plot_a2a(result: dict, path: Path) -> None:
@@ -196,10 +222,7 @@ def plot_a2a(result: dict, path: Path) -> None:
     emu = result.get("emulation")
     title = f"all-to-all, {result['world']} ranks, topology {result['topology']}"
     if emu:
-        title += (
-            f"\nslow tier emulated: {emu['max_ctas']}-CTA NCCL ({emu['achieved_GBps_per_rank']:.0f} GB/s) "
-            f"for a {emu['stands_for']}"
-        )
+        title += f"\nslow tier: {_emulation_label(emu)}"
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -217,46 +240,72 @@ def plot_a2a(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="microbenchmarks")
-    bsub = bench.add_subparsers(dest="bench", required=True)
-    p = bsub.add_parser("a2a", help="all-to-all: flat vs TAPA over message sizes (JSON + PNG)")
+def add_parser(sub, formatter_class=None) -> None:
+    bench = sub.add_parser("bench", help="microbenchmarks", formatter_class=formatter_class)
+    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=type(bench))
+    p = bsub.add_parser(
+        "a2a", help="all-to-all: flat vs TAPA over message sizes (JSON + PNG)", formatter_class=formatter_class
+    )
     p.add_argument("--topology", default=None, help="tier spec, outermost first (e.g. 2x2); default: launcher")
     p.add_argument("--emulate", action="store_true", help="emulate a slow outermost tier (one host)")
     p.add_argument("--max-ctas", default="auto", help="CTA cap of the emulated slow link, or 'auto' (calibrate)")
     p.add_argument("--calibrate-ctas", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--target-GBps", type=float, default=50.0, help="per-GPU bandwidth of the emulated real link")
-    p.add_argument("--sizes", type=float, nargs="+", default=[0.0625, 0.25, 1, 2, 4, 8, 16, 32, 64], help="MB per rank")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--ranks", type=int, default=None, help="ranks to start without a launcher")
-    p.add_argument("--cpu", action="store_true")
-    p.add_argument("--out", default="cocodiff-out/bench")
+    p.add_argument(
+        "--sizes",
+        type=float,
+        nargs="+",
+        default=None,
+        help=f"MB per rank (default: {' '.join(map(str, GPU_SIZES))} on GPUs, {' '.join(map(str, CPU_SIZES))} on CPU)",
+    )
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per size (default: 20 on GPUs, 5 on CPU)")
+    p.add_argument(
+        "--ranks", type=int, default=None, help="ranks to start without a launcher (default: all local GPUs, or 4 CPU)"
+    )
+    p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo) even when GPUs are present")
+    p.add_argument("--out", default="cocodiff-out/bench", help="output folder")
 
 
 def run_bench(args) -> int:
+    """The `bench a2a` subcommand: options checked before any rank starts."""
+    import math
+
+    from .cli import UsageError
+    from .launch import run_launched, under_launcher
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    gpus = torch.cuda.device_count() if cuda else 0
+    if under_launcher():
+        world = int(os.environ["WORLD_SIZE"])
+    else:
+        world = args.ranks if args.ranks is not None else (gpus or 4)
+        if world < 1 or (gpus and world > gpus):
+            raise UsageError(f"--ranks {world}: use 1 to {gpus or 'any number of'} ranks")
+    if args.topology is not None:
+        try:
+            need = math.prod(parse_topology_spec(args.topology))
+        except ValueError as exc:
+            raise UsageError(f"--topology: {exc}") from None
+        if need != world:
+            raise UsageError(f"--topology {args.topology}: its tiers hold {need} ranks, this run has {world}")
+    if args.emulate and (args.topology is None or len(parse_topology_spec(args.topology)) < 2):
+        raise UsageError("--emulate needs a topology of two tiers or more, e.g. --topology 2x2")
     opts = dict(
         topology=args.topology,
         emulate=args.emulate,
         max_ctas=args.max_ctas,
         calibrate_ctas=args.calibrate_ctas,
         target_GBps=args.target_GBps,
-        sizes=args.sizes,
-        iters=args.iters,
+        sizes=sorted(args.sizes or (GPU_SIZES if cuda else CPU_SIZES)),
+        iters=args.iters or (20 if cuda else 5),
         out=args.out,
     )
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        set_multi_gpu_env()
-        backend = "nccl" if torch.cuda.is_available() and not args.cpu else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-        try:
-            _bench_rank(opts)
-        finally:
-            dist.destroy_process_group()
-        return 0
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() and not args.cpu else 0
-    world = args.ranks or (gpus if gpus else 4)
-    spawn(_bench_rank, world, opts, backend="nccl" if gpus else "gloo", timeout_s=3600)
-    print(f"wrote {args.out}")
+    if under_launcher():
+        result = run_launched(_bench_rank, opts, cuda=cuda, collective_timeout_s=600)
+    else:
+        if cuda:
+            set_multi_gpu_env()
+        result = spawn(_bench_rank, world, opts, backend="nccl" if cuda else "gloo", timeout_s=3600)[0]
+    if result is not None:
+        print(f"wrote {', '.join(result['files'])}")
     return 0

@@ -1,25 +1,84 @@
-"""`cocodiff` command line: a thin layer that builds configs and calls the library.
+"""`cocodiff` command line: a thin layer that builds configs, checks them, and calls the library.
 
 Subcommands:
-    demo      run the small model end to end on CPU ranks (no GPU) or GPUs, write images and a report
+    generate  images from a prompt with a local diffusers pipeline folder (or the shipped small model)
+    demo      the shipped small model end to end on CPU ranks or GPUs, compared with one process
     quality   compare communication modes on the shipped model (PSNR/SSIM table and plot)
     bench a2a all-to-all microbenchmark: flat vs TAPA over message sizes, real or emulated tiers
+
+Argument errors (sizes, rank counts, topology, heads vs ranks) are found before any rank starts: one line,
+exit code 2. A failed rank: one line naming it and its error, its traceback, exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
+from ..config import PRESETS, ParallelConfig
+from ..topology import parse_topology_spec
 
-def _add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = False) -> None:
+
+class _Formatter(argparse.HelpFormatter):
+    """Help that shows each option's default, where it has one and the text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or "default" in text or any(action.default is v for v in (None, False)):
+            return text
+        if action.default == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+_FORMATTER = _Formatter
+
+
+class UsageError(ValueError):
+    """A command line that cannot run, found before any rank started; the message is one line naming the fix."""
+
+
+def checked(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` with its ValueError, TypeError and FileNotFoundError turned into `UsageError`."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (exit code 2), pointing at --help rather than printing the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = False) -> None:
+    """--preset, --v-first, --topology (and with `engine_options` the route and GPU switches)."""
     p.add_argument(
         "--preset",
         default="flat",
-        help="ParallelConfig preset: flat, tapa, vfirst (cocodiff = V-Major: not available yet)",
+        choices=PRESETS,
+        help="ParallelConfig preset (cocodiff = V-Major: refused until it exists)",
     )
     p.add_argument("--v-first", action="store_true", help="project V first and overlap its exchange")
-    p.add_argument("--topology", default=None, help="tier spec, outermost first, e.g. 2x2")
+    p.add_argument("--topology", default=None, help="tier spec, outermost first, e.g. 2x2; sizes multiply to the ranks")
     if not engine_options:
         return
     p.add_argument(
@@ -32,44 +91,160 @@ def _add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = Fal
     p.add_argument("--cuda-graph", action="store_true", help="GPU: replay each step as a CUDA graph")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cocodiff", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="generate images with the small model on several ranks")
-    demo.add_argument(
-        "--ranks", type=int, default=None, help="ranks to start (default: all local GPUs, or 2 CPU ranks without a GPU)"
+def _add_run_args(p: argparse.ArgumentParser, *, out: str) -> None:
+    p.add_argument(
+        "--ranks",
+        type=_int_at_least(1),
+        default=None,
+        help="ranks to start without a launcher (default: the most local GPUs the model's heads allow, or "
+        "2 CPU ranks without a GPU); under torchrun its world size",
     )
-    demo.add_argument("--steps", type=int, default=20, help="denoising steps")
-    demo.add_argument("--num-images", type=int, default=4, help="images to generate (one batch)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--model", default=None, help="directory of a small model saved by cocodiff (default: shipped)")
-    demo.add_argument("--out", default="cocodiff-out/demo", help="output directory")
-    demo.add_argument("--cpu", action="store_true", help="use CPU ranks even when GPUs are present")
-    demo.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
-    demo.add_argument(
+    p.add_argument("--cpu", action="store_true", help="use CPU ranks (gloo) even when GPUs are present")
+    p.add_argument("--seed", type=int, default=0, help="every rank seeds its generator with it")
+    p.add_argument("--out", default=out, help="output folder (rank 0 writes it)")
+    p.add_argument(
         "--timeout",
         type=float,
         default=120.0,
-        help="seconds a rank waits in a collective before giving up (a failed peer never hangs the run)",
+        help="seconds a rank waits in a collective for a peer before giving up (a dead peer never hangs the run)",
     )
-    _add_parallel_args(demo, engine_options=True)
+    add_parallel_args(p, engine_options=True)
 
-    from . import bench_a2a
 
-    bench_a2a.add_parser(sub)
-    try:
-        from . import quality
-    except ImportError:
-        quality = None
-    if quality is not None:
-        quality.add_parser(sub, _add_parallel_args)
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cocodiff", description=__doc__.splitlines()[0], formatter_class=_FORMATTER)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser(
+        "generate",
+        help="images from a prompt with a local diffusers pipeline folder (default: the shipped small model)",
+        description="Generate images on several ranks. Without --model: the shipped small model (its prompts "
+        "are its class names).",
+        formatter_class=_FORMATTER,
+    )
+    gen.add_argument(
+        "--model",
+        default=None,
+        help="diffusers pipeline folder (model_index.json: FLUX.1, SD3/3.5, Qwen-Image, FLUX.2) or a small model "
+        "saved by cocodiff; default: the shipped small model",
+    )
+    gen.add_argument("--prompt", default=None, help="the text (small model: a class name; default: every class)")
+    gen.add_argument(
+        "--negative-prompt", default=None, help="what to steer away from (SD3; FLUX.1/Qwen with --true-cfg)"
+    )
+    gen.add_argument("--height", type=_int_at_least(1), default=None, help="pixels (default: the pipeline's)")
+    gen.add_argument("--width", type=_int_at_least(1), default=None, help="pixels (default: the pipeline's)")
+    gen.add_argument("--steps", type=_int_at_least(1), default=None, help="denoising steps (default: the pipeline's)")
+    gen.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the pipeline's)")
+    gen.add_argument("--true-cfg", type=float, default=None, help="true_cfg_scale (FLUX.1, Qwen-Image)")
+    gen.add_argument("--num-images", type=_int_at_least(1), default=1, help="images of the one pipeline call")
+    gen.add_argument("--max-sequence-length", type=_int_at_least(1), default=None, help="text tokens (pipeline's)")
+    gen.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on GPU, fp32 on CPU"
+    )
+    gen.add_argument(
+        "--compare-single", action="store_true", help="rank 0 also runs the job on one process and records the gap"
+    )
+    _add_run_args(gen, out="cocodiff-out/generate")
+
+    demo = sub.add_parser(
+        "demo",
+        help="the shipped small model on several ranks, compared with one process",
+        description="Generate with the shipped small model on several ranks and compare with one process.",
+        formatter_class=_FORMATTER,
+    )
+    demo.add_argument("--steps", type=_int_at_least(1), default=20, help="denoising steps")
+    demo.add_argument("--num-images", type=_int_at_least(1), default=4, help="images to generate (one batch)")
+    demo.add_argument("--model", default=None, help="a small model folder saved by cocodiff (default: shipped)")
+    demo.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
+    _add_run_args(demo, out="cocodiff-out/demo")
+
+    from . import bench_a2a, quality
+
+    bench_a2a.add_parser(sub, _FORMATTER)
+    quality.add_parser(sub, add_parallel_args, _FORMATTER)
     return parser
 
 
+def config_from_args(args) -> ParallelConfig:
+    """The `ParallelConfig` the flags describe (ValueError naming the problem)."""
+    cfg = ParallelConfig.preset(args.preset, topology=args.topology)
+    changes = {}
+    if args.v_first:
+        changes["v_first"] = True
+    for name in ("all_to_all", "fuse_qk", "cuda_graph"):
+        value = getattr(args, name, None)
+        if value:
+            changes[name] = value
+    return cfg.with_(preset_name=None, **changes) if changes else cfg
+
+
+def choose_ranks(args, info) -> tuple[int, bool, str | None]:
+    """(ranks, GPU ranks?, a note for the user) for a run of `info` (a `pipelines.ModelInfo`), checked against
+    the GPUs present, the model's heads and --topology before any rank starts."""
+    import torch
+
+    from .launch import under_launcher
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    note = None
+    if under_launcher():
+        ranks = int(os.environ["WORLD_SIZE"])
+        info.check_ranks(ranks, flag=f"torchrun's world size {ranks}:")
+    elif args.ranks is not None:
+        ranks = args.ranks
+        gpus = torch.cuda.device_count() if cuda else 0
+        if cuda and ranks > gpus:
+            raise ValueError(f"--ranks {ranks}: only {gpus} GPUs here; use --ranks {gpus} or less, or --cpu")
+        info.check_ranks(ranks)
+    else:
+        gpus = torch.cuda.device_count() if cuda else 0
+        ranks = max(info.divisors(gpus or 2))
+        if not gpus:
+            note = f"no GPU in use: {ranks} CPU ranks (--ranks N for another count)"
+        elif ranks < gpus:
+            note = (
+                f"using {ranks} of the {gpus} GPUs: {info.label} has {info.heads} attention heads and the rank "
+                f"count must divide them (--ranks N to choose among {info.divisors(gpus)})"
+            )
+    if args.topology is not None:
+        need = math.prod(parse_topology_spec(args.topology))
+        if need != ranks:
+            raise ValueError(
+                f"--topology {args.topology}: its tiers hold {need} ranks, this run has {ranks}; "
+                f"use --ranks {need} or a topology whose sizes multiply to {ranks}"
+            )
+    gpu_only = [
+        flag
+        for flag, on in (
+            ("--cuda-graph", getattr(args, "cuda_graph", False)),
+            ("--fuse-qk", getattr(args, "fuse_qk", False)),
+            ("--all-to-all copy_engine", getattr(args, "all_to_all", None) == "copy_engine"),
+        )
+        if on
+    ]
+    if gpu_only and not cuda:
+        raise ValueError(f"{', '.join(gpu_only)} need GPU ranks; this run uses CPU ranks (drop the flag)")
+    return ranks, cuda, note
+
+
+def _rank_prefix() -> str:
+    return f"rank {os.environ['RANK']}: " if "RANK" in os.environ and "WORLD_SIZE" in os.environ else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error, already printed in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    prog = f"cocodiff {args.command}"
+    from .launch import RankError, is_secondary, short_error
+
+    try:
+        if args.command == "generate":
+            from .generate import run_generate
+
+            return run_generate(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -82,16 +257,26 @@ def main(argv: list[str] | None = None) -> int:
             from .quality import run_quality
 
             return run_quality(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"cocodiff {args.command}: error: {exc}", file=sys.stderr)
+    except UsageError as exc:  # found before any rank started
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # under torchrun: once per node, not once per rank
+            print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a failed rank: one clear line, the tracebacks after it
+    except RankError as exc:
+        print(f"\n{prog}: {exc.summary}", file=sys.stderr)
+        if exc.root:
+            print(exc.root.rstrip(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; all ranks stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:  # this process failed (under torchrun: this rank)
+        if isinstance(exc, (ValueError, TypeError, FileNotFoundError)) and not _rank_prefix():
+            print(f"{prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)  # a check in this process
+            return 2
         name = type(exc).__name__
-        first = str(exc).splitlines()[0] if str(exc) else name
-        print(f"\ncocodiff {args.command}: {name}: {first}", file=sys.stderr)
-        rest = "\n".join(str(exc).splitlines()[1:])
-        if rest:
-            print(rest, file=sys.stderr)
+        first = short_error(str(exc).splitlines()[0]) if str(exc) else name
+        lost = " (lost a peer: it died, exited or hung; the launcher's report names it)" if is_secondary(first) else ""
+        print(f"\n{prog}: {_rank_prefix()}{name}: {first}{lost}", file=sys.stderr)
         return 1
     return 0
 

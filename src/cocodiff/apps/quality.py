@@ -128,7 +128,9 @@ def _quality_rank(opts: dict) -> dict:
     world = dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     out = {}
+    rank = dist.get_rank()
     for label, cfg in opts["configs"]:
+        t0 = time.perf_counter()
         sm = _load(opts["model"])
         parallelize(sm.transformer, cfg)
         engine = sm.transformer.cocodiff
@@ -142,14 +144,27 @@ def _quality_rank(opts: dict) -> dict:
         images = inpaint(
             sm, opts["images"], opts["known"], opts["labels"], steps=opts["steps"], seed=opts["seed"], callback=on_step
         )
-        dts = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:])) or [stamps[-1] - stamps[0]]
-        # numpy, not torch: torch's queue pickling shares tensors by fd, which dies with the rank's process
         out[label] = {
-            "images": images.numpy() if dist.get_rank() == 0 else None,
+            "images": images if rank == 0 else None,
             "stats": total.as_dict(),
-            "ms_per_step": 1e3 * dts[len(dts) // 2],
+            "ms_per_step": median_step_ms(stamps),
         }
+        if rank == 0:
+            print(
+                f"  {label:<12} on {world} ranks: {time.perf_counter() - t0:5.1f} s "
+                f"({out[label]['ms_per_step']:.0f} ms/step, median)",
+                flush=True,
+            )
     return out
+
+
+def median_step_ms(stamps: list[float]) -> float:
+    """Median time of one denoising step (ms) from the loop's start and per-step time stamps, the first step
+    left out (one-time set-up) when there are others: every row of the table is timed this way."""
+    dts = sorted(b - a for a, b in zip(stamps[:-1], stamps[1:]))
+    if len(dts) > 1:
+        dts = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:]))
+    return 1e3 * dts[len(dts) // 2]
 
 
 def _row_metrics(images, ref, truth, known, tasks, n) -> dict:
@@ -190,19 +205,32 @@ def evaluation_batch(sm, *, per_class: int, tasks: tuple[str, ...], seed: int = 
 def run_quality(args) -> int:
     """The `quality` subcommand: reference run, every (mode, ranks) row, then JSON, markdown and plots."""
     from .launch import spawn
+    from .pipelines import inspect_model
     from .quality_report import write_outputs
     from .smallmodel import inpaint
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     for t in tasks:
         if t not in TASKS:
-            raise ValueError(f"--tasks: unknown task {t!r}; choose from {TASKS}")
-    worlds = [int(w) for w in str(args.ranks).split(",") if w.strip()]
+            raise ValueError(f"--tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
+    try:
+        worlds = [int(w) for w in str(args.ranks).split(",") if w.strip()]
+    except ValueError:
+        raise ValueError(f"--ranks {args.ranks}: give comma-separated rank counts, e.g. 2,4") from None
+    info = inspect_model(args.model)
+    for w in worlds or [0]:
+        if w < 1:
+            raise ValueError(f"--ranks {args.ranks}: every rank count must be >= 1")
+        info.check_ranks(w)
+    if args.topology is not None:
+        need = math.prod(parse_topology_spec(args.topology))
+        if need not in worlds:
+            raise ValueError(f"--topology {args.topology}: its tiers hold {need} ranks; use --ranks {need}")
     wanted = [m.strip() for m in args.modes.split(",") if m.strip()]
     known_modes = dict(MODES)
     unknown = [m for m in wanted if m not in known_modes]
     if unknown:
-        raise ValueError(f"--modes: unknown {unknown}; choose from {[m for m, _ in MODES]}")
+        raise ValueError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(m for m, _ in MODES)}")
     modes = [(m, known_modes[m]) for m in wanted]
     if args.preset != "flat" or args.v_first:  # the generic parallel flags add one more row
         extra = {"preset": args.preset, **({"v_first": True} if args.v_first else {})}
@@ -210,9 +238,26 @@ def run_quality(args) -> int:
 
     sm = _load(args.model)
     truth, known, labels, n = evaluation_batch(sm, per_class=args.per_class, tasks=tasks, seed=args.seed)
+    print(
+        f"quality: {len(truth)} images ({', '.join(tasks)}), {args.steps} steps; {len(modes)} modes on "
+        f"{', '.join(map(str, worlds))} CPU ranks; writing {args.out}/",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    reference = inpaint(sm, truth, known, labels, steps=args.steps, seed=args.seed)
-    ref_ms = 1e3 * (time.perf_counter() - t0) / args.steps
+    stamps = [t0]
+    reference = inpaint(
+        sm,
+        truth,
+        known,
+        labels,
+        steps=args.steps,
+        seed=args.seed,
+        callback=lambda i, x: stamps.append(time.perf_counter()),
+    )
+    ref_ms = median_step_ms(stamps)
+    print(
+        f"  {'single':<12} on 1 process: {time.perf_counter() - t0:5.1f} s ({ref_ms:.0f} ms/step, median)", flush=True
+    )
     rows = [
         {
             "mode": "single",
@@ -237,6 +282,10 @@ def run_quality(args) -> int:
                 configs.append((label, build_config(spec, topology)))
             except (ValueError, TypeError) as exc:
                 skipped.append({"mode": label, "ranks": world, "status": "skipped", "note": str(exc).splitlines()[0]})
+        for row in skipped:
+            print(f"  {row['mode']:<12} on {world} ranks: skipped ({row['note']})", flush=True)
+        if configs:
+            print(f"  starting {world} CPU ranks for {len(configs)} modes ...", flush=True)
         results = (
             spawn(
                 _quality_rank,
@@ -258,7 +307,7 @@ def run_quality(args) -> int:
         )
         for label, cfg in configs:
             per_rank = [r[label] for r in results]
-            images = torch.from_numpy(per_rank[0]["images"])
+            images = per_rank[0]["images"]
             outputs[f"{label}@{world}"] = images
             rows.append(
                 {
@@ -299,21 +348,30 @@ def run_quality(args) -> int:
             for r in rows
         ],
     }
-    write_outputs(report, outputs, truth, known, n, Path(args.out))
+    files = write_outputs(report, outputs, truth, known, n, Path(args.out))
     print((Path(args.out) / "quality.md").read_text())
+    print(f"wrote {', '.join(str(f) for f in files)}")
     return 0
 
 
-def add_parser(subparsers, add_parallel_args) -> None:
+def add_parser(subparsers, add_parallel_args, formatter_class=None) -> None:
     """Register `cocodiff quality` (the generic --preset/--v-first/--topology flags add one extra row)."""
-    p = subparsers.add_parser("quality", help="PSNR/SSIM of communication modes vs single process (inpainting)")
-    p.add_argument("--ranks", default="2,4", help="comma-separated CPU rank counts (default 2,4)")
+    p = subparsers.add_parser(
+        "quality",
+        help="PSNR/SSIM of communication modes vs single process (inpainting)",
+        description="Inpaint and generate with every communication mode on CPU ranks; compare with one process.",
+        formatter_class=formatter_class,
+    )
+    p.add_argument("--ranks", default="2,4", help="comma-separated CPU rank counts")
     p.add_argument(
         "--modes",
         default=",".join(m for m, _ in MODES),
-        help="comma-separated rows; modes not available in this version are skipped with a note",
+        help=f"comma-separated rows, from: {', '.join(m for m, _ in MODES)} (-2x2: two tiers of 2, at 4 ranks only); "
+        "modes not available in this version are skipped with a note",
     )
-    p.add_argument("--tasks", default=",".join(TASKS), help="center, blocks (inpainting) and/or generate")
+    p.add_argument(
+        "--tasks", default=",".join(TASKS), help="comma-separated, from: center, blocks (inpainting), generate"
+    )
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--per-class", type=int, default=2, help="held-out crops per class")
     p.add_argument("--seed", type=int, default=0)

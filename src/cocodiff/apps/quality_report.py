@@ -75,9 +75,10 @@ def plot_metrics(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["rows"] if r["status"] == "ok"]
-    names = [f"{r['mode']}\nP={r['ranks']}" for r in rows]
+    names = [r["mode"] if r["mode"] == "single" else f"{r['mode']} P={r['ranks']}" for r in rows]
     tasks = report["tasks"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    # one panel per row of the figure, wide enough for a slanted label per bar
+    fig, axes = plt.subplots(3, 1, figsize=(max(7.0, 0.45 * len(rows) + 2), 10), sharex=True)
     width = 0.8 / max(1, len(tasks))
     for k, task in enumerate(tasks):
         xs = [i + (k - (len(tasks) - 1) / 2) * width for i in range(len(rows))]
@@ -94,9 +95,11 @@ def plot_metrics(report: dict, path: Path) -> None:
     axes[2].set_title("MB moved, all ranks, whole run")
     for ax in axes:
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(names, fontsize=7)
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+        ax.set_xticklabels(names, fontsize=8, rotation=40, ha="right", rotation_mode="anchor")
+        ax.tick_params(axis="x", labelbottom=ax is axes[-1])
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[:2]:
+        ax.legend(fontsize=7, title="task", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"cocodiff quality: {report['model']}, {report['steps']} steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -146,10 +149,11 @@ def plot_images(
 
 def write_outputs(
     report: dict, outputs: dict[str, torch.Tensor], truth: torch.Tensor, known: torch.Tensor, n: int, out: Path
-) -> None:
-    """quality.json, quality.md, quality.png (metrics) and quality_images.png under `out`."""
+) -> list[Path]:
+    """quality.json, quality.md, quality.png (metrics) and quality_images.png under `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(report, indent=1))
     (out / "quality.md").write_text(markdown(report))
     plot_metrics(report, out / "quality.png")
     plot_images(outputs, truth, known, report["tasks"], n, out / "quality_images.png")
+    return [out / name for name in ("quality.json", "quality.md", "quality.png", "quality_images.png")]

@@ -1,0 +1,110 @@
+"""Command-line errors are found before any rank starts: one line each, exit code 2; rank counts follow the
+model's heads; help shows defaults and choices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+import _tiny_pipelines as tiny
+from cocodiff.apps import cli, generate
+from cocodiff.apps.pipelines import inspect_model
+
+
+@pytest.fixture(scope="module")
+def flux_folder(tmp_path_factory):
+    return tiny.save_pipeline("flux", tmp_path_factory.mktemp("cli") / "flux")
+
+
+@pytest.fixture
+def no_spawn(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rank was started for a command line that cannot run")
+
+    monkeypatch.setattr(generate, "spawn", refuse)
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 or (len(err) == 2 and "CPU ranks" in err[0]), err  # the error, after a note at most
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["--topology", "3x3", "--ranks", "4"],
+            "--topology 3x3: its tiers hold 9 ranks, this run has 4; use --ranks 9",
+        ),
+        (["--ranks", "3"], "--ranks 3: cocodiff small model (shipped) has 4 attention heads, which 3 ranks do not"),
+        (["--ranks", "0"], "argument --ranks: 0 is less than 1"),
+        (["--ranks", "two"], "argument --ranks: 'two' is not an integer"),
+        (["--prompt", "dog"], "--prompt 'dog': the cocodiff small model knows only its classes: ihc, retina"),
+        (["--height", "64"], "the cocodiff small model generates 32x32 images only"),
+        (["--guidance", "3"], "--guidance: the cocodiff small model is class-conditional"),
+        (["--cuda-graph", "--cpu"], "--cuda-graph need GPU ranks"),
+        (["--preset", "cocodiff"], "V-Major selective communication is not available"),
+        (["--preset", "fast"], "argument --preset: invalid choice: 'fast'"),
+        (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
+    ],
+)
+def test_small_model_errors_before_any_rank_starts(argv, expected, capsys, no_spawn):
+    assert expected in _error(capsys, ["generate", *argv])
+
+
+def test_pipeline_folder_errors_before_any_rank_starts(flux_folder, tmp_path, capsys, no_spawn):
+    base = ["generate", "--model", str(flux_folder), "--prompt", "a cat"]
+    assert "which 3 ranks do not divide" in _error(capsys, [*base, "--ranks", "3"])
+    assert "--height 30: FluxPipeline takes sizes that are multiples of 4 px; use 28 or 32" in _error(
+        capsys, [*base, "--height", "30"]
+    )
+    assert "--prompt is needed with a pipeline folder" in _error(capsys, base[:3])
+    assert "holds a transformer alone" in _error(capsys, ["generate", "--model", str(flux_folder / "transformer")])
+    other = shutil.copytree(flux_folder, tmp_path / "other")
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    assert "pipeline 'StableDiffusionPipeline' is not supported" in _error(capsys, ["generate", "--model", str(other)])
+    shutil.rmtree(other / "vae")
+    (other / "model_index.json").write_text(json.dumps(index))
+    assert "model_index.json names vae/, which is missing" in _error(capsys, ["generate", "--model", str(other)])
+
+
+def test_demo_errors_before_any_rank_starts(capsys, no_spawn):
+    assert "--ranks 3" in _error(capsys, ["demo", "--ranks", "3"])
+    assert "--topology 2x2: its tiers hold 4 ranks, this run has 2" in _error(capsys, ["demo", "--topology", "2x2"])
+
+
+def _args(**kw):
+    return SimpleNamespace(**{"cpu": False, "ranks": None, "topology": None, **kw})
+
+
+def test_rank_count_follows_the_heads_and_the_gpus(monkeypatch):
+    info = inspect_model(None)  # 4 heads
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 6)
+    ranks, cuda, note = cli.choose_ranks(_args(), info)
+    assert (ranks, cuda) == (4, True) and "using 4 of the 6 GPUs" in note and "4 attention heads" in note
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 3)
+    assert cli.choose_ranks(_args(), info)[0] == 2
+    with pytest.raises(ValueError, match="only 3 GPUs here"):
+        cli.choose_ranks(_args(ranks=4), info)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    ranks, cuda, note = cli.choose_ranks(_args(), info)
+    assert (ranks, cuda) == (2, False) and "CPU ranks" in note
+
+
+def test_help_shows_defaults_and_choices(capsys):
+    for argv in (["generate", "--help"], ["demo", "--help"], ["bench", "a2a", "--help"]):
+        assert cli.main(argv) == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: " in text, argv
+        if argv[0] == "generate":
+            assert "{flat,tapa,vfirst,cocodiff}" in text and "(default: flat)" in text
+    assert cli.main(["quality", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "flat, flat+vfirst, tapa" in text and "(default: 2,4)" in text
