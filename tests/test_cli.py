@@ -41,14 +41,14 @@ def _error(capsys, argv: list[str]) -> str:
             ["--topology", "3x3", "--ranks", "4"],
             "--topology 3x3: its tiers hold 9 ranks, this run has 4; use --ranks 9",
         ),
-        (["--ranks", "3"], "--ranks 3: cocodiff small model (shipped) has 4 attention heads, which 3 ranks do not"),
+        (["--ranks", "5"], "--ranks 5: cocodiff small model (shipped) has 4 attention heads, fewer than 5 ranks"),
         (["--ranks", "0"], "argument --ranks: 0 is less than 1"),
         (["--ranks", "two"], "argument --ranks: 'two' is not an integer"),
         (["--prompt", "dog"], "--prompt 'dog': the cocodiff small model knows only its classes: ihc, retina"),
         (["--height", "64"], "the cocodiff small model generates 32x32 images only"),
         (["--guidance", "3"], "--guidance: the cocodiff small model is class-conditional"),
         (["--cuda-graph", "--cpu"], "--cuda-graph need GPU ranks"),
-        (["--preset", "cocodiff"], "V-Major selective communication is not available"),
+        (["--preset", "cocodiff"], "V-Major selects what crosses the slow (outermost) tier"),
         (["--preset", "fast"], "argument --preset: invalid choice: 'fast'"),
         (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
     ],
@@ -59,7 +59,7 @@ def test_small_model_errors_before_any_rank_starts(argv, expected, capsys, no_sp
 
 def test_pipeline_folder_errors_before_any_rank_starts(flux_folder, tmp_path, capsys, no_spawn):
     base = ["generate", "--model", str(flux_folder), "--prompt", "a cat"]
-    assert "which 3 ranks do not divide" in _error(capsys, [*base, "--ranks", "3"])
+    assert "attention heads, fewer than 9 ranks" in _error(capsys, [*base, "--ranks", "9"])
     assert "--height 30: FluxPipeline takes sizes that are multiples of 4 px; use 28 or 32" in _error(
         capsys, [*base, "--height", "30"]
     )
@@ -75,7 +75,7 @@ def test_pipeline_folder_errors_before_any_rank_starts(flux_folder, tmp_path, ca
 
 
 def test_demo_errors_before_any_rank_starts(capsys, no_spawn):
-    assert "--ranks 3" in _error(capsys, ["demo", "--ranks", "3"])
+    assert "--ranks 5" in _error(capsys, ["demo", "--ranks", "5"])
     assert "--topology 2x2: its tiers hold 4 ranks, this run has 2" in _error(capsys, ["demo", "--topology", "2x2"])
 
 

@@ -50,13 +50,14 @@ def test_bad_config_names_the_value(kwargs, words):
     assert words in str(err.value)
 
 
-def test_unimplemented_mechanisms_are_refused_not_ignored():
+def test_presets_and_refused_combinations():
     assert ParallelConfig.preset("tapa").all_to_all == "tapa"
     assert ParallelConfig.preset("vfirst").v_first is True
-    with pytest.raises(ValueError, match="not available"):
-        ParallelConfig.preset("cocodiff")
-    with pytest.raises(ValueError, match="not available"):
-        ParallelConfig(v_major=VMajorConfig())
+    cocodiff = ParallelConfig.preset("cocodiff", topology="2x2")
+    assert cocodiff.v_major == VMajorConfig() and cocodiff.v_first and cocodiff.label == "cocodiff"
+    assert ParallelConfig.preset("cocodiff", v_major=VMajorConfig(tiers="all")).v_major.tiers == "all"
+    with pytest.raises(ValueError, match="copy_engine"):
+        ParallelConfig(all_to_all="copy_engine", v_major=VMajorConfig())
     with pytest.raises(ValueError, match="unknown preset"):
         ParallelConfig.preset("fast")
 

@@ -13,6 +13,8 @@ from PIL import Image
 import _tiny_pipelines as tiny
 from cocodiff.apps.cli import main
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
+
 
 @pytest.fixture(scope="module")
 def flux_folder(tmp_path_factory):

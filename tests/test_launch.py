@@ -46,6 +46,7 @@ def test_spawn_returns_every_rank_result():
     assert spawn(_fail_in_collectives, 2, -1, "none", 3, timeout_s=120) == [0, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "action,expected",
     [
@@ -63,6 +64,7 @@ def test_spawn_names_the_rank_that_failed_first(action, expected):
     assert time.monotonic() - t0 < 45  # start-up plus the grace period, never the collective timeout
 
 
+@pytest.mark.slow
 def test_spawn_stops_a_rank_that_hangs_while_the_others_time_out():
     t0 = time.monotonic()
     with pytest.raises(RankError) as err:
@@ -130,6 +132,7 @@ def _chaos(launcher: str, fault: str, tmp_path: Path, note: str) -> None:
     assert not _tagged_processes(tag), f"processes left behind: {msg}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["cocodiff", "torchrun"])
 def test_chaos_a_random_rank_killed_at_a_random_point(launcher, tmp_path):
     seed = int(os.environ.get("COCODIFF_CHAOS_SEED", time.time_ns() % 1_000_000))
@@ -149,6 +152,7 @@ def test_chaos_every_point_and_way_of_failing(launcher, point, action, tmp_path)
     _chaos(launcher, f"1:{point}:2:{action}", tmp_path, "matrix")
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_rank_without_a_traceback(tmp_path):
     tag = f"cocodiff-test-{uuid.uuid4().hex}"
     env = dict(os.environ, COCODIFF_TEST_TAG=tag)

@@ -7,6 +7,8 @@ import pytest
 import _vmajor_cases as cases
 from cocodiff.apps import families as zoo
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
+
 
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_pipeline_exact_and_vmajor(pools, family):

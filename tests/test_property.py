@@ -7,10 +7,13 @@ ranks) and must fail clearly on every rank. Each case runs on a pool of exactly 
 per-tier groups span the whole group. Every case is bounded in time by the worker pool (a hang fails the case
 instead of the suite)."""
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _dist_cases as cases
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
 
 
 def _specs(world):

@@ -66,13 +66,12 @@ def test_modes_build_or_raise_cleanly():
     assert build_config(dict(MODES)["flat+vfirst"]).v_first is True
     assert build_config(dict(MODES)["tapa-2x2"]).topology == "2x2"
     assert build_config(dict(MODES)["flat"], "2x2").topology == "2x2"
-    for label, spec in MODES:
-        try:
-            build_config(spec)
-        except (ValueError, TypeError) as exc:
-            assert "not available" in str(exc), (label, exc)
+    for _, spec in MODES:
+        build_config(spec)  # every mode of this version builds
+    assert build_config(dict(MODES)["cocodiff-2x2"]).v_major is not None
 
 
+@pytest.mark.slow
 def test_quality_command_lossless_modes_match_single_process(tmp_path):
     from cocodiff.apps.cli import main
 
@@ -87,7 +86,7 @@ def test_quality_command_lossless_modes_match_single_process(tmp_path):
         "--tasks",
         "center,generate",
         "--modes",
-        "flat,flat+vfirst,tapa-2x2,cocodiff",
+        "flat,flat+vfirst,tapa-2x2,cocodiff-2x1",
         "--out",
         str(tmp_path),
     ]
@@ -112,4 +111,6 @@ def test_quality_command_lossless_modes_match_single_process(tmp_path):
         checked += 1
     assert checked >= len(expected_ok)
     assert set(rows[("tapa-2x2", 4)]["bytes_per_rank"]) == {"local", "node"}
+    # V-Major's default warm-up (4 steps) is longer than this 2-step run: a note, not a crash
+    assert rows[("cocodiff-2x1", 2)]["status"] == "skipped" and "warm-up" in rows[("cocodiff-2x1", 2)]["note"]
     assert "| flat | 4 | center |" in (tmp_path / "quality.md").read_text()

@@ -67,6 +67,7 @@ def _check_cocodiff(argv: list[str], folder: Path, tmp_path: Path) -> None:
         assert generate.prepare(args, model=args.model).ranks == 2
 
 
+@pytest.mark.slow
 def test_bash_blocks(flux_folder, tmp_path):
     seen = set()
     for block in blocks("bash"):
@@ -119,6 +120,7 @@ def test_python_api_block(pools):
     assert pools(4).run(_api_block, code) == ["ParallelConfig"] * 4
 
 
+@pytest.mark.slow
 def test_python_my_script_block_under_torchrun(flux_folder, tmp_path):
     (code,) = [b for b in blocks("python") if b.startswith("# my_script.py")]
     (tmp_path / "my_script.py").write_text(code)

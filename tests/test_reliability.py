@@ -14,6 +14,7 @@ from cocodiff.apps import families as zoo
 from cocodiff.checkpoint import CheckpointError, inspect_checkpoint, load_transformer
 
 
+@pytest.mark.slow
 def test_failed_rank_is_named_and_the_cli_exits_nonzero(tmp_path):
     env = dict(os.environ, COCODIFF_DEBUG_FAIL_RANK="1", COCODIFF_DEBUG_FAIL_STEP="1")
     t0 = time.time()

@@ -11,13 +11,13 @@ TOPOLOGIES = [
     (4, "2x2", (4, 3, 3, 2)),
     (4, "4x1", (2, 2, 1, 1)),
     (4, "1x4", (3, 2, 2, 2)),
-    (6, "2x3", (2, 2, 2, 1, 1, 1)),
-    (8, "2x2x2", (2, 2, 2, 2, 2, 2, 1, 0)),
+    pytest.param(6, "2x3", (2, 2, 2, 1, 1, 1), marks=pytest.mark.slow),
+    pytest.param(8, "2x2x2", (2, 2, 2, 2, 2, 2, 1, 0), marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize(
-    "world, spec, lengths", TOPOLOGIES, ids=[f"{t[1]}-{'-'.join(map(str, t[2]))}" for t in TOPOLOGIES]
+    "world, spec, lengths", TOPOLOGIES, ids=["2x2-even", "2x2-uneven", "4x1", "1x4", "2x3", "2x2x2"]
 )
 def test_tapa_bit_identical_to_flat(pools, world, spec, lengths):
     out = pools(world).run(cases.tapa_equals_flat, world, spec, list(lengths))
@@ -29,7 +29,7 @@ def test_tapa_bit_identical_to_flat(pools, world, spec, lengths):
     assert list(msgs[1]) == [3 * 2 * (s - 1) for s in sizes]  # 3 chunks: every chunk runs each phase
 
 
-@pytest.mark.parametrize("world, spec", [(4, "2x2"), (8, "2x2x2")])
+@pytest.mark.parametrize("world, spec", [(4, "2x2"), pytest.param(8, "2x2x2", marks=pytest.mark.slow)])
 def test_emulated_fair_flat_and_tapa_bit_identical(pools, world, spec):
     lengths = [3] * (world - 1) + [1]
     out = pools(world).run(cases.tapa_equals_flat, world, spec, lengths, (1, 2), True)

@@ -9,6 +9,8 @@ import _dist_cases as cases
 from cocodiff.apps import families as zoo
 from cocodiff.apps.launch import spawn
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves these out
+
 # make_video_inputs arguments: a (frames, rows, cols) token grid that no degree divides evenly, batch 2; a
 # latent one row and column larger than the patch grid, with Wan 2.2 TI2V's per-token timesteps; and a video
 # of two tokens (ranks holding none at 3 and 4 ranks).

@@ -335,6 +335,12 @@ def prepare(args, *, model: str | None) -> GenerateJob:
     info = inspect_model(model)
     config = config_from_args(args)
     ranks, cuda, note = choose_ranks(args, info)
+    if config.v_major is not None:
+        from ..topology import Topology
+        from ..vmajor import check_vmajor
+
+        topology = Topology.from_spec(args.topology, ranks) if args.topology else Topology((ranks,))
+        check_vmajor(config, topology, ranks)
     height, width = info.check_size(getattr(args, "height", None), getattr(args, "width", None))
     check_call_options(
         info,

@@ -64,13 +64,12 @@ class ModelInfo:
         return [d for d in range(1, self.heads + 1) if self.heads % d == 0 and (limit is None or d <= limit)]
 
     def check_ranks(self, ranks: int, *, flag: str = "--ranks") -> None:
-        """Raise a one-line ValueError unless `ranks` divides the head count."""
-        if self.heads % ranks:
-            d = self.divisors()
-            allowed = " or ".join([", ".join(map(str, d[:-1])), str(d[-1])]) if len(d) > 1 else str(d[0])
+        """Raise a one-line ValueError when there are more ranks than heads (Ulysses splits heads over ranks;
+        a count that does not divide them pads with zero heads, which works but wastes a share of the work)."""
+        if ranks > self.heads:
             raise ValueError(
-                f"{flag} {ranks}: {self.label} has {self.heads} attention heads, which {ranks} ranks do not "
-                f"divide (Ulysses splits heads over ranks); use {allowed} ranks"
+                f"{flag} {ranks}: {self.label} has {self.heads} attention heads, fewer than {ranks} ranks "
+                f"(Ulysses splits heads over ranks); use at most {self.heads} ranks, best one of {self.divisors()}"
             )
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:

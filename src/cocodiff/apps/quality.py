@@ -7,8 +7,9 @@ reference) and then, for every mode and rank count, on CPU ranks through `cocodi
 reports PSNR / SSIM (scikit-image) against the ground truth and against the single-process output, the
 largest pixel difference, and the bytes each rank sent per tier over the whole run.
 
-Modes are rows by name (`MODES`); a mode whose `ParallelConfig` cannot be built yet (TAPA, V-Major in this
-version) is skipped with the configuration error as its note, so it appears as soon as it exists.
+Modes are rows by name (`MODES`); a mode that cannot run at a rank count (a topology of other size, V-Major
+with a warm-up longer than the run) is skipped with the reason as its note. The V-Major rows ("cocodiff-*":
+the preset's defaults, lossy) run on two emulated tiers, where V-Major selects what crosses the outer one.
 LPIPS is not computed: it needs pretrained network weights, which cannot be downloaded here.
 """
 
@@ -36,7 +37,8 @@ MODES: list[tuple[str, dict]] = [
     ("flat-2x2", {"all_to_all": "flat", "topology": "2x2"}),
     ("tapa-2x2", {"preset": "tapa", "tapa_plan": "phases", "topology": "2x2"}),
     ("vfirst-2x2", {"preset": "vfirst", "tapa_plan": "phases", "topology": "2x2"}),
-    ("cocodiff", {"preset": "cocodiff"}),
+    ("cocodiff-2x1", {"preset": "cocodiff", "topology": "2x1"}),
+    ("cocodiff-2x2", {"preset": "cocodiff", "tapa_plan": "phases", "topology": "2x2"}),
 ]
 TASKS = ("center", "blocks", "generate")
 
@@ -279,7 +281,15 @@ def run_quality(args) -> int:
             try:
                 if topology is not None and math.prod(parse_topology_spec(topology)) != world:
                     raise ValueError(f"topology {topology} needs {math.prod(parse_topology_spec(topology))} ranks")
-                configs.append((label, build_config(spec, topology)))
+                cfg = build_config(spec, topology)
+                if cfg.v_major is not None:
+                    from ..topology import Topology
+                    from ..vmajor import check_vmajor
+
+                    check_vmajor(cfg, Topology.from_spec(topology or str(world), world), world)
+                    if cfg.v_major.warmup_steps > args.steps:
+                        raise ValueError(f"V-Major's warm-up ({cfg.v_major.warmup_steps} steps) is longer than the run")
+                configs.append((label, cfg))
             except (ValueError, TypeError) as exc:
                 skipped.append({"mode": label, "ranks": world, "status": "skipped", "note": str(exc).splitlines()[0]})
         for row in skipped:
