@@ -33,9 +33,11 @@ import torch.distributed as dist
 
 from cocodiff import ParallelConfig, SlowTierEmulation, parallelize
 from cocodiff.apps import families as zoo
+from cocodiff.apps.bench_a2a import calibrate_slow_link
 from cocodiff.apps.launch import set_multi_gpu_env
 from cocodiff.exchange import BlockExchange, Handle
-from cocodiff.topology import Topology, slow_link_options
+from cocodiff.timing import time_ms
+from cocodiff.topology import Topology
 
 TEXT_TOKENS = 512
 
@@ -47,33 +49,6 @@ class NoExchange(BlockExchange):
 
     def start(self, send, post=None):
         return Handle([], send, post)
-
-
-def calibrate(topo: Topology, device, ctas_list, mb: float = 32.0) -> dict:
-    """GB/s per rank of inter-"node" traffic over a CTA-capped world communicator."""
-    world, rank = topo.world_size, dist.get_rank()
-    local = world // topo.sizes[-1]
-    splits = [0 if r // local == rank // local else 1 for r in range(world)]
-    remote = world - local
-    cols = max(1, int(mb * 1e6 / 2 / max(remote, 1)))
-    send = torch.randn(remote, cols, device=device).to(torch.bfloat16)
-    recv = torch.empty_like(send)
-    out = {}
-    for ctas in ctas_list:
-        g = dist.new_group(list(range(world)), pg_options=slow_link_options(dist.group.WORLD, ctas))
-        for _ in range(3):
-            dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits, group=g)
-        times = []
-        for _ in range(10):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            dist.all_to_all_single(recv, send, output_split_sizes=splits, input_split_sizes=splits, group=g)
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        t = statistics.median(times)
-        out[ctas] = {"ms": t, "GBps_per_rank": send.numel() * 2 / t / 1e6}
-    return out
 
 
 def loop(model, inputs: dict, steps: int, dtype) -> tuple[torch.Tensor, int]:
@@ -93,23 +68,6 @@ def loop(model, inputs: dict, steps: int, dtype) -> tuple[torch.Tensor, int]:
         slow += engine.step_stats.bytes_by_tier[-1]
         x = sched.step(v, t, x, return_dict=False)[0]
     return x, slow
-
-
-def timed(fn, cuda: bool, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            out.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
 
 
 def main() -> None:
@@ -162,10 +120,10 @@ def main() -> None:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "vmajor_speed.json").write_text(json.dumps(result, indent=1))
 
-    cal = calibrate(topo, device, [1, 2, 4, 8]) if cuda else {1: {"GBps_per_rank": None}}
+    cal = calibrate_slow_link(topo, dist.group.WORLD, device, [1, 2, 4, 8], 32.0, 10) if cuda else {1: {}}
     result["calibration_32MB"] = {str(k): v for k, v in cal.items()}
     for c in args.ctas:
-        ctas = min(cal, key=lambda k: abs((cal[k]["GBps_per_rank"] or 0) - 50.0)) if c == "auto" else int(c)
+        ctas = min(cal, key=lambda k: abs((cal[k].get("GBps_per_rank") or 0) - 50.0)) if c == "auto" else int(c)
         emu = SlowTierEmulation(
             max_ctas=ctas,
             stands_for="400 Gb/s NIC per GPU" if c == "auto" else f"the slowest emulated link ({ctas} CTA)",
@@ -213,7 +171,7 @@ def main() -> None:
                         def run(steps=steps, got=got, model=model):
                             got["x"], got["slow"] = loop(model, inputs, steps, dtype)
 
-                        ms = timed(run, cuda, args.reps)
+                        ms = time_ms(run, warmup=0, iters=args.reps, cuda=cuda)
                         entry[f"loop_ms_{steps}"] = statistics.median(ms)
                         entry[f"step_ms_{steps}"] = statistics.median(ms) / steps
                         entry[f"slow_bytes_{steps}"] = got["slow"]

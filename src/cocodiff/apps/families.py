@@ -15,6 +15,24 @@ import torch
 FAMILIES = ("flux", "sd3", "qwenimage", "flux2")  # image families
 VIDEO_FAMILIES = ("wan", "hunyuanvideo")
 
+# Wan2.1-T2V-14B (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json: dim 5120 = 40 x 128, 40 layers, ffn
+# 13824, UMT5 text dim 4096); the I2V and TI2V-5B configs below differ from it where they say
+_WAN_14B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
 CONFIGS: dict[str, dict[str, dict]] = {
     "flux": {
         "tiny": dict(
@@ -150,55 +168,13 @@ CONFIGS: dict[str, dict[str, dict]] = {
         ),
         # Wan2.1-T2V-14B (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json: dim 5120 = 40 x 128, 40 layers,
         # ffn 13824, UMT5 text dim 4096); Wan 2.2 T2V/I2V-A14B use two experts of this size (`transformer_2`)
-        "full": dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=40,
-            attention_head_dim=128,
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=13824,
-            num_layers=40,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=1024,
-        ),
+        "full": dict(_WAN_14B),
         # Wan2.1-I2V-14B-480P/720P: 36 input channels (noise, mask, image latent), CLIP image context 1280 -> 5120
-        "full-i2v": dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=40,
-            attention_head_dim=128,
-            in_channels=36,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=13824,
-            num_layers=40,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            image_dim=1280,
-            added_kv_proj_dim=5120,
-            rope_max_seq_len=1024,
-        ),
+        "full-i2v": dict(_WAN_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
         # Wan2.2-TI2V-5B: dim 3072 = 24 x 128, 30 layers, ffn 14336, 48 latent channels (its VAE compresses
         # 16x16 spatially, 4x in time); the pipeline passes per-token timesteps (`expand_timesteps`)
         "full-ti2v-5b": dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=24,
-            attention_head_dim=128,
-            in_channels=48,
-            out_channels=48,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=14336,
-            num_layers=30,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=1024,
+            _WAN_14B, num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30
         ),
     },
     "hunyuanvideo": {
