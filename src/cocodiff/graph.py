@@ -215,6 +215,10 @@ class GraphedStep(StepGraphs):
     def __init__(self, model: torch.nn.Module, *, warmup: int = 2):
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedStep needs CUDA")
+        engine = getattr(model, "cocodiff", None)
+        if engine is not None and engine.vmajor is not None:
+            # its graphs would ignore which V-Major level a call needs: the engine's own switch keys them by it
+            raise ValueError("GraphedStep takes exact engines; with V-Major use ParallelConfig(cuda_graph=True)")
         self.model = model
         super().__init__(self._call, warmup=warmup)
 
