@@ -39,6 +39,8 @@ SCHEDULES = {
     "fixed 0.75": dict(warmup_steps=4, schedule="fixed", cache_ratio_start=0.75),
     "fixed 0.9": dict(warmup_steps=4, schedule="fixed", cache_ratio_start=0.9),
     "default": {},
+    "default fp8": dict(fp8=True),
+    "fixed 0.9 fp8": dict(warmup_steps=4, schedule="fixed", cache_ratio_start=0.9, fp8=True),
 }
 
 

@@ -100,7 +100,9 @@ def vmajor_bytes_follow_the_schedule(family, world, topology, vm_kwargs, steps=8
     slow = len(engine.topology.tiers) - 1
     n_far = len(engine.vmajor.exchange.far)
     heads = model.config.num_attention_heads
-    row_bytes = local_heads(heads, world) * model.config.attention_head_dim * 4  # B=1, fp32
+    head_dim = model.config.attention_head_dim
+    row_bytes = local_heads(heads, world) * head_dim * 4  # B=1, fp32
+    sent_row = row_bytes // 4 + 4 * local_heads(heads, world) if vcfg.fp8 else row_bytes  # fp8: 1 B + a scale per head
     tensors = 4 if vcfg.output else 3
     for step, (c, e, rows) in enumerate(zip(counts, exact_counts, layer_rows)):
         sched = step_ratio(vcfg, step, steps) if step > 0 else None  # step 0 fills the caches
@@ -110,7 +112,7 @@ def vmajor_bytes_follow_the_schedule(family, world, topology, vm_kwargs, steps=8
         far = 0
         for _, l_max, _ in rows:  # per layer: its longest local sequence (joint or image-only attention)
             k = active_rows(sched[0], l_max)
-            far += tensors * n_far * k * row_bytes + n_far * k * 4  # + V's carried int32 row indices
+            far += tensors * n_far * k * sent_row + n_far * k * 4  # + V's carried int32 row indices
             if not vcfg.output:
                 far += n_far * l_max * row_bytes  # the output exchange stays whole
         assert c[slow] == far, (step, c, far)

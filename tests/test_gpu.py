@@ -287,7 +287,7 @@ def test_every_family_and_route_on_gpus_equals_one_gpu():
     assert spawn(_families_on_gpus, 2, backend="nccl", timeout_s=420) == [0, 1]
 
 
-def _vmajor_graphs_equal_eager():
+def _vmajor_graphs_equal_eager(fp8=False):
     """V-Major replayed as CUDA graphs (one per branch and level) equals V-Major eager, step by step, with the
     slow tier emulated (CTA-capped NCCL); every graph's eager warm-up leaves the caches as they were."""
     import torch.distributed as dist
@@ -299,7 +299,7 @@ def _vmajor_graphs_equal_eager():
     out = {}
     for graph in (False, True):
         model = zoo.build_model("flux", "tiny", device=dev, seed=0)
-        vm = cocodiff.VMajorConfig(warmup_steps=2, levels=3)
+        vm = cocodiff.VMajorConfig(warmup_steps=2, levels=3, fp8=fp8)
         emu = cocodiff.SlowTierEmulation(max_ctas=1)
         cfg = cocodiff.ParallelConfig(topology="2x1", emulate_slow_tier=emu, v_first=True, v_major=vm, cuda_graph=graph)
         cocodiff.parallelize(model, cfg)
@@ -331,5 +331,6 @@ def _loop_cuda(model, inputs, steps):
 
 
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
-def test_vmajor_graph_replay_equals_eager():
-    assert spawn(_vmajor_graphs_equal_eager, 2, backend="nccl", timeout_s=300) == [0, 1]
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-rows", "fp8-rows"])
+def test_vmajor_graph_replay_equals_eager(fp8):
+    assert spawn(_vmajor_graphs_equal_eager, 2, fp8, backend="nccl", timeout_s=300) == [0, 1]

@@ -71,6 +71,7 @@ def test_nothing_skipped_equals_the_exact_engine(pools, family, world, topology,
         (4, "2x2", dict(warmup_steps=2)),  # the defaults on two emulated nodes
         (4, None, dict(warmup_steps=1, tiers="all", select_by="heads")),
         (2, "2x1", dict(warmup_steps=1, output=False, schedule="fixed", cache_ratio_start=0.6)),
+        (4, "2x2", dict(warmup_steps=2, fp8=True)),  # 8-bit rows with a scale per head
     ],
 )
 @pytest.mark.parametrize("family", ["flux", "sd3", "qwenimage", "flux2"])

@@ -14,6 +14,8 @@ Per attention layer, CFG branch and denoising step (the step context, `step.py`)
    runs on those. With `output=True` the attention output goes back the same way: a far rank sends an
    owner only the rows of the owner's selected tokens, and the owner reuses its cached output for the rest.
 4. `ref` is updated for the rows sent, so a token's drift accumulates until it is sent again.
+5. With `fp8`, the selected rows cross as 8-bit floats with one fp32 scale per head (`exchange/tiered.py`);
+   `ref` keeps what was sent before rounding, so the rounding does not accumulate in the selection.
 
 A call sends every row (and refills every cache) when the schedule says so, and at the first call of a CFG
 branch in a generation or after the input shapes changed: caches never leak between generations, branches
@@ -286,6 +288,10 @@ class _LayerExchange:
         """`(K,)` or `(N_FAR, K)` -> `(N_FAR, K)`."""
         return rows.expand(len(self.vm.exchange.far), -1) if rows.dim() == 1 else rows
 
+    def _fp8(self, x: torch.Tensor) -> int | None:
+        """The fp8 scale group (a head's D values: the last dim of Q, K, V and the output) when enabled."""
+        return x.shape[-1] if self.vm.cfg.fp8 else None
+
     def _arrived(self) -> torch.Tensor:
         self.v_handle.wait()  # the rows' indices came with V
         return self.v_plan.arrived_rows
@@ -305,7 +311,7 @@ class _LayerExchange:
             far = self.vm.far_index(send.device)
             glob = (self._far_rows(rows) + far[:, None] * l_max).reshape(-1)
             st.ref.view(P * l_max, -1).index_copy_(0, glob, send.view(P * l_max, -1).index_select(0, glob))
-            plan = self.v_plan = RowPlan(send_rows=rows, recv=st.recv["v"], carry_rows=True)
+            plan = self.v_plan = RowPlan(send_rows=rows, recv=st.recv["v"], carry_rows=True, fp8_group=self._fp8(v))
         self.v_handle = ex.start(send, lambda recv: unpack_heads(recv, lay), rows=plan)
         return self.v_handle
 
@@ -316,7 +322,7 @@ class _LayerExchange:
         if self.k is None:
             plan = RowPlan(send_rows=None, recv=recv)
         else:
-            plan = RowPlan(send_rows=self.rows, recv=recv, recv_rows=self._arrived)
+            plan = RowPlan(send_rows=self.rows, recv=recv, recv_rows=self._arrived, fp8_group=self._fp8(x))
         return ex.start(send, lambda r: unpack_heads(r, lay), rows=plan)
 
     def start_q(self, q: torch.Tensor):
@@ -338,5 +344,7 @@ class _LayerExchange:
             plan = RowPlan(send_rows=None, recv=recv)
         else:
             # to each far owner: the rows it selected (they came with its V); from each: the rows I selected
-            plan = RowPlan(send_rows=self._arrived(), recv=recv, recv_rows=self._far_rows(self.rows))
+            plan = RowPlan(
+                send_rows=self._arrived(), recv=recv, recv_rows=self._far_rows(self.rows), fp8_group=self._fp8(o)
+            )
         return ex.start(send, lambda r: unpack_tokens(r, lay, heads), rows=plan)

@@ -41,12 +41,15 @@ class RowPlan:
             them when they are known only later (carried by an earlier exchange); None when `carry_rows`.
         carry_rows: send each row's index with it (a few bytes per row), so the receiver learns which rows
             the sender chose without another collective; after `wait()` they are in `arrived_rows`.
+        fp8_group: send the rows as 8-bit floats (e4m3) with one fp32 scale per group of this many values
+            (a head's D values): about half the bytes of bf16, lossy; None sends them as they are.
     """
 
     send_rows: torch.Tensor | None
     recv: torch.Tensor
     recv_rows: torch.Tensor | Callable[[], torch.Tensor] | None = None
     carry_rows: bool = False
+    fp8_group: int | None = None
     arrived_rows: torch.Tensor | None = None
 
     def rows_in(self) -> torch.Tensor:
@@ -60,11 +63,59 @@ class RowPlan:
         return rows
 
 
-def _index_dtype(dtype: torch.dtype) -> tuple[torch.dtype, int]:
-    """(integer dtype of a carried row index, payload elements it occupies) for a payload of `dtype`."""
-    size = torch.empty((), dtype=dtype).element_size()
-    idx = torch.int32 if size <= 4 else torch.int64
-    return idx, max(1, torch.empty((), dtype=idx).element_size() // size)
+_FP8 = torch.float8_e4m3fn
+_FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+def _pack_rows(picked: torch.Tensor, rows: torch.Tensor | None, fp8_group: int | None) -> torch.Tensor:
+    """The message of the chosen rows `(N_FAR, K, F)`: `(N_FAR, K, W)` in the payload's dtype, or bytes with fp8.
+
+    Row layout: the F values (or, with fp8, F one-byte values then one fp32 scale per group), then the row's
+    int32 index when `rows` is given, its bits stored in the message's dtype."""
+    parts = []
+    if fp8_group is None:
+        parts.append(picked)
+        word = picked.dtype
+    else:
+        n_far, k, f = picked.shape
+        # (N_FAR, K, F) -> (N_FAR, K, G, GROUP): one scale per group (a head's D values)
+        x = picked.float().view(n_far, k, f // fp8_group, fp8_group)
+        scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / _FP8_MAX
+        parts.append((x / scale).to(_FP8).view(torch.uint8).view(n_far, k, f))
+        parts.append(scale.view(n_far, k, -1).view(torch.uint8))
+        word = torch.uint8
+    if rows is not None:
+        idx = rows.to(torch.int32).unsqueeze(-1)  # (N_FAR, K, 1)
+        parts.append(idx.view(torch.uint8) if word == torch.uint8 else _as_words(idx, word))
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _as_words(idx: torch.Tensor, word: torch.dtype) -> torch.Tensor:
+    """int32 `(..., 1)` viewed as elements of `word` (int64 when `word` is wider than 4 bytes)."""
+    if torch.empty((), dtype=word).element_size() > 4:
+        idx = idx.long()
+    return idx.view(word)
+
+
+def _unpack_rows(arrived: torch.Tensor, f: int, dtype: torch.dtype, carried: bool, fp8_group: int | None):
+    """Inverse of `_pack_rows`: (values `(N_FAR, K, F)` in `dtype`, carried rows `(N_FAR, K)` or None)."""
+    n_far, k, _ = arrived.shape
+    if fp8_group is None:
+        values, tail = arrived[..., :f], arrived[..., f:]
+    else:
+        g = f // fp8_group
+        q = arrived[..., :f].contiguous().view(_FP8).float().view(n_far, k, g, fp8_group)
+        scale = arrived[..., f : f + 4 * g].contiguous().view(torch.float32).view(n_far, k, g, 1)
+        values = (q * scale).view(n_far, k, f).to(dtype)
+        tail = arrived[..., f + 4 * g :]
+    rows = None
+    if carried:
+        tail = tail.contiguous()
+        rows = (
+            tail.view(torch.int32) if tail.dtype == torch.uint8 or tail.element_size() <= 4 else tail.view(torch.int64)
+        )
+        rows = rows.reshape(n_far, k).long()
+    return values, rows
 
 
 class TieredExchange(BlockExchange):
@@ -189,29 +240,23 @@ class TieredExchange(BlockExchange):
             rows = rows.expand(n_far, -1)
         K = rows.shape[1]
         F = send[0, 0].numel()
-        elem = send.element_size()
-        idx_dtype, E = _index_dtype(send.dtype) if plan.carry_rows else (None, 0)
-        # byte accounting: near blocks whole, far blocks K rows (plus carried indices)
-        block_bytes = send[0].numel() * elem
-        for t in range(len(self.peers)):
-            self.stats.bytes_by_tier[t] += self._near_peers[t] * block_bytes + self._far_peers[t] * K * (F + E) * elem
-            self.stats.messages_by_tier[t] += self._near_peers[t] + self._far_peers[t]
-        self.stats.exchanges += 1
         works = self._near(send, recv)
-        if n_far == 0:
+        if n_far == 0:  # every rank is near: nothing to select
+            self._count(send)
             return self._finish(Handle(works, recv, post))
-        # (P, L_MAX, ...) -> (P * L_MAX, F) -> the chosen rows of the far blocks: (N_FAR, K, F [+ E])
+        # (P, L_MAX, ...) -> (P * L_MAX, F) -> the chosen rows of the far blocks -> their message (N_FAR, K, W)
         flat = send.view(P * l_max, F)
         picked = flat.index_select(0, self._global_rows(rows, l_max)).view(n_far, K, F)
-        if E:
-            # the row indices ride along, their bits stored in the payload's dtype
-            compact = torch.empty(n_far, K, F + E, dtype=send.dtype, device=send.device)
-            compact[..., :F].copy_(picked)
-            compact[..., F:].copy_(rows.to(idx_dtype).unsqueeze(-1).view(send.dtype))
-        else:
-            compact = picked
+        compact = _pack_rows(picked, rows if plan.carry_rows else None, plan.fp8_group)
+        # byte accounting: near blocks whole, far blocks K rows (with their scales and carried indices)
+        block_bytes = send[0].numel() * send.element_size()
+        row_bytes = compact.shape[-1] * compact.element_size()
+        for t in range(len(self.peers)):
+            self.stats.bytes_by_tier[t] += self._near_peers[t] * block_bytes + self._far_peers[t] * K * row_bytes
+            self.stats.messages_by_tier[t] += self._near_peers[t] + self._far_peers[t]
+        self.stats.exchanges += 1
         arrived = torch.empty_like(compact)
-        splits = self._far_splits(K * (F + E))
+        splits = self._far_splits(K * compact.shape[-1])
         works.append(
             dist.all_to_all_single(
                 arrived.view(-1),
@@ -224,11 +269,11 @@ class TieredExchange(BlockExchange):
         )
 
         def scatter(out: torch.Tensor) -> torch.Tensor:
-            if E:
-                plan.arrived_rows = arrived[..., F:].contiguous().view(idx_dtype).view(n_far, K).long()
-            got = plan.rows_in()
+            values, carried = _unpack_rows(arrived, F, send.dtype, plan.carry_rows, plan.fp8_group)
+            if carried is not None:
+                plan.arrived_rows = carried
             dest = out.view(P * l_max, F)
-            dest.index_copy_(0, self._global_rows(got, l_max), arrived[..., :F].reshape(n_far * K, F))
+            dest.index_copy_(0, self._global_rows(plan.rows_in(), l_max), values.reshape(n_far * K, F))
             return out if post is None else post(out)
 
         return self._finish(Handle(works, recv, scatter))
