@@ -10,7 +10,8 @@ Two uses:
   this is then the fair "flat" route of an emulated cluster (each pair's bytes over the link it would use).
 - V-Major: `start(..., rows=RowPlan)` sends only some rows (tokens) of each far block and scatters the
   rows that arrive into a persistent receive buffer whose other rows keep what arrived at earlier steps.
-  The near blocks always travel whole: the fast tier stays exact.
+  The near blocks always travel whole: the fast tier stays exact. With `RowPlan.fp8_group` the chosen rows
+  cross as 8-bit floats (e4m3) with one fp32 scale per group of values (a head), about half the bytes.
 
 Blocks are "token-aligned": dim 1 of a block `(P, L_MAX, ...)` is the token row, as the Ulysses packing
 lays them out (`layout.py`), so a row is one token's payload for the destination's heads.
