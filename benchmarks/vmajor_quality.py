@@ -62,7 +62,7 @@ def run(steps: int, topology: str, world: int, schedules: dict, per_class: int, 
     slow = list(exact_bytes)[-1]
     rows = []
     for label, cfg in configs:
-        images = torch.from_numpy(results[0][label]["images"])
+        images = torch.as_tensor(results[0][label]["images"])
         per_rank_slow = [r[label]["stats"]["bytes_by_tier"][slow] for r in results]
         metrics = _row_metrics(images, reference, truth, known, tasks, n)
         rows.append(
