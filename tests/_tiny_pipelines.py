@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from cocodiff.apps import families
+
 WORDS = "a the red cat lighthouse at dusk on mat photo of sea moon blurry".split()
 
 
@@ -101,20 +103,10 @@ def build_pipeline(family: str, *, seed: int = 0):
     torch.manual_seed(seed)
     clip_tok, t5_tok = _clip_tokenizer(), _t5_tokenizer()
     if family == "flux":
-        from diffusers import FluxPipeline, FluxTransformer2DModel
+        from diffusers import FluxPipeline
 
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=8,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=16,
-            pooled_projection_dim=16,
-            guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4),
-        ).eval()
+        # the families' tiny FLUX.1 with one block of each kind
+        transformer = families.build_model("flux", "tiny", seed=seed, num_layers=1, num_single_layers=1)
         return FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),
             vae=_vae(2),

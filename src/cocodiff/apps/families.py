@@ -16,6 +16,25 @@ FAMILIES = ("flux", "sd3", "qwenimage", "flux2")  # image families
 VIDEO_FAMILIES = ("wan", "hunyuanvideo")
 
 # Wan2.1-T2V-14B (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json: dim 5120 = 40 x 128, 40 layers, ffn
+# HunyuanVideo with every code path at a CPU test's size
+_HUNYUAN_TINY = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=12,
+    attention_head_dim=6,
+    num_layers=2,
+    num_single_layers=2,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    patch_size=2,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    guidance_embeds=True,
+    text_embed_dim=16,
+    pooled_projection_dim=8,
+    rope_axes_dim=(2, 2, 2),
+)
+
 # 13824, UMT5 text dim 4096); the I2V and TI2V-5B configs below differ from it where they say
 _WAN_14B = dict(
     patch_size=(1, 2, 2),
@@ -178,41 +197,10 @@ CONFIGS: dict[str, dict[str, dict]] = {
         ),
     },
     "hunyuanvideo": {
-        "tiny": dict(
-            in_channels=4,
-            out_channels=4,
-            num_attention_heads=12,
-            attention_head_dim=6,
-            num_layers=2,
-            num_single_layers=2,
-            num_refiner_layers=1,
-            mlp_ratio=2.0,
-            patch_size=2,
-            patch_size_t=1,
-            qk_norm="rms_norm",
-            guidance_embeds=True,
-            text_embed_dim=16,
-            pooled_projection_dim=8,
-            rope_axes_dim=(2, 2, 2),
-        ),
+        "tiny": dict(_HUNYUAN_TINY),
         # HunyuanVideo-I2V's "token_replace" conditioning: the first frame's tokens are modulated apart
         "tiny-token-replace": dict(
-            in_channels=8,
-            out_channels=4,
-            num_attention_heads=12,
-            attention_head_dim=6,
-            num_layers=2,
-            num_single_layers=2,
-            num_refiner_layers=1,
-            mlp_ratio=2.0,
-            patch_size=2,
-            patch_size_t=1,
-            qk_norm="rms_norm",
-            guidance_embeds=False,
-            text_embed_dim=16,
-            pooled_projection_dim=8,
-            rope_axes_dim=(2, 2, 2),
-            image_condition_type="token_replace",
+            _HUNYUAN_TINY, in_channels=8, guidance_embeds=False, image_condition_type="token_replace"
         ),
         # HunyuanVideo 13B (hunyuanvideo-community/HunyuanVideo transformer/config.json, = diffusers' defaults):
         # 24 heads x 128, 20 double + 40 single blocks, 2 refiner blocks, Llama text dim 4096, CLIP pooled 768
