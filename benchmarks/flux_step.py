@@ -8,6 +8,12 @@ the parallel runs compare against:
 
 Timings: CUDA events around one forward, warm-up excluded, median (and min) of --iters runs; eager and
 (with --graph) the step replayed as a CUDA graph. Rank 0 writes OUT/<family>_P<P>.json.
+
+Configs are a route/schedule name (CONFIGS) with suffixes: `+fused` (fuse_qk), `+compiled` (compile_blocks:
+inductor-compiled blocks around the sharded attention; listed last, the blocks stay compiled). Compiled rows
+record `first_call_s` (compilation of the shape) and `graph_first_call_s` (warm-up + capture). `--peers` adds
+diffusers on the same GPUs and shapes, each mode timed the same way: its Ulysses (`enable_parallelism`) at
+P > 1, plain diffusers on 1 GPU; eager, regional compile and torch.compile(mode="reduce-overhead").
 """
 
 from __future__ import annotations
@@ -45,6 +51,13 @@ CONFIGS = {
     "ce-vfirst": ("copy_engine", True, None),
     "nocomm-vfirst": ("none", True, None),  # lower bound: exchanges replaced by no-ops (wrong output)
 }
+
+
+FLAGS = {"fused", "compiled"}  # config suffixes: +fused (fuse_qk), +compiled (compile_blocks; put these last)
+
+
+def _flags(name: str) -> list[str]:
+    return name.split("+")[1:]
 
 
 class NoExchange(BlockExchange):
@@ -108,6 +121,83 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+PEER_MODES = ("eager", "regional-compile", "reduce-overhead")
+
+
+class DiffusersPeer:
+    """diffusers at its own best on the same GPUs and shapes: `enable_parallelism(ContextParallelConfig(
+    ulysses_degree=P))` (P > 1; plain diffusers on 1 GPU), timed eager, with regional compilation (diffusers'
+    `compile_repeated_blocks(fullgraph=True)`) and under `torch.compile(mode="reduce-overhead")` (inductor with
+    CUDA graphs). One copy of the model, built once; each compiled mode is undone after its rows."""
+
+    def __init__(self, family: str, world: int, device: torch.device):
+        import diffusers
+
+        self.error = None
+        cls = zoo.model_class(family)
+        if world > 1 and getattr(cls, "_cp_plan", None) is None:
+            self.error = f"diffusers {diffusers.__version__} has no context-parallel plan (_cp_plan) for {cls.__name__}"
+            return
+        self.model = zoo.build_model(family, "full", dtype=torch.bfloat16, device=device, seed=0)
+        if world > 1:
+            from diffusers import ContextParallelConfig
+
+            self.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+
+    def callable(self, mode: str):
+        """(the call to time, an undo) for `mode`."""
+        model = self.model
+        if mode == "eager":
+            return model, lambda: None
+        if mode == "reduce-overhead":
+            compiled = torch.compile(model, mode="reduce-overhead")
+            return compiled, torch._dynamo.reset
+        model.compile_repeated_blocks(fullgraph=True)
+
+        def undo():
+            for m in model.modules():
+                if getattr(m, "_compiled_call_impl", None) is not None:
+                    m._compiled_call_impl = None
+            torch._dynamo.reset()
+
+        return model, undo
+
+    def rows(self, inputs: dict, ref_path: Path, args, rank: int, world: int, size: int) -> dict:
+        if self.error is not None:
+            return {mode: {"error": self.error} for mode in PEER_MODES}
+        out_rows = {}
+        for mode in args.peer_modes:
+            fn, undo = self.callable(mode)
+
+            def call():
+                with torch.no_grad():
+                    return fn(**inputs, return_dict=False)[0]
+
+            row: dict = {}
+            try:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                call()
+                torch.cuda.synchronize()
+                row["first_call_s"] = time.perf_counter() - t0
+                times = time_fn(call, args.warmup, args.iters)
+                out = call()
+                row.update(eager_ms_median=statistics.median(times), eager_ms_min=min(times), eager_ms_all=times)
+                if ref_path.exists():
+                    row["rel_err_vs_1gpu"] = rel_err(out, torch.load(ref_path))
+                del out
+            except Exception as exc:  # a peer that cannot run this shape or mode is a row that says why
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            finally:
+                undo()
+                torch.cuda.empty_cache()
+            out_rows[mode] = row
+            if rank == 0:
+                ms = row.get("eager_ms_median")
+                print(f"[P={world}] {size}px diffusers {mode}: " + (f"{ms:.1f} ms" if ms else row.get("error", "")))
+        return out_rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="flux", choices=zoo.FAMILIES)
@@ -131,6 +221,17 @@ def main() -> None:
         action="store_true",
         help="1 GPU: also time the model through cocodiff (1 rank) with fuse_qk, as the fair baseline",
     )
+    ap.add_argument(
+        "--single-compiled",
+        action="store_true",
+        help="1 GPU: also time cocodiff on one rank with fuse_qk and compile_blocks (after --single-fused)",
+    )
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time diffusers (its Ulysses at P > 1) eager, regional-compiled and reduce-overhead, same shapes",
+    )
+    ap.add_argument("--peer-modes", nargs="+", default=list(PEER_MODES), choices=PEER_MODES)
     ap.add_argument("--profile", action="store_true", help="with --graph: kernel time per category of one replay")
     ap.add_argument("--ref-dir", default="/tmp/cocodiff_ref", help="where the 1-GPU run keeps its outputs")
     ap.add_argument("--out", required=True)
@@ -140,7 +241,7 @@ def main() -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 or args.single_fused:
+    if world > 1 or args.single_fused or args.single_compiled:
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
     rank = dist.get_rank() if world > 1 else 0
     device = torch.device("cuda", local_rank)
@@ -171,10 +272,15 @@ def main() -> None:
         },
         "sizes": {},
     }
-    configs = (["single"] + (["single+fused"] if args.single_fused else [])) if world == 1 else args.configs
-    unknown = [c for c in configs if c.removesuffix("+fused") not in CONFIGS and c != "single" and world > 1]
+    configs = args.configs
+    if world == 1:
+        configs = ["single"] + ["single+fused"] * args.single_fused + ["single+fused+compiled"] * args.single_compiled
+    unknown = [c for c in configs if world > 1 and (c.split("+")[0] not in CONFIGS or not set(_flags(c)) <= FLAGS)]
     if unknown:
-        raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}")
+        raise SystemExit(f"unknown --configs {unknown}; choose from {list(CONFIGS)}, each with +fused / +compiled")
+    compiled_at = [i for i, c in enumerate(configs) if "compiled" in _flags(c)]
+    if compiled_at and compiled_at[-1] - compiled_at[0] + 1 != len(configs) - compiled_at[0]:
+        raise SystemExit("--configs: put the +compiled configs last (compiling the blocks is not undone)")
     emu = SlowTierEmulation(max_ctas=args.max_ctas) if args.emulate else None
     result["topology"] = args.topology
     result["emulation"] = None if emu is None else {"max_ctas": emu.max_ctas, "stands_for": emu.stands_for}
@@ -184,15 +290,16 @@ def main() -> None:
         eng = model.cocodiff
         common = dict(topology=eng.topology, rank=eng.rank, stats=eng.stats)
         extra_routes = {"none": NoExchange(**common)}
-        if any(CONFIGS[c.removesuffix("+fused")][0] == "copy_engine" for c in configs):
+        if any(CONFIGS[c.split("+")[0]][0] == "copy_engine" for c in configs):
             from cocodiff.exchange.copy_engine import CopyEngineExchange
 
             extra_routes["copy_engine"] = CopyEngineExchange(group=eng.group, **common)
     models = {name: model for name in configs}
-    if "single+fused" in configs:  # a second copy of the same weights, through the engine on one rank
+    if args.single_fused or args.single_compiled:  # a second copy of the same weights, through the engine on 1 rank
         fused_model = zoo.build_model(args.family, "full", dtype=torch.bfloat16, device=device, seed=0)
         parallelize(fused_model, ParallelConfig(v_first=True, fuse_qk=True))
-        models["single+fused"] = fused_model
+        models["single+fused"] = models["single+fused+compiled"] = fused_model
+    peer = DiffusersPeer(args.family, world, device) if args.peers else None
     result["sdpa_backend"] = args.sdpa
     if args.sdpa != "default":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -223,7 +330,13 @@ def main() -> None:
         ref_path = ref_dir / f"{args.family}_{size}.pt"
         for name in configs:
             model = models[name]
-            base, fused = name.removesuffix("+fused"), name.endswith("+fused")
+            base, fused, compiled = name.split("+")[0], "fused" in _flags(name), "compiled" in _flags(name)
+            first_call_s = None
+            if compiled and not getattr(model, "_bench_compiled", False):
+                from cocodiff.compiled import compile_blocks
+
+                compile_blocks(model, model.cocodiff.plan, None)
+                model._bench_compiled = True
             if world > 1:
                 route, v_first, overlap = CONFIGS[base]
                 eng.set_schedule(v_first=v_first, overlap_output=overlap, fuse_qk=fused)
@@ -237,9 +350,15 @@ def main() -> None:
                 with torch.no_grad():
                     return model(**inputs, return_dict=False)[0]
 
+            if compiled:  # the first call compiles this shape: its time is the start-up a user waits for
+                t_first = time.perf_counter()
+                eager()
+                torch.cuda.synchronize()
+                first_call_s = time.perf_counter() - t_first
             times = time_fn(eager, args.warmup, args.iters)
             out = eager()
             row = {
+                "first_call_s": first_call_s,
                 "eager_ms_median": statistics.median(times),
                 "eager_ms_min": min(times),
                 "eager_ms_all": times,
@@ -258,7 +377,10 @@ def main() -> None:
             if args.graph:
                 try:
                     step = GraphedStep(model)
+                    t_capture = time.perf_counter()
                     gout = step(**inputs)
+                    torch.cuda.synchronize()
+                    row["graph_first_call_s"] = time.perf_counter() - t_capture
                     gtimes = time_fn(step.replay_only, args.warmup, args.iters)
                     row["graph_ms_median"] = statistics.median(gtimes)
                     row["graph_ms_min"] = min(gtimes)
@@ -279,6 +401,8 @@ def main() -> None:
                     + (f", rel_err {row['rel_err_vs_1gpu']:.2e}" if "rel_err_vs_1gpu" in row else ""),
                     flush=True,
                 )
+        if peer is not None:
+            entry["diffusers"] = peer.rows(inputs, ref_path, args, rank, world, size)
         result["sizes"][str(size)] = entry
     if rank == 0:
         out_dir = Path(args.out)

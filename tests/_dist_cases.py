@@ -890,3 +890,62 @@ def hunyuan_pipeline_matches_single_process(world):
         out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return (out - ref).abs().max().item(), calls[0]
+
+
+def compiled_blocks_match(family, world, cfg_kwargs, cases, video=False, user_compile=False):
+    """`compile_blocks=True` (TorchDynamo with the "aot_eager" backend: the tracing, graph cuts and guards of
+    inductor without its code generation) equals the single-process model; repeating a case with new values
+    (as a denoising step does) traces nothing new. With `user_compile`, the blocks are compiled by diffusers'
+    own `compile_repeated_blocks` after `parallelize` instead. Returns (blocks compiled, max differences,
+    graphs traced by the first calls, graphs traced by the repeats)."""
+    from torch._dynamo.utils import counters
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch._dynamo.reset()  # fresh caches: code objects are shared with other tests in this process
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, "tiny", seed=0)
+    par = copy.deepcopy(model)
+    if user_compile:
+        cocodiff.parallelize(par, cocodiff.ParallelConfig(**cfg_kwargs), group=group)
+        par.compile_repeated_blocks(backend="aot_eager", dynamic=False)
+        blocks = None
+    else:
+        cfg = cocodiff.ParallelConfig(compile_blocks=True, compile_options={"backend": "aot_eager"}, **cfg_kwargs)
+        cocodiff.parallelize(par, cfg, group=group)
+        blocks = par.cocodiff.compiled_blocks
+
+    def make(case, seed):
+        if video:
+            return zoo.make_video_inputs(family, model, **{**case, "seed": seed})
+        rows, cols, n_txt, batch = case
+        return zoo.make_inputs(family, model, rows=rows, cols=cols, n_txt=n_txt, batch=batch, seed=seed)
+
+    def compare(inputs):
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+        return (out - ref).abs().max().item()
+
+    start = counters["stats"]["unique_graphs"]
+    diffs = [compare(make(case, seed=i)) for i, case in enumerate(cases)]
+    first = counters["stats"]["unique_graphs"] - start
+    diffs += [compare(make(case, seed=100 + i)) for i, case in enumerate(cases)]
+    repeats = counters["stats"]["unique_graphs"] - start - first
+    return blocks, diffs, first, repeats
+
+
+def inductor_blocks_match(world):
+    """compile_blocks with inductor itself (C++ kernels on CPU ranks) on tiny FLUX.1: equal to one process."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch._dynamo.reset()
+    model, par = reference_and_parallel("flux", group, cocodiff.ParallelConfig(v_first=True, compile_blocks=True))
+    inputs = zoo.make_inputs("flux", model, rows=4, cols=6, n_txt=5, batch=1, seed=0)
+    with torch.no_grad():
+        out, ref = par(**inputs).sample, model(**inputs).sample
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    return (out - ref).abs().max().item()

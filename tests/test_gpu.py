@@ -334,3 +334,56 @@ def _loop_cuda(model, inputs, steps):
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-rows", "fp8-rows"])
 def test_vmajor_graph_replay_equals_eager(fp8):
     assert spawn(_vmajor_graphs_equal_eager, 2, fp8, backend="nccl", timeout_s=300) == [0, 1]
+
+
+def _compiled_blocks_on_gpus():
+    """compile_blocks (inductor's Triton kernels) inside the fastest one-host configuration (copy engine, V-First,
+    fuse_qk, the step captured as a CUDA graph), every family, image and video: equal to one GPU; a new step
+    with the same shapes traces nothing new."""
+    import copy
+
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    import cocodiff
+    from cocodiff.apps import families as zoo
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = cocodiff.ParallelConfig(
+        all_to_all="copy_engine", v_first=True, fuse_qk=True, compile_blocks=True, cuda_graph=True
+    )
+    errors, traced = {}, {}
+    for family in zoo.FAMILIES + zoo.VIDEO_FAMILIES:
+        torch._dynamo.reset()
+        ref = zoo.build_model(family, "tiny", device=dev, seed=0)
+        if family in zoo.VIDEO_FAMILIES:
+            case = dict(frames=2, rows=3, cols=5, n_txt=7, batch=2, device=dev)
+            a, b = (zoo.make_video_inputs(family, ref, **case, seed=s) for s in (1, 2))
+        else:
+            masked = family == "qwenimage"
+            a, b = (
+                zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=s, text_mask=masked)
+                for s in (1, 2)
+            )
+        with torch.no_grad():
+            want = [ref(**x).sample for x in (a, b)]
+        model = copy.deepcopy(ref)
+        cocodiff.parallelize(model, cfg)
+        with torch.no_grad():
+            got = [model(**a).sample]  # compile, warm up, capture
+            start = counters["stats"]["unique_graphs"]
+            got += [model(**x).sample for x in (b, a)]  # replays
+        traced[family] = counters["stats"]["unique_graphs"] - start
+        for g, w in zip(got, want + want[:1]):
+            err = ((g - w).norm() / w.norm()).item()
+            if not err < 1e-4:
+                errors[family] = err
+        del model
+    assert not errors, errors
+    assert not any(traced.values()), traced
+    return dist.get_rank()
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+def test_compiled_blocks_in_the_graphed_step_equal_one_gpu():
+    assert spawn(_compiled_blocks_on_gpus, 2, backend="nccl", timeout_s=540) == [0, 1]

@@ -132,6 +132,14 @@ class ParallelConfig:
         fuse_qk: FLUX.1/FLUX.2 on CUDA: Q/K RMSNorm, the [text, image] concatenation and RoPE in one
             `torch.compile`d kernel per shape (cocodiff.kernels) instead of diffusers' chain of eager kernels.
             Same math; agrees with the eager path to bf16 rounding. The first call per shape compiles (seconds).
+        compile_blocks: compile every transformer block's compute (modulation, norms, gates, residuals, MLPs)
+            with `torch.compile` (inductor), once per input shape, while the sharded attention (exchanges, V-First,
+            copy engine, V-Major) runs outside the compiled pieces (`cocodiff.compiled`). Composes with
+            `cuda_graph` (the compiled kernels are captured in the step's graph). Inductor fuses elementwise
+            chains, so results agree with the eager model to bf16 rounding, not bit for bit; the first call per
+            shape compiles (inductor's cache makes later processes start faster).
+        compile_options: keyword arguments for `torch.compile` of the blocks: "backend", "mode" (not one
+            that adds CUDA graphs of its own when `cuda_graph` is on), "options", "dynamic" (default False).
         cuda_graph: CUDA ranks: capture the sharded step as a CUDA graph per input signature and replay it on
             later calls (`cocodiff.graph`), so the host leaves the step; pipelines need no change.
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
@@ -155,6 +163,8 @@ class ParallelConfig:
     v_first: bool = False
     overlap_output: bool | None = None
     fuse_qk: bool = False
+    compile_blocks: bool = False
+    compile_options: dict | None = field(default=None, hash=False)
     cuda_graph: bool = False
     v_major: VMajorConfig | None = None
     topology: str | None = None
@@ -185,9 +195,10 @@ class ParallelConfig:
             )
         if not isinstance(self.v_first, bool):
             raise TypeError(f"ParallelConfig.v_first must be a bool, got {self.v_first!r}")
-        for name in ("fuse_qk", "cuda_graph"):
+        for name in ("fuse_qk", "cuda_graph", "compile_blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ParallelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        self._check_compile_options()
         if self.overlap_output is not None and not isinstance(self.overlap_output, bool):
             raise TypeError(f"ParallelConfig.overlap_output must be None or a bool, got {self.overlap_output!r}")
         if self.v_major is not None:
@@ -206,6 +217,29 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.check_inputs={self.check_inputs!r} must be True, False or 'every_call'")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ValueError(f"ParallelConfig.memory_budget_gb={self.memory_budget_gb!r} must be > 0 or None")
+
+    def _check_compile_options(self) -> None:
+        from .compiled import ALLOWED_OPTIONS, GRAPH_MODES
+
+        opts = self.compile_options
+        if opts is None:
+            return
+        if not self.compile_blocks:
+            raise ValueError("ParallelConfig.compile_options is set but compile_blocks=False; set compile_blocks=True")
+        if not isinstance(opts, dict):
+            raise TypeError(f"ParallelConfig.compile_options must be a dict or None, got {type(opts).__name__}")
+        bad = sorted(set(opts) - set(ALLOWED_OPTIONS))
+        if bad:
+            why = " (the blocks are cut at the sharded attention, so one graph per block cannot hold)"
+            raise ValueError(
+                f"ParallelConfig.compile_options: {bad} not accepted{why if 'fullgraph' in bad else ''}; "
+                f"allowed keys: {list(ALLOWED_OPTIONS)}"
+            )
+        if self.cuda_graph and opts.get("mode") in GRAPH_MODES:
+            raise ValueError(
+                f"ParallelConfig.compile_options mode={opts['mode']!r} adds CUDA graphs of its own inside the step that "
+                "cuda_graph=True captures; use mode=None or 'max-autotune-no-cudagraphs' with cuda_graph=True"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ParallelConfig:
@@ -237,6 +271,6 @@ class ParallelConfig:
         parts = [self.preset_name or self.all_to_all]
         if not self.preset_name:
             parts += ["vfirst"] * self.v_first + ["vmajor"] * (self.v_major is not None)
-        parts += ["fuse_qk"] * self.fuse_qk + ["cuda_graph"] * self.cuda_graph
+        parts += ["fuse_qk"] * self.fuse_qk + ["compiled"] * self.compile_blocks + ["cuda_graph"] * self.cuda_graph
         parts += ["emulated"] * (self.emulate_slow_tier is not None)
         return "+".join(parts)

@@ -75,6 +75,7 @@ class UlyssesEngine:
             self.vmajor = VMajor(config.v_major, engine=self, layers=layers)
         self.hooks = None  # the sharding hooks (`attach`)
         self.graphs = None  # the StepGraphs of cuda_graph=True (`attach`)
+        self.compiled_blocks = 0  # blocks compiled by compile_blocks=True (`attach`)
         self._configured_exchange = self.exchange  # what `use_exchange("auto")` returns to
         self.text_mask: torch.Tensor | None = None  # the call's text padding mask (None: absent or all ones)
         self._seq_layouts: dict[tuple[int, ...], SeqLayout] = {}
@@ -89,6 +90,10 @@ class UlyssesEngine:
 
         self.plan.install_processors(model, self)
         self.hooks = PlanHooks(model, self.plan, self, self.device)
+        if self.config.compile_blocks:
+            from .compiled import compile_blocks
+
+            self.compiled_blocks = compile_blocks(model, self.plan, self.config.compile_options)
         if self.config.cuda_graph:
             self.install_graphs(model)
 

@@ -68,6 +68,10 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
             f"cocodiff.parallelize: cuda_graph=True needs CUDA ranks (NCCL), this group uses "
             f"{dist.get_backend(group)}; use cuda_graph=False"
         )
+    if config.compile_blocks:
+        from .compiled import find_blocks
+
+        find_blocks(model, plan)  # raises, naming the classes, when the model has none
     hosts = Topology.from_launcher(world, dist.get_process_group_ranks(group))
     check_route(config, backend=dist.get_backend(group), hosts=hosts.sizes[-1] if len(hosts.tiers) > 1 else 1)
     check_groups(topology, group, **needs_groups(config))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compiled import opaque_to_compile
 from .exchange import all_gather_into
 from .layout import TokenLayout
 
@@ -55,6 +56,8 @@ class ModelPlan:
         text_mask_arg: the root argument holding a text padding mask (Qwen-Image); the engine takes it out of
             the call and hands it to the processors (`engine.text_mask`), None when it is all ones.
         check_call: raises for call arguments the plan cannot shard exactly (before any collective).
+        blocks: class names of the repeated transformer blocks (`compile_blocks`); empty: diffusers'
+            `_repeated_blocks` of the model class.
     """
 
     family: str
@@ -67,6 +70,7 @@ class ModelPlan:
     install: Callable[[nn.Module, Any], None] | None = None
     text_mask_arg: str | None = None
     check_call: Callable[[dict[str, Any]], None] | None = None
+    blocks: tuple[str, ...] = ()
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """(name, module) of every attention whose heads are sharded."""
@@ -178,27 +182,29 @@ class PlanHooks:
 
     # ---- hooks --------------------------------------------------------------------------------
     def _install(self) -> None:
+        # every hook is opaque to TorchDynamo (compiled blocks, a user's torch.compile): they read the
+        # engine's per-call layout and some run collectives
         model, plan = self.model, self.plan
         # once, from the model's own forward: the root hook runs on every call, and `cuda_graph=True` later
         # replaces `model.forward` by a (*args, **kwargs) wrapper
         own_forward = type(model).forward.__get__(model)
         self._root_names = _param_names(model, own_forward)
         self._root_signature = inspect.signature(own_forward)
-        self.handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        self.handles.append(model.register_forward_hook(self._root_post))
+        self.handles.append(model.register_forward_pre_hook(opaque_to_compile(self._root_pre), with_kwargs=True))
+        self.handles.append(model.register_forward_hook(opaque_to_compile(self._root_post)))
         for pattern, spec in plan.split_inputs.items():
             if pattern == "":
                 continue  # done by the root hook, after the layout is known
             for _, mod in resolve_modules(model, pattern):
                 self.handles.append(
-                    mod.register_forward_pre_hook(self._make_input_splitter(mod, spec), with_kwargs=True)
+                    mod.register_forward_pre_hook(opaque_to_compile(self._make_input_splitter(mod, spec)), with_kwargs=True)
                 )
         for pattern, spec in plan.split_outputs.items():
             for _, mod in resolve_modules(model, pattern):
-                self.handles.append(mod.register_forward_hook(self._make_output_splitter(spec)))
+                self.handles.append(mod.register_forward_hook(opaque_to_compile(self._make_output_splitter(spec))))
         for pattern, gather in plan.gather_outputs.items():
             for _, mod in resolve_modules(model, pattern):
-                self.handles.append(mod.register_forward_hook(self._make_gatherer(gather)))
+                self.handles.append(mod.register_forward_hook(opaque_to_compile(self._make_gatherer(gather))))
 
     def _root_pre(self, module, args, kwargs):
         bound = _bind(module, args, kwargs, self._root_signature)

@@ -16,6 +16,7 @@ from diffusers.models.transformers.transformer_flux2 import (
     Flux2SwiGLU,
 )
 
+from ..compiled import opaque_to_compile
 from ..layout import IMG, TXT
 from ..schedule import attend
 from ..sharding import Gather, ModelPlan, Split, token_counts
@@ -30,6 +31,7 @@ class Flux2SingleUlyssesProcessor:
         self.engine = engine
         self.layer = layer
 
+    @opaque_to_compile
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
             raise ValueError("cocodiff: FLUX.2 attention_mask is not supported under sequence parallelism")

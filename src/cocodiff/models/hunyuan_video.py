@@ -29,6 +29,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 )
 
 from .. import fused_qk
+from ..compiled import opaque_to_compile
 from ..layout import IMG, TXT
 from ..sharding import Gather, ModelPlan, Split
 from .joint import JointAttnProcessor, matching, refuse_attention_kwargs, require, rotate, split_mlp
@@ -74,6 +75,7 @@ class HunyuanVideoAttnProcessor(JointAttnProcessor):
     def __init__(self, engine, layer: str):
         super().__init__(engine, layer, text_first=False, qk=hunyuan_qk, text_mask=True, shared_projections=True)
 
+    @opaque_to_compile
     def __call__(
         self,
         attn,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fused_qk
+from ..compiled import opaque_to_compile
 from ..layout import IMG, TXT
 from ..schedule import attend
 
@@ -74,6 +75,7 @@ class JointAttnProcessor:
         self.single_stream = single_stream
         self.shared_projections = shared_projections
 
+    @opaque_to_compile
     def __call__(
         self,
         attn,

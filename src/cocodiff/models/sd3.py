@@ -37,4 +37,5 @@ PLAN = ModelPlan(
     gather_outputs={"proj_out": Gather(IMG, 1)},
     processors={Attention: lambda engine, layer: JointAttnProcessor(engine, layer, text_first=False)},
     check_call=_check_call,
+    blocks=("JointTransformerBlock",),  # diffusers declares no _repeated_blocks for SD3
 )

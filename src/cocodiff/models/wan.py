@@ -16,6 +16,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttention, WanTimeTextImageEmbedding
 
 from .. import fused_qk
+from ..compiled import opaque_to_compile
 from ..layout import IMG
 from ..schedule import attend
 from ..sharding import Gather, ModelPlan, Split
@@ -41,6 +42,7 @@ class WanSelfAttnProcessor:
         self.engine = engine
         self.layer = layer
 
+    @opaque_to_compile
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError(
