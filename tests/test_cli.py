@@ -49,7 +49,8 @@ def _error(capsys, argv: list[str]) -> str:
         (["--guidance", "3"], "--guidance: the cocodiff small model is class-conditional"),
         (["--cuda-graph", "--cpu"], "--cuda-graph need GPU ranks"),
         (["--preset", "cocodiff"], "V-Major selects what crosses the slow (outermost) tier"),
-        (["--preset", "fast"], "argument --preset: invalid choice: 'fast'"),
+        (["--preset", "fast"], "--preset fast needs GPU ranks (CUDA graphs); this run uses CPU ranks"),
+        (["--preset", "turbo"], "argument --preset: invalid choice: 'turbo'"),
         (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
     ],
 )
@@ -104,7 +105,7 @@ def test_help_shows_defaults_and_choices(capsys):
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: " in text, argv
         if argv[0] == "generate":
-            assert "{flat,tapa,vfirst,cocodiff}" in text and "(default: flat)" in text
+            assert "{auto,flat,tapa,vfirst,cocodiff,fast}" in text and "(default: auto)" in text
     assert cli.main(["quality", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "flat, flat+vfirst, tapa" in text and "(default: 2,4)" in text

@@ -58,8 +58,11 @@ def test_presets_and_refused_combinations():
     assert ParallelConfig.preset("cocodiff", v_major=VMajorConfig(tiers="all")).v_major.tiers == "all"
     with pytest.raises(ValueError, match="copy_engine"):
         ParallelConfig(all_to_all="copy_engine", v_major=VMajorConfig())
+    fast = ParallelConfig.preset("fast")
+    assert fast.v_first and fast.fuse_qk and fast.compile_blocks and fast.cuda_graph and fast.all_to_all == "flat"
+    assert fast.label == "fast+fuse_qk+compiled+cuda_graph"
     with pytest.raises(ValueError, match="unknown preset"):
-        ParallelConfig.preset("fast")
+        ParallelConfig.preset("turbo")
 
 
 def test_vmajor_config_validation():

@@ -54,7 +54,8 @@ def find_blocks(model: nn.Module, plan) -> list[nn.Module]:
     if not blocks:
         raise ValueError(
             f"cocodiff: compile_blocks=True found no transformer block in {type(model).__name__} (looked for "
-            f"{list(names) or 'the plan blocks / diffusers _repeated_blocks, which are empty'}); use compile_blocks=False"
+            f"{list(names) or 'the plan blocks / diffusers _repeated_blocks, which are empty'}); "
+            "use compile_blocks=False"
         )
     return blocks
 

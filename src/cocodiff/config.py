@@ -13,7 +13,7 @@ from .topology import parse_topology_spec
 
 ALL_TO_ALL_KINDS = ("flat", "tapa", "copy_engine")
 TAPA_PLANS = ("auto", "phases")
-PRESETS = ("flat", "tapa", "vfirst", "cocodiff")
+PRESETS = ("flat", "tapa", "vfirst", "cocodiff", "fast")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -237,20 +237,23 @@ class ParallelConfig:
             )
         if self.cuda_graph and opts.get("mode") in GRAPH_MODES:
             raise ValueError(
-                f"ParallelConfig.compile_options mode={opts['mode']!r} adds CUDA graphs of its own inside the step that "
-                "cuda_graph=True captures; use mode=None or 'max-autotune-no-cudagraphs' with cuda_graph=True"
+                f"ParallelConfig.compile_options mode={opts['mode']!r} adds CUDA graphs of its own inside the step "
+                "that cuda_graph=True captures; use mode=None or 'max-autotune-no-cudagraphs' with cuda_graph=True"
             )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ParallelConfig:
         """Named configurations: "flat" (paper baseline), "tapa", "vfirst" (TAPA + V-First), "cocodiff"
         (TAPA + V-First + V-Major with `VMajorConfig()`'s defaults: lossy, needs a topology of two tiers or
-        `v_major=VMajorConfig(tiers="all")`). Keyword overrides replace preset fields."""
+        `v_major=VMajorConfig(tiers="all")`), "fast" (GPU ranks: V-First, fuse_qk, compiled blocks and the step
+        replayed as a CUDA graph over NCCL; the fastest exact configuration measured on one H200 host, within 1-3%
+        of the copy-engine route, docs/benchmarks/2026-11-30-compiled). Keyword overrides replace preset fields."""
         presets = {
             "flat": dict(all_to_all="flat", v_first=False),
             "tapa": dict(all_to_all="tapa", v_first=False),
             "vfirst": dict(all_to_all="tapa", v_first=True),
             "cocodiff": dict(all_to_all="tapa", v_first=True, v_major=VMajorConfig()),
+            "fast": dict(all_to_all="flat", v_first=True, fuse_qk=True, compile_blocks=True, cuda_graph=True),
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")

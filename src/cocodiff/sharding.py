@@ -197,7 +197,9 @@ class PlanHooks:
                 continue  # done by the root hook, after the layout is known
             for _, mod in resolve_modules(model, pattern):
                 self.handles.append(
-                    mod.register_forward_pre_hook(opaque_to_compile(self._make_input_splitter(mod, spec)), with_kwargs=True)
+                    mod.register_forward_pre_hook(
+                        opaque_to_compile(self._make_input_splitter(mod, spec)), with_kwargs=True
+                    )
                 )
         for pattern, spec in plan.split_outputs.items():
             for _, mod in resolve_modules(model, pattern):

@@ -70,12 +70,15 @@ def _int_at_least(low: int):
 
 
 def add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = False) -> None:
-    """--preset, --v-first, --topology (and with `engine_options` the route and GPU switches)."""
+    """--preset, --v-first, --topology (and with `engine_options` the route and GPU switches; then the preset
+    defaults to "auto": "fast" on GPU ranks, "flat" on CPU ranks)."""
     p.add_argument(
         "--preset",
-        default="flat",
-        choices=PRESETS,
-        help="ParallelConfig preset (cocodiff = V-Major: refused until it exists)",
+        default="auto" if engine_options else "flat",
+        choices=(("auto",) if engine_options else ()) + PRESETS,
+        help="ParallelConfig preset"
+        + (": auto = fast on GPU ranks (V-First, fuse_qk, compiled blocks, CUDA graph), flat on CPU ranks")
+        * engine_options,
     )
     p.add_argument("--v-first", action="store_true", help="project V first and overlap its exchange")
     p.add_argument("--topology", default=None, help="tier spec, outermost first, e.g. 2x2; sizes multiply to the ranks")
@@ -89,6 +92,9 @@ def add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = Fals
     )
     p.add_argument("--fuse-qk", action="store_true", help="GPU: fused Q/K RMSNorm + RoPE kernel (torch.compile)")
     p.add_argument("--cuda-graph", action="store_true", help="GPU: replay each step as a CUDA graph")
+    p.add_argument(
+        "--compile-blocks", action="store_true", help="compile the transformer blocks' compute (torch.compile)"
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, out: str) -> None:
@@ -166,13 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args) -> ParallelConfig:
-    """The `ParallelConfig` the flags describe (ValueError naming the problem)."""
-    cfg = ParallelConfig.preset(args.preset, topology=args.topology)
+def config_from_args(args, *, cuda: bool = False) -> ParallelConfig:
+    """The `ParallelConfig` the flags describe on GPU (`cuda`) or CPU ranks (ValueError naming the problem)."""
+    preset = args.preset
+    if preset == "auto":
+        preset = "fast" if cuda else "flat"
+    elif not cuda and preset == "fast":
+        raise ValueError("--preset fast needs GPU ranks (CUDA graphs); this run uses CPU ranks: use --preset flat")
+    cfg = ParallelConfig.preset(preset, topology=args.topology)
     changes = {}
     if args.v_first:
         changes["v_first"] = True
-    for name in ("all_to_all", "fuse_qk", "cuda_graph"):
+    for name in ("all_to_all", "fuse_qk", "cuda_graph", "compile_blocks"):
         value = getattr(args, name, None)
         if value:
             changes[name] = value

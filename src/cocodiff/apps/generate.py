@@ -333,8 +333,8 @@ def prepare(args, *, model: str | None) -> GenerateJob:
     from .cli import choose_ranks, config_from_args
 
     info = inspect_model(model)
-    config = config_from_args(args)
     ranks, cuda, note = choose_ranks(args, info)
+    config = config_from_args(args, cuda=cuda)
     if config.v_major is not None:
         from ..topology import Topology
         from ..vmajor import check_vmajor
