@@ -128,10 +128,11 @@ def ranks_disagree(world):
 
 
 def bad_heads(world):
-    """Fewer heads than ranks: ValueError at parallelize, naming heads and degree, before any collective."""
+    """Fewer heads than ranks without a ring (ring_degree=1): ValueError at parallelize, naming heads and degree,
+    before any collective."""
     model = zoo.build_model("flux", "tiny", seed=0, num_attention_heads=3, attention_head_dim=8)
     try:
-        cocodiff.parallelize(model, cocodiff.ParallelConfig())
+        cocodiff.parallelize(model, cocodiff.ParallelConfig(ring_degree=1))
     except ValueError as exc:
         return str(exc)
     return "no error"
@@ -297,7 +298,9 @@ def property_case(case: dict):
     fam = case["family"]
     model = zoo.build_model(fam, "tiny", seed=case["seed"], **heads_config(fam, case["heads"], case["head_dim"]))
     par = copy.deepcopy(model)
-    cfg = cocodiff.ParallelConfig(topology=case["spec"], **case["config"])
+    # the invalid cases have fewer heads than ranks and no ring (with ring_degree=None a ring would take the rest)
+    ring = {} if case.get("valid", True) else {"ring_degree": 1}
+    cfg = cocodiff.ParallelConfig(topology=case["spec"], **case["config"], **ring)
     try:
         cocodiff.parallelize(par, cfg, group=group)
     except ValueError as exc:
@@ -680,10 +683,10 @@ def video_refusals(world):
     out["hunyuan_text_tokens"] = _attempt(call(hv, few))
     ok = zoo.make_video_inputs("hunyuanvideo", hv, frames=2, rows=2, cols=3, n_txt=6)
     out["hunyuan_mask"] = _attempt(call(hv, {**ok, "encoder_attention_mask": ok["encoder_attention_mask"][:, :-1]}))
-    # set-up refusals: fewer heads than ranks (the cross-attention's heads are not sharded: not named),
+    # set-up refusals: fewer heads than ranks without a ring (the cross-attention's heads are not sharded: not named),
     # fused projections
     odd = zoo.build_model("wan", "tiny", seed=0, num_attention_heads=3, attention_head_dim=6)
-    out["wan_heads"] = _attempt(lambda: cocodiff.parallelize(odd, cocodiff.ParallelConfig(), group=group))
+    out["wan_heads"] = _attempt(lambda: cocodiff.parallelize(odd, cocodiff.ParallelConfig(ring_degree=1), group=group))
     out["wan_sharded_attentions"] = sorted({n.rsplit(".", 1)[-1] for n, _ in wan.cocodiff.plan.attention_modules(wan)})
     fused = zoo.build_model("wan", "tiny", seed=0)
     fused.fuse_qkv_projections()
@@ -949,3 +952,58 @@ def inductor_blocks_match(world):
         out, ref = par(**inputs).sample, model(**inputs).sample
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return (out - ref).abs().max().item()
+
+
+def ring_matches(family, world, cfg_kwargs, cases, heads=None, video=False):
+    """Ulysses x ring (`ParallelConfig(**cfg_kwargs)`, `heads` heads of width 8 if given) equals the single
+    process for every case (`make_inputs` (rows, cols, n_txt, batch, text_mask) tuples, or `make_video_inputs`
+    dicts); returns (max differences, (Ulysses degree, ring degree), the config label)."""
+    from torch._dynamo.utils import counters  # noqa: F401  (compiled cases reset Dynamo below)
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch._dynamo.reset()
+    torch.set_num_threads(1)
+    over = {} if heads is None else heads_config(family, heads, 8)
+    model = zoo.build_model(family, "tiny", seed=0, **over)
+    par = copy.deepcopy(model)
+    cfg = cocodiff.ParallelConfig(**cfg_kwargs)
+    cocodiff.parallelize(par, cfg, group=group)
+    diffs = []
+    for i, case in enumerate(cases):
+        if video:
+            inputs = zoo.make_video_inputs(family, model, **case)
+        else:
+            rows, cols, n_txt, batch, mask = case
+            inputs = zoo.make_inputs(
+                family, model, rows=rows, cols=cols, n_txt=n_txt, batch=batch, seed=i, text_mask=mask
+            )
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            out = par(**inputs).sample
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+        diffs.append((out - ref).abs().max().item())
+    eng = par.cocodiff
+    degrees = (eng.heads_world, 1 if eng.ring is None else eng.ring.degree)
+    return diffs, degrees, cfg.label
+
+
+def ring_refusals(world):
+    """What a ring dimension does not run with yet, and a degree that does not divide: one clear ValueError."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    out = {}
+    for name, kwargs in {
+        "tapa": dict(ring_degree=2, all_to_all="tapa"),
+        "vmajor": dict(ring_degree=2, topology="2x2", v_major=cocodiff.VMajorConfig(tiers="all")),
+        "not-a-divisor": dict(ring_degree=3),
+    }.items():
+        try:
+            model = zoo.build_model("flux", "tiny", seed=0)
+            cocodiff.parallelize(model, cocodiff.ParallelConfig(**kwargs), group=group)
+            out[name] = "no error"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out

@@ -387,3 +387,46 @@ def _compiled_blocks_on_gpus():
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_compiled_blocks_in_the_graphed_step_equal_one_gpu():
     assert spawn(_compiled_blocks_on_gpus, 2, backend="nccl", timeout_s=540) == [0, 1]
+
+
+def _ring_on_gpus():
+    """Ulysses x ring on CUDA: NCCL point-to-point hops, the efficient/flash kernels' log-sum-exp, V-First and
+    the step captured as a CUDA graph, FLUX.1 (bf16 inputs through fp32 tiny weights: fp32 here) and
+    Qwen-Image with a padded text mask; equal to one GPU."""
+    import copy
+
+    import torch.distributed as dist
+
+    import cocodiff
+    from cocodiff.apps import families as zoo
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    world = dist.get_world_size()
+    errors = {}
+    for family, masked in (("flux", False), ("qwenimage", True)):
+        ref = zoo.build_model(family, "tiny", device=dev, seed=0)
+        a, b = (
+            zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=s, text_mask=masked)
+            for s in (1, 2)
+        )
+        with torch.no_grad():
+            want = [ref(**x).sample for x in (a, b)]
+        for graph in (False, True):
+            model = copy.deepcopy(ref)
+            cfg = cocodiff.ParallelConfig(ring_degree=world, v_first=True, cuda_graph=graph)
+            cocodiff.parallelize(model, cfg)
+            with torch.no_grad():
+                got = [model(**x).sample for x in (a, b, a)]
+            for g, w in zip(got, want + want[:1]):
+                err = ((g - w).norm() / w.norm()).item()
+                if not err < 1e-4:
+                    errors[f"{family}/graph={graph}"] = err
+            del model
+    assert not errors, errors
+    return dist.get_rank()
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+def test_ring_attention_on_gpus_equals_one_gpu():
+    n = min(_gpus(), 4)
+    assert spawn(_ring_on_gpus, n, backend="nccl", timeout_s=300) == list(range(n))

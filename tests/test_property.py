@@ -47,7 +47,7 @@ def case(draw):
     if valid:
         heads = draw(st.integers(world, max(world, 8)))  # >= world: divisible or padded
     else:
-        heads = draw(st.integers(1, world - 1))  # fewer heads than ranks: refused
+        heads = draw(st.integers(1, world - 1))  # fewer heads than ranks and ring_degree=1: refused
     return {
         "world": world,
         "valid": valid,

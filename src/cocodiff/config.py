@@ -142,6 +142,12 @@ class ParallelConfig:
             that adds CUDA graphs of its own when `cuda_graph` is on), "options", "dynamic" (default False).
         cuda_graph: CUDA ranks: capture the sharded step as a CUDA graph per input signature and replay it on
             later calls (`cocodiff.graph`), so the host leaves the step; pipelines need no change.
+        ring_degree: the ring dimension of Ulysses x ring (`cocodiff.ring`): the P ranks become P / ring_degree
+            Ulysses ranks (contiguous ranks, inside a node) x ring_degree ring positions (across them). None
+            (default): automatic, 1 when the model's heads allow Ulysses over all ranks, else the smallest ring
+            that lets them (one line says so). Exact. So far the ring composes with the flat and copy-engine
+            routes, V-First, fuse_qk, compiled blocks and CUDA graphs (not yet TAPA, slow-tier emulation or
+            V-Major).
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
         topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
             outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
@@ -166,6 +172,7 @@ class ParallelConfig:
     compile_blocks: bool = False
     compile_options: dict | None = field(default=None, hash=False)
     cuda_graph: bool = False
+    ring_degree: int | None = None
     v_major: VMajorConfig | None = None
     topology: str | None = None
     tapa_plan: Literal["auto", "phases"] = "auto"
@@ -211,12 +218,31 @@ class ParallelConfig:
                     "ParallelConfig: V-Major selects what crosses slow links; all_to_all='copy_engine' runs on one "
                     "host's NVLink: use all_to_all='flat' or 'tapa' with v_major"
                 )
+        if self.ring_degree is not None:
+            if not isinstance(self.ring_degree, int) or isinstance(self.ring_degree, bool) or self.ring_degree < 1:
+                raise ValueError(f"ParallelConfig.ring_degree={self.ring_degree!r} must be None or an integer >= 1")
+            if self.ring_degree > 1:
+                self.check_ring()
         if self.topology is not None:
             parse_topology_spec(self.topology)  # raises ValueError naming the bad spec
         if self.check_inputs not in (True, False, "every_call"):
             raise ValueError(f"ParallelConfig.check_inputs={self.check_inputs!r} must be True, False or 'every_call'")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ValueError(f"ParallelConfig.memory_budget_gb={self.memory_budget_gb!r} must be > 0 or None")
+
+    def check_ring(self) -> None:
+        """Raise for options that do not compose with a ring dimension yet (also run when it is automatic)."""
+        what = (
+            "all_to_all='tapa'" * (self.all_to_all == "tapa")
+            or "emulate_slow_tier" * (self.emulate_slow_tier is not None)
+            or "v_major" * (self.v_major is not None)
+        )
+        if what:
+            raise ValueError(
+                f"ParallelConfig: {what} does not run with a ring dimension yet (ring_degree > 1, set or chosen "
+                "because the heads are fewer than the ranks); use all_to_all='flat' or 'copy_engine' without it, "
+                "or at most as many ranks as heads"
+            )
 
     def _check_compile_options(self) -> None:
         from .compiled import ALLOWED_OPTIONS, GRAPH_MODES
@@ -274,6 +300,7 @@ class ParallelConfig:
         parts = [self.preset_name or self.all_to_all]
         if not self.preset_name:
             parts += ["vfirst"] * self.v_first + ["vmajor"] * (self.v_major is not None)
+        parts += [f"ring{self.ring_degree}"] * ((self.ring_degree or 1) > 1)
         parts += ["fuse_qk"] * self.fuse_qk + ["compiled"] * self.compile_blocks + ["cuda_graph"] * self.cuda_graph
         parts += ["emulated"] * (self.emulate_slow_tier is not None)
         return "+".join(parts)

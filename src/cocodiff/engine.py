@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .config import ParallelConfig
 from .exchange import BlockExchange, CommStats, build_exchange
@@ -35,6 +36,9 @@ class UlyssesEngine:
         config: the validated `ParallelConfig`.
         groups: the process groups (`topology.build_groups`); `groups.group` holds the Ulysses ranks.
         topology: tiers of that group.
+        seq_group: all sequence-parallel ranks (the tokens are split over them); default `groups.group`. With a
+            ring dimension it holds the Ulysses group's ranks times the ring's.
+        ring: this rank's `ring.Ring`, or None without a ring dimension.
         plan: the model family's `ModelPlan`.
         inner_dim: heads x head dim of the widest sharded attention, heads padded to a multiple of the degree
             (memory accounting).
@@ -52,17 +56,22 @@ class UlyssesEngine:
         inner_dim: int,
         layers: int,
         device: torch.device,
+        seq_group=None,
+        ring=None,
     ):
         self.config = config
         self.groups = groups
-        self.group = groups.group
+        self.group = groups.group if seq_group is None else seq_group  # the ranks the tokens are split over
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
+        self.ring = ring
+        self.heads_rank = dist.get_rank(groups.group)  # position in the Ulysses (head-exchange) group
+        self.heads_world = dist.get_world_size(groups.group)
         self.topology = topology
         self.plan = plan
         self.inner_dim = inner_dim
         self.device = device
-        self.exchange: BlockExchange = build_exchange(config, topology, groups, self.rank)
+        self.exchange: BlockExchange = build_exchange(config, topology, groups, self.heads_rank)
         self.stats: CommStats = self.exchange.stats  # counts of the call in progress
         self.step_stats = CommStats(self.stats.tier_names)  # counts of the last finished call
         self.steps = StepContext()
@@ -211,13 +220,34 @@ class UlyssesEngine:
             raise RuntimeError("cocodiff: an attention processor ran outside a parallelised forward call")
         return self.layout
 
-    def seq_layout(self, kinds: tuple[str, ...]) -> SeqLayout:
+    def seq_layout(self, kinds: tuple[str, ...], *, whole: bool = False) -> SeqLayout:
+        """The lengths of a sequence of `kinds` over the Ulysses group this rank exchanges heads with (its
+        `SeqLayout` for the head exchanges), or with `whole` over every sequence-parallel rank."""
         lengths = self._require_layout().lengths(kinds)
-        lay = self._seq_layouts.get(lengths)
+        rank = self.rank
+        if not whole and self.ring is not None:  # this rank's Ulysses group: contiguous ranks
+            lo = self.ring.rank * self.heads_world
+            lengths, rank = lengths[lo : lo + self.heads_world], self.heads_rank
+        key = (lengths, rank)
+        lay = self._seq_layouts.get(key)
         if lay is None:
-            lay = SeqLayout(lengths, self.rank)
-            self._seq_layouts[lengths] = lay
+            lay = SeqLayout(lengths, rank)
+            self._seq_layouts[key] = lay
         return lay
+
+    def attention(self, q, k, v, key_mask: torch.Tensor | None, kinds: tuple[str, ...]) -> torch.Tensor:
+        """Attention of the exchanged Q, K, V `(B, H_LOCAL, S, D)`: SDPA over the Ulysses group's tokens, or with a
+        ring dimension over every ring position's block (`ring.ring_attention`). `key_mask` `(B, S_ALL)` in
+        exchange order over all ranks, or None."""
+        if self.ring is None:
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        from .ring import ring_attention
+
+        lengths = self._require_layout().lengths(kinds)
+        U = self.heads_world
+        blocks = tuple(sum(lengths[j * U : (j + 1) * U]) for j in range(self.ring.degree))
+        return ring_attention(q, k, v, self.ring, blocks, key_mask)
 
     def layer_exchange(self, layer: str, layout: SeqLayout):
         """How the tensors of attention `layer` travel in this call (see `schedule.LayerExchange`)."""
@@ -238,7 +268,7 @@ class UlyssesEngine:
 
     def gather(self, x: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
         """Whole tensor from the per-rank slices along `dim`."""
-        lay = self.seq_layout((kind,))
+        lay = self.seq_layout((kind,), whole=True)
         return gather_seq(x, lay, dim=dim, group=self.group, stats=self.stats)
 
     def joint_key_mask(self, txt_mask: torch.Tensor, order: tuple[str, ...]) -> torch.Tensor:

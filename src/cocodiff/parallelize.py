@@ -19,6 +19,7 @@ from .exchange import all_gather_into, check_route, needs_groups, needs_one_host
 from .layout import local_heads
 from .models import plan_for
 from .models.joint import check_unfused
+from .ring import split_degree
 from .topology import Topology, build_groups, check_groups
 
 
@@ -54,15 +55,26 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
         raise ValueError("cocodiff.parallelize: this model is already parallelised")
     plan = plan_for(model)
     topology = Topology.resolve(config.topology, world, dist.get_process_group_ranks(group))
-    for name, attn in plan.attention_modules(model):
+    attentions = plan.attention_modules(model)
+    heads_min = min((attn.heads for _, attn in attentions), default=world)
+    ulysses, ring = split_degree(world, heads_min, config.ring_degree)
+    for name, attn in attentions:
         heads = attn.heads
-        if heads < world:
+        if heads < ulysses:
             # heads that do not divide are padded (layout.py); fewer heads than ranks would leave ranks idle
             raise ValueError(
                 f"cocodiff.parallelize: attention {name!r} has {heads} heads, fewer than the Ulysses degree "
-                f"{world}; use a degree of at most {heads}"
+                f"{ulysses} (ring_degree={config.ring_degree}); use ring_degree=None (automatic: Ulysses takes what "
+                f"the heads allow, a ring the rest) or a Ulysses degree of at most {heads}"
             )
         check_unfused(attn)
+    if ring > 1:
+        config.check_ring()  # options that do not compose with a ring yet
+        if world != dist.get_world_size():
+            raise ValueError(
+                "cocodiff.parallelize: a ring dimension needs the group to be the whole world (its sub-groups are "
+                "created by every rank); pass group=None"
+            )
     if config.cuda_graph and device.type != "cuda":
         raise ValueError(
             f"cocodiff.parallelize: cuda_graph=True needs CUDA ranks (NCCL), this group uses "
@@ -87,7 +99,7 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
             f"cocodiff.parallelize: the model is on {param.device} but this rank communicates on {device} "
             f"({dist.get_backend(group)}); move the model to {device} first"
         )
-    return model, plan, topology
+    return model, plan, topology, (ulysses, ring)
 
 
 def _raise_together(error: Exception | None, group, device: torch.device, *, same_host: str | None = None) -> None:
@@ -156,7 +168,7 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     error = None
     second = None
     try:
-        model, plan, topology = _validate(obj, config, group, world, device)
+        model, plan, topology, (ulysses, ring_degree) = _validate(obj, config, group, world, device)
         second = _second_transformer(obj, model)
         if second is not None:
             _validate(second, config, group, world, device)
@@ -164,15 +176,37 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
         error = exc
     _raise_together(error, group, device, same_host=needs_one_host(config))
 
-    groups = build_groups(topology, group, **needs_groups(config))
+    ring = None
+    if ring_degree > 1:
+        from .ring import build_ring
+
+        heads_group, ring = build_ring(group, ulysses, ring_degree)
+        topology = Topology((ulysses,))  # the head exchanges run inside the Ulysses group
+        groups = build_groups(topology, heads_group, **needs_groups(config))
+        if config.ring_degree is None and dist.get_rank(group) == 0:
+            print(
+                f"cocodiff: the model has fewer attention heads than the {world} ranks: Ulysses over {ulysses} "
+                f"ranks x a ring of {ring_degree} (ring_degree=None chose it)",
+                flush=True,
+            )
+    else:
+        groups = build_groups(topology, group, **needs_groups(config))
     # heads x head dim of the widest attention, heads padded to a multiple of the degree (layout.py)
     attentions = plan.attention_modules(model)
     inner_dim = max(
-        local_heads(attn.heads, world) * world * (getattr(attn, "inner_dim", 0) // attn.heads or attn.head_dim)
+        local_heads(attn.heads, ulysses) * ulysses * (getattr(attn, "inner_dim", 0) // attn.heads or attn.head_dim)
         for _, attn in attentions
     )
     engine = UlyssesEngine(
-        config, groups=groups, topology=topology, plan=plan, inner_dim=inner_dim, layers=len(attentions), device=device
+        config,
+        groups=groups,
+        topology=topology,
+        plan=plan,
+        inner_dim=inner_dim,
+        layers=len(attentions),
+        device=device,
+        seq_group=group,
+        ring=ring,
     )
     engine.attach(model)
     scheduler = getattr(obj, "scheduler", None) if obj is not model else None

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from .exchange import Handle
 from .layout import SeqLayout, start_head_to_seq, start_seq_to_head
@@ -105,9 +104,8 @@ def attend(
     overlap = cfg.overlaps_output and len(independent) > 0
     if overlap:
         independent[0]()
-    mask = None if key_mask is None else key_mask[:, None, None, :]
     # (B, H_LOCAL, S, D) each; a wait only orders streams (no host synchronisation)
-    out = F.scaled_dot_product_attention(hq.wait(), hk.wait(), hv.wait(), attn_mask=mask)
+    out = engine.attention(hq.wait(), hk.wait(), hv.wait(), key_mask, kinds)
     del hq, hk, hv
     h = ex.start_o(out)
     del out

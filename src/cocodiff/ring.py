@@ -1,0 +1,144 @@
+"""Ring attention: the second sequence-parallel dimension, for degrees past the head count (Ulysses x ring).
+
+With `ring_degree=R` the P ranks form R rings positions x U = P / R Ulysses ranks. Ranks `j*U .. j*U+U-1` are
+Ulysses group j (contiguous: inside a node when U divides the GPUs per node), and ranks `u, U+u, 2U+u, ...` form
+ring u. The tokens are split over all P ranks as without a ring; the Ulysses exchange inside group j gives every
+member all of group j's tokens for H/U heads (`schedule.attend`); the attention over the whole sequence is then
+a ring: each rank holds Q, K and V of its group's tokens ("block j"), computes attention of its Q against the
+K/V block in hand while the next block arrives from its ring predecessor (point-to-point send/receive, started
+before the compute), and merges the partial results exactly through their log-sum-exp in fp32:
+
+    lse = log(exp(lse_a) + exp(lse_b)),  out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
+
+Blocks have the lengths the token layout gives (uneven groups are fine: every rank knows every block's
+length, so receive buffers have the exact size); a key-padding mask travels as its slice per block. No host
+synchronisation: the step still captures in a CUDA graph (NCCL point-to-point inside a capture).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+
+
+class Ring:
+    """One rank's ring: its position, the ring's process group and the global ranks of its neighbours."""
+
+    def __init__(self, group, degree: int, rank: int):
+        self.group = group
+        self.degree = degree
+        self.rank = rank
+        ranks = dist.get_process_group_ranks(group)
+        self.next = ranks[(rank + 1) % degree]
+        self.prev = ranks[(rank - 1) % degree]
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
+    """(output, log-sum-exp of the scores) of softmax attention; q `(B, H, S, D)`, k/v `(B, H, T, D)`,
+    key_mask `(B, T)` bool (True = attend) or None. The output is in q's dtype, the lse `(B, H, S)` fp32."""
+    bias = None
+    if key_mask is not None:
+        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
+        bias = bias[:, None, None, :]
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
+        return out, lse.float()
+    if bias is None and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+        return out, lse.float()
+    if bias is not None:
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False)[:2]
+    return out, lse[..., : q.shape[2]].float()  # the kernel pads the lse's sequence dim
+
+
+def _merge(acc: torch.Tensor | None, acc_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor):
+    if acc is None:
+        return out.float(), lse
+    new = torch.logaddexp(acc_lse, lse)
+    acc = acc * torch.exp(acc_lse - new)[..., None] + out.float() * torch.exp(lse - new)[..., None]
+    return acc, new
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ring: Ring,
+    block_lengths: tuple[int, ...],
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of this rank's queries over the K/V blocks of the whole ring.
+
+    Args:
+        q, k, v: `(B, H, S_j, D)` for this rank's block j (`S_j = block_lengths[ring.rank]`).
+        ring: this rank's `Ring`.
+        block_lengths: tokens of every ring position's block.
+        key_mask: `(B, sum(block_lengths))` bool over all blocks in ring order, or None.
+    Returns:
+        `(B, H, S_j, D)` in q's dtype.
+    """
+    R = ring.degree
+    offsets = [0, *itertools.accumulate(block_lengths)]
+    acc = acc_lse = None
+    kv = torch.stack([k, v])  # one message per hop: (2, B, H, S, D)
+    for step in range(R):
+        src = (ring.rank - step) % R  # whose block is in hand
+        pending = None
+        if step < R - 1:  # start the next hop before computing on this block
+            nxt = (ring.rank - step - 1) % R
+            recv = kv.new_empty((2, *kv.shape[1:3], block_lengths[nxt], kv.shape[4]))
+            ops = [
+                dist.P2POp(dist.isend, kv, ring.next, ring.group),
+                dist.P2POp(dist.irecv, recv, ring.prev, ring.group),
+            ]
+            pending = (dist.batch_isend_irecv(ops), recv)
+        if block_lengths[src] > 0 and q.shape[2] > 0:
+            mask = None if key_mask is None else key_mask[:, offsets[src] : offsets[src + 1]]
+            out, lse = attention_with_lse(q, kv[0], kv[1], mask)
+            acc, acc_lse = _merge(acc, acc_lse, out, lse)
+        if pending is not None:
+            for work in pending[0]:
+                work.wait()
+            kv = pending[1]
+    if acc is None:  # no query, or no key anywhere
+        return torch.zeros_like(q)
+    return acc.to(q.dtype)
+
+
+def build_ring(group, ulysses: int, degree: int):
+    """(this rank's Ulysses group, its `Ring`) for `group` (the whole world) as `degree` ring positions x `ulysses`
+    contiguous ranks. Collective: every rank creates every sub-group, in the same order."""
+    parent = dist.get_process_group_ranks(group)
+    me = dist.get_rank(group)
+    heads_group = ring_group = None
+    for j in range(degree):
+        g = dist.new_group([parent[j * ulysses + u] for u in range(ulysses)])
+        if me // ulysses == j:
+            heads_group = g
+    for u in range(ulysses):
+        g = dist.new_group([parent[j * ulysses + u] for j in range(degree)])
+        if me % ulysses == u:
+            ring_group = g
+    return heads_group, Ring(ring_group, degree, me // ulysses)
+
+
+def split_degree(world: int, heads: int, ring_degree: int | None) -> tuple[int, int]:
+    """(Ulysses degree, ring degree) for `world` ranks and the model's smallest head count.
+
+    `ring_degree=None` (automatic): 1 when the heads allow Ulysses over all ranks (heads >= world; heads that do not
+    divide are padded), else the smallest ring that leaves Ulysses a degree the heads allow."""
+    if ring_degree is None:
+        if heads >= world:
+            return world, 1
+        for u in range(min(heads, world), 0, -1):
+            if world % u == 0:
+                return u, world // u
+    if world % ring_degree:
+        raise ValueError(
+            f"cocodiff.parallelize: ring_degree={ring_degree} does not divide the {world} ranks; use a divisor of "
+            f"{world}"
+        )
+    return world // ring_degree, ring_degree
