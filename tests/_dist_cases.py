@@ -986,7 +986,8 @@ def ring_matches(family, world, cfg_kwargs, cases, heads=None, video=False):
         diffs.append((out - ref).abs().max().item())
     eng = par.cocodiff
     degrees = (eng.heads_world, 1 if eng.ring is None else eng.ring.degree)
-    return diffs, degrees, cfg.label
+    phases = sorted(eng.groups.tiers)  # TAPA: the tiers with a phase group inside this rank's Ulysses group
+    return diffs, degrees, cfg.label, eng.topology.spec, phases
 
 
 def ring_refusals(world):
@@ -996,7 +997,7 @@ def ring_refusals(world):
         return None
     out = {}
     for name, kwargs in {
-        "tapa": dict(ring_degree=2, all_to_all="tapa"),
+        "emulation": dict(ring_degree=2, topology="2x2", emulate_slow_tier=cocodiff.SlowTierEmulation()),
         "vmajor": dict(ring_degree=2, topology="2x2", v_major=cocodiff.VMajorConfig(tiers="all")),
         "not-a-divisor": dict(ring_degree=3),
     }.items():

@@ -6,6 +6,8 @@ import pytest
 
 import _dist_cases as cases
 from cocodiff.apps import families as zoo
+from cocodiff.ring import split_degree
+from cocodiff.topology import Topology
 
 # (rows, cols, text tokens, batch, text mask): uneven over 4 and 8 ranks; a sequence shorter than the ranks
 IMAGE = [(3, 5, 5, 2, False), (4, 6, 3, 1, False), (1, 2, 3, 1, False)]
@@ -14,9 +16,9 @@ IMAGE = [(3, 5, 5, 2, False), (4, 6, 3, 1, False), (1, 2, 3, 1, False)]
 @pytest.mark.parametrize("ring", [2, 4], ids=["ulysses2xring2", "ring4"])
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_ulysses_times_ring_equals_single_process(pools, family, ring):
-    diffs, degrees, label = pools(4).run(cases.ring_matches, family, 4, {"ring_degree": ring, "v_first": True}, IMAGE)[
-        0
-    ]
+    diffs, degrees, label, *_ = pools(4).run(
+        cases.ring_matches, family, 4, {"ring_degree": ring, "v_first": True}, IMAGE
+    )[0]
     assert max(diffs) < 2e-5
     assert degrees == (4 // ring, ring) and f"ring{ring}" in label
 
@@ -24,25 +26,39 @@ def test_ulysses_times_ring_equals_single_process(pools, family, ring):
 def test_ring_with_a_text_mask(pools):
     # Qwen-Image's padded text: each ring block carries its slice of the key mask
     masked = [(3, 5, 6, 2, True), (2, 3, 5, 1, True)]
-    diffs, degrees, _ = pools(4).run(cases.ring_matches, "qwenimage", 4, {"ring_degree": 2}, masked)[0]
+    diffs, degrees, *_ = pools(4).run(cases.ring_matches, "qwenimage", 4, {"ring_degree": 2}, masked)[0]
     assert max(diffs) < 2e-5 and degrees == (2, 2)
 
 
 def test_fewer_heads_than_ranks_choose_a_ring(pools):
     # 2 heads on 4 ranks: ring_degree=None gives Ulysses 2 x ring 2 (before, a ValueError)
-    diffs, degrees, _ = pools(4).run(cases.ring_matches, "flux", 4, {}, IMAGE[:2], 2)[0]
+    diffs, degrees, *_ = pools(4).run(cases.ring_matches, "flux", 4, {}, IMAGE[:2], 2)[0]
     assert max(diffs) < 2e-5 and degrees == (2, 2)
 
 
 def test_ring_with_compiled_blocks(pools):
     cfg = {"ring_degree": 2, "v_first": True, "compile_blocks": True, "compile_options": {"backend": "aot_eager"}}
-    diffs, degrees, _ = pools(4).run(cases.ring_matches, "flux", 4, cfg, IMAGE[:1])[0]
+    diffs, degrees, *_ = pools(4).run(cases.ring_matches, "flux", 4, cfg, IMAGE[:1])[0]
     assert max(diffs) < 2e-5 and degrees == (2, 2)
+
+
+def test_ring_with_tapa_inside_the_ulysses_groups(pools):
+    cfg = {"ring_degree": 2, "all_to_all": "tapa", "tapa_plan": "phases", "topology": "2x2", "v_first": True}
+    diffs, degrees, _, spec, _ = pools(4).run(cases.ring_matches, "flux", 4, cfg, IMAGE)[0]
+    assert max(diffs) < 2e-5 and degrees == (2, 2) and spec == "2"  # the Ulysses group: the inner tier
+
+
+@pytest.mark.slow
+def test_ring_with_two_tapa_phases(pools):
+    # 8 ranks as 2 x 2 x 2: Ulysses groups of 4 ranks span two tiers (two TAPA phases), a ring of 2 across
+    cfg = {"ring_degree": 2, "all_to_all": "tapa", "tapa_plan": "phases", "topology": "2x2x2", "v_first": True}
+    diffs, degrees, _, spec, phases = pools(8).run(cases.ring_matches, "flux", 8, cfg, IMAGE)[0]
+    assert max(diffs) < 2e-5 and degrees == (4, 2) and spec == "2x2" and phases == [0, 1]
 
 
 def test_ring_refusals(pools):
     out = pools(4).run(cases.ring_refusals, 4)[0]
-    assert "all_to_all='tapa' does not run with a ring dimension yet" in out["tapa"]
+    assert "emulate_slow_tier does not run with a ring dimension yet" in out["emulation"]
     assert "v_major does not run with a ring dimension yet" in out["vmajor"]
     assert "ring_degree=3 does not divide the 4 ranks" in out["not-a-divisor"]
 
@@ -51,7 +67,7 @@ def test_ring_refusals(pools):
 @pytest.mark.parametrize("family", zoo.VIDEO_FAMILIES)
 def test_video_ring_equals_single_process(pools, family):
     video = [dict(frames=3, rows=3, cols=5, n_txt=7, batch=2, text_mask=family == "hunyuanvideo")]
-    diffs, degrees, _ = pools(4).run(
+    diffs, degrees, *_ = pools(4).run(
         cases.ring_matches, family, 4, {"ring_degree": 2, "v_first": True}, video, None, True
     )[0]
     assert max(diffs) < 2e-5 and degrees == (2, 2)
@@ -62,5 +78,18 @@ def test_video_ring_equals_single_process(pools, family):
     "cfg,heads,expected", [({"ring_degree": 2}, None, (4, 2)), ({}, 4, (4, 2))], ids=["4x2", "auto-4-heads"]
 )
 def test_eight_ranks(pools, cfg, heads, expected):
-    diffs, degrees, _ = pools(8).run(cases.ring_matches, "flux", 8, {**cfg, "v_first": True}, IMAGE, heads)[0]
+    diffs, degrees, *_ = pools(8).run(cases.ring_matches, "flux", 8, {**cfg, "v_first": True}, IMAGE, heads)[0]
     assert max(diffs) < 2e-5 and degrees == expected
+
+
+def test_degrees_and_the_ulysses_groups_tiers():
+    assert split_degree(8, 24, None) == (8, 1)  # heads allow Ulysses over all ranks: no ring
+    assert (
+        split_degree(8, 4, None) == (4, 2) and split_degree(6, 4, None) == (3, 2) and split_degree(5, 3, None) == (1, 5)
+    )
+    assert split_degree(8, 24, 2) == (4, 2)
+    assert Topology.from_spec("2x4", 8).inner(4).sizes == (4,)  # inside a node
+    assert Topology.from_spec("4x2", 8).inner(4).sizes == (2, 2)  # two nodes of 2
+    assert Topology.from_spec("2x4", 8).inner(2).sizes == (2,)  # half a node
+    with pytest.raises(ValueError, match="2 contiguous ranks do not cover whole inner tiers"):
+        Topology.from_spec("2x3", 6).inner(2)

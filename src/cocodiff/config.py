@@ -145,9 +145,9 @@ class ParallelConfig:
         ring_degree: the ring dimension of Ulysses x ring (`cocodiff.ring`): the P ranks become P / ring_degree
             Ulysses ranks (contiguous ranks, inside a node) x ring_degree ring positions (across them). None
             (default): automatic, 1 when the model's heads allow Ulysses over all ranks, else the smallest ring
-            that lets them (one line says so). Exact. So far the ring composes with the flat and copy-engine
-            routes, V-First, fuse_qk, compiled blocks and CUDA graphs (not yet TAPA, slow-tier emulation or
-            V-Major).
+            that lets them (one line says so). Exact. The Ulysses groups take the topology's inner tiers
+            (TAPA runs inside them). Composes with every route, V-First, fuse_qk, compiled blocks and CUDA
+            graphs; not yet with slow-tier emulation or V-Major.
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
         topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
             outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
@@ -232,16 +232,12 @@ class ParallelConfig:
 
     def check_ring(self) -> None:
         """Raise for options that do not compose with a ring dimension yet (also run when it is automatic)."""
-        what = (
-            "all_to_all='tapa'" * (self.all_to_all == "tapa")
-            or "emulate_slow_tier" * (self.emulate_slow_tier is not None)
-            or "v_major" * (self.v_major is not None)
-        )
+        what = "emulate_slow_tier" * (self.emulate_slow_tier is not None) or "v_major" * (self.v_major is not None)
         if what:
             raise ValueError(
                 f"ParallelConfig: {what} does not run with a ring dimension yet (ring_degree > 1, set or chosen "
-                "because the heads are fewer than the ranks); use all_to_all='flat' or 'copy_engine' without it, "
-                "or at most as many ranks as heads"
+                "because the heads are fewer than the ranks); drop it, "
+                "or use at most as many ranks as heads"
             )
 
     def _check_compile_options(self) -> None:

@@ -70,6 +70,7 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
         check_unfused(attn)
     if ring > 1:
         config.check_ring()  # options that do not compose with a ring yet
+        topology.inner(ulysses)  # raises when the Ulysses groups would not cover whole inner tiers
         if world != dist.get_world_size():
             raise ValueError(
                 "cocodiff.parallelize: a ring dimension needs the group to be the whole world (its sub-groups are "
@@ -181,8 +182,8 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
         from .ring import build_ring
 
         heads_group, ring = build_ring(group, ulysses, ring_degree)
-        topology = Topology((ulysses,))  # the head exchanges run inside the Ulysses group
-        groups = build_groups(topology, heads_group, **needs_groups(config))
+        topology = topology.inner(ulysses)  # the head exchanges run inside the Ulysses group: its tiers
+        groups = build_groups(topology, heads_group, **needs_groups(config), parent=group)
         if config.ring_degree is None and dist.get_rank(group) == 0:
             print(
                 f"cocodiff: the model has fewer attention heads than the {world} ranks: Ulysses over {ulysses} "

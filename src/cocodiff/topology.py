@@ -177,6 +177,32 @@ class Topology:
             groups.append([base + i * stride for i in range(size)])
         return groups
 
+    def inner(self, ranks: int) -> Topology:
+        """The tiers of `ranks` contiguous ranks (innermost first: whole tiers, then a part of the next one):
+        what a group of contiguous ranks spans, e.g. a Ulysses group of a Ulysses x ring layout.
+
+        Raises:
+            ValueError: when `ranks` contiguous ranks are not a whole number of tiers times a divisor of the next.
+        """
+        sizes, names, left = [], [], ranks
+        for tier in self.tiers:
+            if left == 1:
+                break
+            take = math.gcd(left, tier.size)
+            if take != min(left, tier.size):
+                break
+            sizes.append(take)
+            names.append(tier.name)
+            left //= take
+            if take < tier.size:
+                break
+        if left != 1:
+            raise ValueError(
+                f"topology {self.spec!r}: {ranks} contiguous ranks do not cover whole inner tiers (and a divisor of "
+                "the next); choose a ring_degree that leaves such a Ulysses degree"
+            )
+        return Topology(tuple(sizes) or (1,), tuple(names) or None)
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{t.name}={t.size}" for t in self.tiers)
         return f"Topology({self.spec}: {inner})"
@@ -212,11 +238,13 @@ def slow_link_options(group, max_ctas: int):
     return opts
 
 
-def check_groups(topology: Topology, group, *, tapa: bool, node: bool, slow_max_ctas: int | None = None) -> bool:
+def check_groups(
+    topology: Topology, group, *, tapa: bool, node: bool, slow_max_ctas: int | None = None, parent=None
+) -> bool:
     """Whether `build_groups` must create sub-groups; raises the errors it would raise, before any collective."""
     if not (tapa or node or slow_max_ctas is not None):
         return False
-    world = dist.get_world_size(group)
+    world = dist.get_world_size(group if parent is None else parent)
     if world != dist.get_world_size():
         raise ValueError(
             f"cocodiff: all_to_all='tapa', emulate_slow_tier and V-Major need the engine's group to span the whole "
@@ -231,12 +259,16 @@ def check_groups(topology: Topology, group, *, tapa: bool, node: bool, slow_max_
     return True
 
 
-def build_groups(topology: Topology, group, *, tapa: bool, node: bool, slow_max_ctas: int | None = None) -> TierGroups:
+def build_groups(
+    topology: Topology, group, *, tapa: bool, node: bool, slow_max_ctas: int | None = None, parent=None
+) -> TierGroups:
     """Create the sub-groups an engine needs (collective: every rank of the default group calls it alike).
 
     Args:
         topology: tiers of `group`.
         group: the engine's process group.
+        parent: None, or the group `group` is one of several equal blocks of contiguous ranks of (the Ulysses
+            groups of a Ulysses x ring layout): the sub-groups of every block are created, each rank keeps its own.
         tapa: build one group per tier (TAPA's phases).
         node: build this rank's node group (the tiered route's near blocks).
         slow_max_ctas: emulate a slow outermost tier: its groups (TAPA's outer phase and the far-block group)
@@ -248,13 +280,27 @@ def build_groups(topology: Topology, group, *, tapa: bool, node: bool, slow_max_
             `new_group` calls), or when emulation is asked for without an outer tier of at least 2.
     """
     out = TierGroups(group=group, far=group)
-    if not check_groups(topology, group, tapa=tapa, node=node, slow_max_ctas=slow_max_ctas):
+    if not check_groups(topology, group, tapa=tapa, node=node, slow_max_ctas=slow_max_ctas, parent=parent):
         return out
     world = dist.get_world_size(group)
+    if parent is None:
+        _build_tier_groups(out, topology, dist.get_process_group_ranks(group), tapa, node, slow_max_ctas)
+        return out
+    everyone = dist.get_process_group_ranks(parent)
+    for b in range(len(everyone) // world):  # every block in order, on every rank
+        block = everyone[b * world : (b + 1) * world]
+        _build_tier_groups(
+            out if dist.get_rank() in block else TierGroups(group=None), topology, block, tapa, node, slow_max_ctas
+        )
+    return out
+
+
+def _build_tier_groups(out: TierGroups, topology: Topology, parent: list[int], tapa, node, slow_max_ctas) -> None:
+    """The sub-groups of one engine group whose global ranks are `parent`, into `out` (the ones this rank is in)."""
+    world = len(parent)
     outer = len(topology.tiers) - 1
-    parent = dist.get_process_group_ranks(group)
     me = dist.get_rank()
-    slow_opts = slow_link_options(group, slow_max_ctas) if slow_max_ctas is not None else None
+    slow_opts = slow_link_options(dist.group.WORLD, slow_max_ctas) if slow_max_ctas is not None else None
 
     def make(members: list[int], opts=None):
         # every rank creates every sub-group (torch's new_group contract); it keeps the ones it belongs to
@@ -277,8 +323,9 @@ def build_groups(topology: Topology, group, *, tapa: bool, node: bool, slow_max_
             if g is not None:
                 out.node = g
     if slow_max_ctas is not None:
-        out.far = make(list(range(world)), slow_opts)
-    return out
+        far = make(list(range(world)), slow_opts)
+        if far is not None:
+            out.far = far
 
 
 def node_range(topology: Topology, rank: int) -> tuple[int, int]:
