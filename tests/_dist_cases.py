@@ -968,7 +968,10 @@ def ring_matches(family, world, cfg_kwargs, cases, heads=None, video=False):
     over = {} if heads is None else heads_config(family, heads, 8)
     model = zoo.build_model(family, "tiny", seed=0, **over)
     par = copy.deepcopy(model)
-    cfg = cocodiff.ParallelConfig(**cfg_kwargs)
+    kwargs = dict(cfg_kwargs)
+    if kwargs.pop("emulate", False):
+        kwargs["emulate_slow_tier"] = cocodiff.SlowTierEmulation()
+    cfg = cocodiff.ParallelConfig(**kwargs)
     cocodiff.parallelize(par, cfg, group=group)
     diffs = []
     for i, case in enumerate(cases):
@@ -987,7 +990,7 @@ def ring_matches(family, world, cfg_kwargs, cases, heads=None, video=False):
     eng = par.cocodiff
     degrees = (eng.heads_world, 1 if eng.ring is None else eng.ring.degree)
     phases = sorted(eng.groups.tiers)  # TAPA: the tiers with a phase group inside this rank's Ulysses group
-    return diffs, degrees, cfg.label, eng.topology.spec, phases
+    return diffs, degrees, cfg.label, eng.topology.spec, phases, type(eng.exchange).__name__
 
 
 def ring_refusals(world):
@@ -997,7 +1000,6 @@ def ring_refusals(world):
         return None
     out = {}
     for name, kwargs in {
-        "emulation": dict(ring_degree=2, topology="2x2", emulate_slow_tier=cocodiff.SlowTierEmulation()),
         "vmajor": dict(ring_degree=2, topology="2x2", v_major=cocodiff.VMajorConfig(tiers="all")),
         "not-a-divisor": dict(ring_degree=3),
     }.items():

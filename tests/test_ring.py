@@ -44,7 +44,7 @@ def test_ring_with_compiled_blocks(pools):
 
 def test_ring_with_tapa_inside_the_ulysses_groups(pools):
     cfg = {"ring_degree": 2, "all_to_all": "tapa", "tapa_plan": "phases", "topology": "2x2", "v_first": True}
-    diffs, degrees, _, spec, _ = pools(4).run(cases.ring_matches, "flux", 4, cfg, IMAGE)[0]
+    diffs, degrees, _, spec, *_ = pools(4).run(cases.ring_matches, "flux", 4, cfg, IMAGE)[0]
     assert max(diffs) < 2e-5 and degrees == (2, 2) and spec == "2"  # the Ulysses group: the inner tier
 
 
@@ -52,13 +52,27 @@ def test_ring_with_tapa_inside_the_ulysses_groups(pools):
 def test_ring_with_two_tapa_phases(pools):
     # 8 ranks as 2 x 2 x 2: Ulysses groups of 4 ranks span two tiers (two TAPA phases), a ring of 2 across
     cfg = {"ring_degree": 2, "all_to_all": "tapa", "tapa_plan": "phases", "topology": "2x2x2", "v_first": True}
-    diffs, degrees, _, spec, phases = pools(8).run(cases.ring_matches, "flux", 8, cfg, IMAGE)[0]
+    diffs, degrees, _, spec, phases, _ = pools(8).run(cases.ring_matches, "flux", 8, cfg, IMAGE)[0]
     assert max(diffs) < 2e-5 and degrees == (4, 2) and spec == "2x2" and phases == [0, 1]
+
+
+def test_ring_across_an_emulated_slow_tier(pools):
+    # 2 emulated nodes of 2: Ulysses inside each node (no slow tier among them), the ring's hops cross
+    cfg = {"ring_degree": 2, "topology": "2x2", "emulate": True, "v_first": True}
+    diffs, degrees, label, spec, _, route = pools(4).run(cases.ring_matches, "flux", 4, cfg, IMAGE)[0]
+    assert max(diffs) < 2e-5 and degrees == (2, 2) and spec == "2" and route == "FlatExchange" and "emulated" in label
+
+
+@pytest.mark.slow
+def test_ulysses_groups_across_an_emulated_slow_tier(pools):
+    # 4 emulated nodes of 2, Ulysses groups of 4 ranks span 2 nodes: their exchanges take the tiered route
+    cfg = {"ring_degree": 2, "topology": "4x2", "emulate": True, "v_first": True}
+    diffs, degrees, _, spec, _, route = pools(8).run(cases.ring_matches, "flux", 8, cfg, IMAGE)[0]
+    assert max(diffs) < 2e-5 and degrees == (4, 2) and spec == "2x2" and route == "TieredExchange"
 
 
 def test_ring_refusals(pools):
     out = pools(4).run(cases.ring_refusals, 4)[0]
-    assert "emulate_slow_tier does not run with a ring dimension yet" in out["emulation"]
     assert "v_major does not run with a ring dimension yet" in out["vmajor"]
     assert "ring_degree=3 does not divide the 4 ranks" in out["not-a-divisor"]
 

@@ -146,8 +146,9 @@ class ParallelConfig:
             Ulysses ranks (contiguous ranks, inside a node) x ring_degree ring positions (across them). None
             (default): automatic, 1 when the model's heads allow Ulysses over all ranks, else the smallest ring
             that lets them (one line says so). Exact. The Ulysses groups take the topology's inner tiers
-            (TAPA runs inside them). Composes with every route, V-First, fuse_qk, compiled blocks and CUDA
-            graphs; not yet with slow-tier emulation or V-Major.
+            (TAPA runs inside them). Composes with every route, V-First, fuse_qk, compiled blocks, CUDA
+            graphs and slow-tier emulation (ring hops across the slow tier go over slowed links); not yet with
+            V-Major.
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
         topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
             outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
@@ -232,7 +233,7 @@ class ParallelConfig:
 
     def check_ring(self) -> None:
         """Raise for options that do not compose with a ring dimension yet (also run when it is automatic)."""
-        what = "emulate_slow_tier" * (self.emulate_slow_tier is not None) or "v_major" * (self.v_major is not None)
+        what = "v_major" * (self.v_major is not None)
         if what:
             raise ValueError(
                 f"ParallelConfig: {what} does not run with a ring dimension yet (ring_degree > 1, set or chosen "

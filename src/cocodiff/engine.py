@@ -39,6 +39,8 @@ class UlyssesEngine:
         seq_group: all sequence-parallel ranks (the tokens are split over them); default `groups.group`. With a
             ring dimension it holds the Ulysses group's ranks times the ring's.
         ring: this rank's `ring.Ring`, or None without a ring dimension.
+        exchange_config: the config the head exchanges are built from when it differs from `config` (a ring's
+            Ulysses groups inside one emulated node: no slow tier among them).
         plan: the model family's `ModelPlan`.
         inner_dim: heads x head dim of the widest sharded attention, heads padded to a multiple of the degree
             (memory accounting).
@@ -58,6 +60,7 @@ class UlyssesEngine:
         device: torch.device,
         seq_group=None,
         ring=None,
+        exchange_config: ParallelConfig | None = None,
     ):
         self.config = config
         self.groups = groups
@@ -71,7 +74,7 @@ class UlyssesEngine:
         self.plan = plan
         self.inner_dim = inner_dim
         self.device = device
-        self.exchange: BlockExchange = build_exchange(config, topology, groups, self.heads_rank)
+        self.exchange: BlockExchange = build_exchange(exchange_config or config, topology, groups, self.heads_rank)
         self.stats: CommStats = self.exchange.stats  # counts of the call in progress
         self.step_stats = CommStats(self.stats.tier_names)  # counts of the last finished call
         self.steps = StepContext()

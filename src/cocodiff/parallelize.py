@@ -20,7 +20,7 @@ from .layout import local_heads
 from .models import plan_for
 from .models.joint import check_unfused
 from .ring import split_degree
-from .topology import Topology, build_groups, check_groups
+from .topology import Topology, build_groups, check_groups, slow_link_options
 
 
 def _find_transformer(obj) -> nn.Module:
@@ -178,12 +178,19 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
     _raise_together(error, group, device, same_host=needs_one_host(config))
 
     ring = None
+    exchange_config = config
     if ring_degree > 1:
         from .ring import build_ring
 
-        heads_group, ring = build_ring(group, ulysses, ring_degree)
+        emu = config.emulate_slow_tier
+        slow = slow_link_options(group, emu.max_ctas) if emu is not None else None
+        heads_group, ring = build_ring(group, ulysses, ring_degree, ring_options=slow)
+        outer = len(topology.tiers)
         topology = topology.inner(ulysses)  # the head exchanges run inside the Ulysses group: its tiers
-        groups = build_groups(topology, heads_group, **needs_groups(config), parent=group)
+        if emu is not None and (len(topology.tiers) < outer or topology.sizes[-1] == 1):
+            # the Ulysses groups lie inside one emulated node: only the ring's hops cross the slow tier
+            exchange_config = config.with_(emulate_slow_tier=None)
+        groups = build_groups(topology, heads_group, **needs_groups(exchange_config), parent=group)
         if config.ring_degree is None and dist.get_rank(group) == 0:
             print(
                 f"cocodiff: the model has fewer attention heads than the {world} ranks: Ulysses over {ulysses} "
@@ -208,6 +215,7 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
         device=device,
         seq_group=group,
         ring=ring,
+        exchange_config=exchange_config,
     )
     engine.attach(model)
     scheduler = getattr(obj, "scheduler", None) if obj is not model else None

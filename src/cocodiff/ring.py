@@ -108,9 +108,10 @@ def ring_attention(
     return acc.to(q.dtype)
 
 
-def build_ring(group, ulysses: int, degree: int):
+def build_ring(group, ulysses: int, degree: int, ring_options=None):
     """(this rank's Ulysses group, its `Ring`) for `group` (the whole world) as `degree` ring positions x `ulysses`
-    contiguous ranks. Collective: every rank creates every sub-group, in the same order."""
+    contiguous ranks. Collective: every rank creates every sub-group, in the same order. `ring_options`: process
+    group options of the rings (slow-tier emulation's CTA cap)."""
     parent = dist.get_process_group_ranks(group)
     me = dist.get_rank(group)
     heads_group = ring_group = None
@@ -119,7 +120,7 @@ def build_ring(group, ulysses: int, degree: int):
         if me // ulysses == j:
             heads_group = g
     for u in range(ulysses):
-        g = dist.new_group([parent[j * ulysses + u] for j in range(degree)])
+        g = dist.new_group([parent[j * ulysses + u] for j in range(degree)], pg_options=ring_options)
         if me % ulysses == u:
             ring_group = g
     return heads_group, Ring(ring_group, degree, me // ulysses)
