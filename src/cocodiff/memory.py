@@ -7,7 +7,8 @@ exchange (attention output, send, receive, unpacked result: 4) stays below that.
 (`BlockExchange.extra_buffers`): TAPA a permuted copy and a receive buffer per phase for each tensor in
 flight, the copy engine its slots. Not counted: the model's own activations, padding compaction copies for
 uneven lengths (at most one buffer at a time), the automatic plan's one-off tuning sample. V-Major's caches
-persist across calls and are accounted by `vmajor.cache_bytes`.
+persist across calls and are accounted by `vmajor.cache_bytes`. A ring dimension adds its K/V blocks
+(`ring_buffers`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, extr
     """
     one = l_max * batch * inner_dim * elem  # (P, L_MAX, B, H_LOCAL, D): P * H_LOCAL = H
     return one * (9 + extra_buffers)
+
+
+def ring_buffers(ring, elem: int) -> int:
+    """Buffers (same units) of ring attention, None = no ring: the K/V block in hand and the one arriving (2 + 2),
+    one block's partial output, and the fp32 accumulator of the output (4 / elem)."""
+    if ring is None:
+        return 0
+    return 5 + -(-4 // elem)
 
 
 def free_bytes(device: torch.device) -> int:

@@ -309,7 +309,7 @@ class PlanHooks:
 
     def _memory_need(self, module: nn.Module, bound: dict[str, Any], n_img: int, n_txt: int) -> tuple[int, int]:
         """(bytes the exchange buffers need at peak, bytes available) for this call's shapes on this rank."""
-        from .memory import comm_buffer_bytes, free_bytes
+        from .memory import comm_buffer_bytes, free_bytes, ring_buffers
 
         layout = TokenLayout(n_img=n_img, n_txt=n_txt, world=self.engine.world)
         l_max = max(layout.lengths(("txt", "img")))
@@ -321,7 +321,7 @@ class PlanHooks:
             batch=batch,
             inner_dim=self.engine.inner_dim,
             elem=elem,
-            extra_buffers=self.engine.exchange.extra_buffers(4),
+            extra_buffers=self.engine.exchange.extra_buffers(4) + ring_buffers(self.engine.ring, elem),
         )
         budget = self.engine.config.memory_budget_gb
         have = int(budget * 2**30) if budget is not None else free_bytes(self.device)
