@@ -426,15 +426,19 @@ def fused_qk_path_matches(family, world):
         calls[0] += 1
         return kernels.norm_cat_rope_reference
 
-    saved = kernels.fused_device, kernels.kernel
-    kernels.fused_device, kernels.kernel = (lambda x: True), reference
+    def uncompiled(fn):
+        calls[0] += 1
+        return fn
+
+    saved = kernels.fused_device, kernels.kernel, kernels.compiled
+    kernels.fused_device, kernels.kernel, kernels.compiled = (lambda x: True), reference, uncompiled
     try:
         inputs = zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=2, seed=5)
         with torch.no_grad():
             ref = model(**inputs).sample
             out = par(**inputs).sample
     finally:
-        kernels.fused_device, kernels.kernel = saved
+        kernels.fused_device, kernels.kernel, kernels.compiled = saved
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     return (out - ref).abs().max().item(), calls[0]
 

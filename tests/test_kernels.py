@@ -40,3 +40,35 @@ def test_only_plain_rmsnorm_is_fused():
     assert not fusable_norm(hooked)
     assert not fusable_norm(torch.nn.RMSNorm(8))  # eps=None: dtype-dependent, left to torch
     assert not fusable_norm(torch.nn.LayerNorm(8))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_sd3_and_qwen_references_equal_diffusers(dtype, tol):
+    # SD3.5: diffusers' RMSNorm per stream, [image, text]; Qwen-Image: the same norms, complex RoPE per stream
+    # (diffusers' apply_rotary_emb_qwen with use_real=False), [text, image]
+    from diffusers.models.normalization import RMSNorm
+    from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+    from cocodiff.fused_qk import norms_cat_reference, qwen_qk_reference
+
+    g = torch.Generator().manual_seed(1)
+    B, H, D = 2, 3, 16
+    img, txt = torch.randn(B, 7, H, D, generator=g).to(dtype), torch.randn(B, 5, H, D, generator=g).to(dtype)
+    norms = []
+    for _ in range(2):
+        n = RMSNorm(D, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            n.weight.copy_(torch.rand(D, generator=g) + 0.5)
+        norms.append(n)
+    tables = [torch.polar(torch.ones(n, D // 2), torch.rand(n, D // 2, generator=g) * 6) for n in (7, 5)]
+    with torch.no_grad():
+        want = torch.cat([norms[0](img), norms[1](txt)], dim=1)
+        got = norms_cat_reference(img, txt, norms[0].weight, norms[1].weight, 1e-6)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        rot_img = apply_rotary_emb_qwen(norms[0](img), tables[0], use_real=False)
+        rot_txt = apply_rotary_emb_qwen(norms[1](txt), tables[1], use_real=False)
+        want = torch.cat([rot_txt, rot_img], dim=1)
+        real = [torch.view_as_real(t) for t in tables]
+        got = qwen_qk_reference(img, txt, norms[0].weight, norms[1].weight, 1e-6, *real)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)

@@ -52,7 +52,7 @@ def test_hooked_projections_are_not_sliced(pools, family):
     assert pools(4).run(cases.hooked_projection_called_whole, family, 2)[0] < 2e-5
 
 
-@pytest.mark.parametrize("family", ["flux", "flux2"])
+@pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_fused_qk_path_equals_single_process(pools, family):
     diff, calls = pools(4).run(cases.fused_qk_path_matches, family, 2)[0]
     assert diff < 2e-5

@@ -129,8 +129,8 @@ class ParallelConfig:
         overlap_output: in blocks with work that does not need the attention output (FLUX.1's single-block
             MLP branch, FLUX.2's single-block MLP projection), start the output exchange first and run that
             work under it. Exact (same operations, another launch order). None (default): on with v_first.
-        fuse_qk: FLUX.1/FLUX.2 on CUDA: Q/K RMSNorm, the [text, image] concatenation and RoPE in one
-            `torch.compile`d kernel per shape (cocodiff.kernels) instead of diffusers' chain of eager kernels.
+        fuse_qk: on CUDA, every family: Q/K RMSNorm, the stream concatenation and RoPE in one
+            `torch.compile`d kernel per shape (`cocodiff.fused_qk`) instead of diffusers' chain of eager kernels.
             Same math; agrees with the eager path to bf16 rounding. The first call per shape compiles (seconds).
         compile_blocks: compile every transformer block's compute (modulation, norms, gates, residuals, MLPs)
             with `torch.compile` (inductor), once per input shape, while the sharded attention (exchanges, V-First,

@@ -99,6 +99,29 @@ def norm_rope_cat_reference(img, txt, w_img, w_txt, eps: float, cos, sin) -> tor
     return img if txt is None else torch.cat([img, _rms_diffusers(txt, w_txt, eps)], dim=1)
 
 
+# ---- SD3/SD3.5 and Qwen-Image (diffusers' RMSNorm, models/joint.py, models/qwenimage.py) -----------------
+def norms_cat_reference(first, second, w_first, w_second, eps: float) -> torch.Tensor:
+    """SD3.5's Q or K: diffusers' RMSNorm of each stream, then [first, second] (image, text)."""
+    return torch.cat([_rms_diffusers(first, w_first, eps), _rms_diffusers(second, w_second, eps)], dim=1)
+
+
+def _rope_pairs(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    # diffusers' apply_rotary_emb_qwen(use_real=False): pairs of x as complex numbers times the complex table,
+    # written out in real arithmetic (inductor has no complex kernels); `freqs` is view_as_real of the table
+    # `(L, D / 2, 2)`, x `(B, L, H, D)`; fp32, one rounding to x's dtype
+    fr, fi = freqs[None, :, None, :, 0], freqs[None, :, None, :, 1]
+    xr, xi = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    return torch.stack([xr * fr - xi * fi, xr * fi + xi * fr], dim=-1).flatten(3).to(x.dtype)
+
+
+def qwen_qk_reference(img, txt, w_img, w_txt, eps: float, img_freqs, txt_freqs) -> torch.Tensor:
+    """Qwen-Image's Q or K: diffusers' RMSNorm of each stream, complex RoPE with each stream's table (given as
+    `torch.view_as_real`), then [text, image]."""
+    img = _rope_pairs(_rms_diffusers(img, w_img, eps), img_freqs)
+    txt = _rope_pairs(_rms_diffusers(txt, w_txt, eps), txt_freqs)
+    return torch.cat([txt, img], dim=1)
+
+
 @functools.cache
 def compiled(fn):
     """`fn` compiled by inductor (static shapes, one graph), once per function (tests substitute `fn` itself)."""

@@ -26,10 +26,43 @@ from ..schedule import attend
 QK = Callable[[Any, torch.Tensor, "torch.Tensor | None", Any, Any, Any], torch.Tensor]
 
 
+def diffusers_rms(norm) -> bool:
+    """A bare diffusers `RMSNorm` with a weight and no bias or hooks: what `fused_qk`'s kernels reproduce."""
+    from diffusers.models.normalization import RMSNorm
+
+    return (
+        type(norm) is RMSNorm
+        and norm.weight is not None
+        and norm.bias is None
+        and not norm._forward_hooks
+        and not norm._forward_pre_hooks
+    )
+
+
+def fuse_streams(engine, img, txt, norm, added_norm) -> bool:
+    """Whether Q/K of two streams with diffusers RMSNorms can take a `fused_qk` kernel (CUDA, `fuse_qk`)."""
+    return (
+        engine.config.fuse_qk
+        and fused_qk.fused_device(img)
+        and txt is not None
+        and img.numel() > 0
+        and txt.numel() > 0
+        and diffusers_rms(norm)
+        and diffusers_rms(added_norm)
+        and added_norm.eps == norm.eps
+    )
+
+
 def norms_then_concat(text_first: bool) -> QK:
-    """Q/K of a family without RoPE (SD3): each stream's norm, then the streams joined in local order."""
+    """Q/K of a family without RoPE (SD3): each stream's norm, then the streams joined in local order; with
+    `fuse_qk` on CUDA and diffusers RMSNorms (SD3.5) one compiled kernel."""
 
     def qk(engine, img, txt, norm, added_norm, freqs):
+        if fuse_streams(engine, img, txt, norm, added_norm):
+            first, second = (txt, img) if text_first else (img, txt)
+            w_first, w_second = (added_norm, norm) if text_first else (norm, added_norm)
+            kernel = fused_qk.compiled(fused_qk.norms_cat_reference)
+            return kernel(first, second, w_first.weight, w_second.weight, norm.eps)
         img = img if norm is None else norm(img)
         if txt is None:
             return img

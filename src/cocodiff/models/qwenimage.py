@@ -11,13 +11,19 @@ from diffusers import QwenImageTransformer2DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
+from .. import fused_qk
 from ..layout import IMG, TXT
 from ..sharding import Gather, ModelPlan, Split, token_counts
-from .joint import JointAttnProcessor, refuse, refuse_attention_kwargs, rotate
+from .joint import JointAttnProcessor, fuse_streams, refuse, refuse_attention_kwargs, rotate
 
 
 def qwen_qk(engine, img, txt, norm, added_norm, freqs):
-    """Qwen-Image Q/K: per-stream RMSNorm and complex RoPE (each stream its own table), then [text, image]."""
+    """Qwen-Image Q/K: per-stream RMSNorm and complex RoPE (each stream its own table), then [text, image]; with
+    `fuse_qk` on CUDA one compiled kernel (`fused_qk.qwen_qk_reference`)."""
+    if freqs is not None and fuse_streams(engine, img, txt, norm, added_norm):
+        img_freqs, txt_freqs = (torch.view_as_real(f) for f in freqs)
+        kernel = fused_qk.compiled(fused_qk.qwen_qk_reference)
+        return kernel(img, txt, norm.weight, added_norm.weight, norm.eps, img_freqs, txt_freqs)
     img, txt = norm(img), added_norm(txt)
     if freqs is not None:
         img_freqs, txt_freqs = freqs
