@@ -401,6 +401,12 @@ def main() -> None:
                     + (f", rel_err {row['rel_err_vs_1gpu']:.2e}" if "rel_err_vs_1gpu" in row else ""),
                     flush=True,
                 )
+        for model in {id(m): m for m in models.values()}.values():  # the next size starts uncompiled, as this one
+            if getattr(model, "_bench_compiled", False):
+                for block in model.modules():
+                    if getattr(block, "_compiled_call_impl", None) is not None:
+                        block._compiled_call_impl = None
+                model._bench_compiled = False
         if peer is not None:
             entry["diffusers"] = peer.rows(inputs, ref_path, args, rank, world, size)
         result["sizes"][str(size)] = entry

@@ -994,7 +994,7 @@ def ring_matches(family, world, cfg_kwargs, cases, heads=None, video=False):
     eng = par.cocodiff
     degrees = (eng.heads_world, 1 if eng.ring is None else eng.ring.degree)
     phases = sorted(eng.groups.tiers)  # TAPA: the tiers with a phase group inside this rank's Ulysses group
-    return diffs, degrees, cfg.label, eng.topology.spec, phases, type(eng.exchange).__name__
+    return diffs, degrees, cfg.label, eng.topology.spec, phases, type(eng.exchange).__name__, eng.step_stats.ring_bytes
 
 
 def ring_refusals(world):

@@ -16,11 +16,12 @@ IMAGE = [(3, 5, 5, 2, False), (4, 6, 3, 1, False), (1, 2, 3, 1, False)]
 @pytest.mark.parametrize("ring", [2, 4], ids=["ulysses2xring2", "ring4"])
 @pytest.mark.parametrize("family", zoo.FAMILIES)
 def test_ulysses_times_ring_equals_single_process(pools, family, ring):
-    diffs, degrees, label, *_ = pools(4).run(
+    diffs, degrees, label, *_, ring_bytes = pools(4).run(
         cases.ring_matches, family, 4, {"ring_degree": ring, "v_first": True}, IMAGE
     )[0]
     assert max(diffs) < 2e-5
     assert degrees == (4 // ring, ring) and f"ring{ring}" in label
+    assert ring_bytes > 0  # the K/V hops are counted (engine.step_stats.ring_bytes)
 
 
 def test_ring_with_a_text_mask(pools):
@@ -52,14 +53,14 @@ def test_ring_with_tapa_inside_the_ulysses_groups(pools):
 def test_ring_with_two_tapa_phases(pools):
     # 8 ranks as 2 x 2 x 2: Ulysses groups of 4 ranks span two tiers (two TAPA phases), a ring of 2 across
     cfg = {"ring_degree": 2, "all_to_all": "tapa", "tapa_plan": "phases", "topology": "2x2x2", "v_first": True}
-    diffs, degrees, _, spec, phases, _ = pools(8).run(cases.ring_matches, "flux", 8, cfg, IMAGE)[0]
+    diffs, degrees, _, spec, phases, *_ = pools(8).run(cases.ring_matches, "flux", 8, cfg, IMAGE)[0]
     assert max(diffs) < 2e-5 and degrees == (4, 2) and spec == "2x2" and phases == [0, 1]
 
 
 def test_ring_across_an_emulated_slow_tier(pools):
     # 2 emulated nodes of 2: Ulysses inside each node (no slow tier among them), the ring's hops cross
     cfg = {"ring_degree": 2, "topology": "2x2", "emulate": True, "v_first": True}
-    diffs, degrees, label, spec, _, route = pools(4).run(cases.ring_matches, "flux", 4, cfg, IMAGE)[0]
+    diffs, degrees, label, spec, _, route, _ = pools(4).run(cases.ring_matches, "flux", 4, cfg, IMAGE)[0]
     assert max(diffs) < 2e-5 and degrees == (2, 2) and spec == "2" and route == "FlatExchange" and "emulated" in label
 
 
@@ -67,7 +68,7 @@ def test_ring_across_an_emulated_slow_tier(pools):
 def test_ulysses_groups_across_an_emulated_slow_tier(pools):
     # 4 emulated nodes of 2, Ulysses groups of 4 ranks span 2 nodes: their exchanges take the tiered route
     cfg = {"ring_degree": 2, "topology": "4x2", "emulate": True, "v_first": True}
-    diffs, degrees, _, spec, _, route = pools(8).run(cases.ring_matches, "flux", 8, cfg, IMAGE)[0]
+    diffs, degrees, _, spec, _, route, _ = pools(8).run(cases.ring_matches, "flux", 8, cfg, IMAGE)[0]
     assert max(diffs) < 2e-5 and degrees == (4, 2) and spec == "2x2" and route == "TieredExchange"
 
 
@@ -102,8 +103,35 @@ def test_degrees_and_the_ulysses_groups_tiers():
         split_degree(8, 4, None) == (4, 2) and split_degree(6, 4, None) == (3, 2) and split_degree(5, 3, None) == (1, 5)
     )
     assert split_degree(8, 24, 2) == (4, 2)
+    fits = lambda u: u != 2  # noqa: E731  (e.g. a topology whose inner tiers 2 ranks do not cover)
+    assert split_degree(6, 2, None, fits) == (1, 6)
     assert Topology.from_spec("2x4", 8).inner(4).sizes == (4,)  # inside a node
     assert Topology.from_spec("4x2", 8).inner(4).sizes == (2, 2)  # two nodes of 2
     assert Topology.from_spec("2x4", 8).inner(2).sizes == (2,)  # half a node
     with pytest.raises(ValueError, match="2 contiguous ranks do not cover whole inner tiers"):
         Topology.from_spec("2x3", 6).inner(2)
+
+
+def test_a_block_with_no_key_to_attend_to_adds_nothing():
+    # a ring block whose keys are all masked (a block of padded text only) must not shift the merged result
+    import torch
+
+    from cocodiff.ring import _merge, attention_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k1, v1, k2, v2 = (torch.randn(2, 3, 4, 8, generator=g) for _ in range(5))
+    mask1 = torch.ones(2, 4, dtype=torch.bool)
+    mask2 = torch.zeros(2, 4, dtype=torch.bool)
+    mask2[1] = True  # sample 0: block 2 all masked; sample 1: all valid
+    acc, lse = _merge(None, None, *attention_with_lse(q, k1, v1, mask1))
+    acc, lse = _merge(acc, lse, *attention_with_lse(q, k2, v2, mask2))
+    want0 = torch.nn.functional.scaled_dot_product_attention(q[:1], k1[:1], v1[:1])
+    want1 = torch.nn.functional.scaled_dot_product_attention(
+        q[1:], torch.cat([k1, k2], 2)[1:], torch.cat([v1, v2], 2)[1:]
+    )
+    torch.testing.assert_close(acc[:1], want0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc[1:], want1, rtol=1e-5, atol=1e-6)
+    # no key at all so far: output 0, lse -inf, and no NaN after merging another empty block
+    acc, lse = _merge(None, None, *attention_with_lse(q, k2, v2, torch.zeros(2, 4, dtype=torch.bool)))
+    acc, lse = _merge(acc, lse, *attention_with_lse(q, k2, v2, torch.zeros(2, 4, dtype=torch.bool)))
+    assert not acc.isnan().any() and (acc == 0).all() and torch.isinf(lse).all()

@@ -250,7 +250,7 @@ class UlyssesEngine:
         lengths = self._require_layout().lengths(kinds)
         U = self.heads_world
         blocks = tuple(sum(lengths[j * U : (j + 1) * U]) for j in range(self.ring.degree))
-        return ring_attention(q, k, v, self.ring, blocks, key_mask)
+        return ring_attention(q, k, v, self.ring, blocks, key_mask, stats=self.stats)
 
     def layer_exchange(self, layer: str, layout: SeqLayout):
         """How the tensors of attention `layer` travel in this call (see `schedule.LayerExchange`)."""

@@ -35,10 +35,11 @@ def comm_buffer_bytes(*, l_max: int, batch: int, inner_dim: int, elem: int, extr
 
 def ring_buffers(ring, elem: int) -> int:
     """Buffers (same units) of ring attention, None = no ring: the K/V block in hand and the one arriving (2 + 2),
-    one block's partial output, and the fp32 accumulator of the output (4 / elem)."""
+    one block's partial output, the fp32 accumulator of the output and the merge's two fp32 temporaries
+    (3 x 4 / elem)."""
     if ring is None:
         return 0
-    return 5 + -(-4 // elem)
+    return 5 + 3 * -(-4 // elem)
 
 
 def free_bytes(device: torch.device) -> int:

@@ -49,6 +49,14 @@ def _group_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def _covers(topology: Topology, ulysses: int) -> bool:
+    try:
+        topology.inner(ulysses)
+    except ValueError:
+        return False
+    return True
+
+
 def _validate(obj, config: ParallelConfig, group, world: int, device: torch.device):
     model = _find_transformer(obj)
     if getattr(model, "cocodiff", None) is not None:
@@ -57,7 +65,7 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
     topology = Topology.resolve(config.topology, world, dist.get_process_group_ranks(group))
     attentions = plan.attention_modules(model)
     heads_min = min((attn.heads for _, attn in attentions), default=world)
-    ulysses, ring = split_degree(world, heads_min, config.ring_degree)
+    ulysses, ring = split_degree(world, heads_min, config.ring_degree, fits=lambda u: _covers(topology, u))
     for name, attn in attentions:
         heads = attn.heads
         if heads < ulysses:

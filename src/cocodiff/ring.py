@@ -40,25 +40,36 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
     key_mask `(B, T)` bool (True = attend) or None. The output is in q's dtype, the lse `(B, H, S)` fp32."""
     bias = None
     if key_mask is not None:
-        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, float("-inf"))
-        bias = bias[:, None, None, :]
+        # rows padded to a multiple of 16 elements: CUDA's efficient kernel needs an aligned batch stride
+        B, T = key_mask.shape
+        bias = torch.zeros(B, -(-T // 16) * 16, dtype=q.dtype, device=q.device)[:, :T]
+        bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
-        return out, lse.float()
-    if bias is None and q.dtype in (torch.float16, torch.bfloat16):
+    elif bias is None and q.dtype in (torch.float16, torch.bfloat16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
-        return out, lse.float()
-    if bias is not None:
-        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False)[:2]
-    return out, lse[..., : q.shape[2]].float()  # the kernel pads the lse's sequence dim
+    else:
+        if bias is not None:
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False)[:2]
+        lse = lse[..., : q.shape[2]]  # the kernel pads the lse's sequence dim
+    lse = lse.float()
+    if key_mask is not None:
+        # a block with no key to attend to contributes nothing (the kernels report lse 0 and output 0 there)
+        empty = ~key_mask.any(-1)[:, None, None]
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty[..., None], 0.0)
+    return out, lse
 
 
 def _merge(acc: torch.Tensor | None, acc_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor):
+    """Fold a block's (output, lse) into the running fp32 (output, lse), in place; rows that attended to nothing
+    so far (lse -inf on both sides) stay at output 0, lse -inf."""
     if acc is None:
-        return out.float(), lse
+        return out.float().masked_fill(torch.isinf(lse)[..., None], 0.0), lse
     new = torch.logaddexp(acc_lse, lse)
-    acc = acc * torch.exp(acc_lse - new)[..., None] + out.float() * torch.exp(lse - new)[..., None]
+    ref = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # -inf - -inf would be NaN
+    acc.mul_(torch.exp(acc_lse - ref)[..., None]).add_(out.float() * torch.exp(lse - ref)[..., None])
     return acc, new
 
 
@@ -69,6 +80,7 @@ def ring_attention(
     ring: Ring,
     block_lengths: tuple[int, ...],
     key_mask: torch.Tensor | None = None,
+    stats=None,
 ) -> torch.Tensor:
     """Attention of this rank's queries over the K/V blocks of the whole ring.
 
@@ -77,6 +89,7 @@ def ring_attention(
         ring: this rank's `Ring`.
         block_lengths: tokens of every ring position's block.
         key_mask: `(B, sum(block_lengths))` bool over all blocks in ring order, or None.
+        stats: a `CommStats` whose `ring_bytes` counts the blocks sent.
     Returns:
         `(B, H, S_j, D)` in q's dtype.
     """
@@ -95,6 +108,8 @@ def ring_attention(
                 dist.P2POp(dist.irecv, recv, ring.prev, ring.group),
             ]
             pending = (dist.batch_isend_irecv(ops), recv)
+            if stats is not None:
+                stats.ring_bytes += kv.numel() * kv.element_size()
         if block_lengths[src] > 0 and q.shape[2] > 0:
             mask = None if key_mask is None else key_mask[:, offsets[src] : offsets[src + 1]]
             out, lse = attention_with_lse(q, kv[0], kv[1], mask)
@@ -126,16 +141,17 @@ def build_ring(group, ulysses: int, degree: int, ring_options=None):
     return heads_group, Ring(ring_group, degree, me // ulysses)
 
 
-def split_degree(world: int, heads: int, ring_degree: int | None) -> tuple[int, int]:
+def split_degree(world: int, heads: int, ring_degree: int | None, fits=lambda ulysses: True) -> tuple[int, int]:
     """(Ulysses degree, ring degree) for `world` ranks and the model's smallest head count.
 
     `ring_degree=None` (automatic): 1 when the heads allow Ulysses over all ranks (heads >= world; heads that do not
-    divide are padded), else the smallest ring that leaves Ulysses a degree the heads allow."""
+    divide are padded), else the smallest ring that leaves Ulysses a degree the heads allow and `fits` accepts
+    (the topology: the Ulysses groups must cover whole inner tiers)."""
     if ring_degree is None:
         if heads >= world:
             return world, 1
         for u in range(min(heads, world), 0, -1):
-            if world % u == 0:
+            if world % u == 0 and fits(u):
                 return u, world // u
     if world % ring_degree:
         raise ValueError(

@@ -38,7 +38,8 @@ class CommStats:
     `bytes_by_tier[t]` counts payload bytes leaving this rank over tier t (bytes to itself are not counted);
     `messages_by_tier[t]` counts point-to-point messages (one per peer per collective: a chunked TAPA phase
     counts once per chunk); `exchanges` counts block all-to-alls started (one may issue several collectives).
-    Padding rows are payload too: they are counted, since they travel. Counters cover the last transformer
+    Padding rows are payload too: they are counted, since they travel. `ring_bytes` counts the K/V blocks this
+    rank sent to its ring successor (Ulysses x ring; 0 without a ring). Counters cover the last transformer
     call (`engine.step_stats`). Under `cuda_graph=True` each replay adds the counts recorded at its capture;
     `GraphedStep.replay_only` (benchmarks) updates nothing, so the capture call's values stand.
     """
@@ -48,6 +49,7 @@ class CommStats:
     messages_by_tier: list[int] = field(default_factory=list)
     exchanges: int = 0
     gather_bytes: int = 0
+    ring_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.bytes_by_tier:
@@ -60,6 +62,7 @@ class CommStats:
         self.messages_by_tier = [0] * len(self.tier_names)
         self.exchanges = 0
         self.gather_bytes = 0
+        self.ring_bytes = 0
 
     def add(self, other: CommStats) -> None:
         for i in range(len(self.tier_names)):
@@ -67,6 +70,7 @@ class CommStats:
             self.messages_by_tier[i] += other.messages_by_tier[i]
         self.exchanges += other.exchanges
         self.gather_bytes += other.gather_bytes
+        self.ring_bytes += other.ring_bytes
 
     def copy(self) -> CommStats:
         out = CommStats(self.tier_names)
@@ -86,7 +90,8 @@ class CommStats:
             "messages_by_tier": dict(zip(self.tier_names, self.messages_by_tier)),
             "exchange_calls": self.exchanges,
             "output_gather_bytes": self.gather_bytes,
-            "total_bytes": sum(self.bytes_by_tier) + self.gather_bytes,
+            "ring_bytes": self.ring_bytes,
+            "total_bytes": sum(self.bytes_by_tier) + self.gather_bytes + self.ring_bytes,
         }
 
 

@@ -230,4 +230,13 @@ PLAN = ModelPlan(
     processors={BlockAttention: HunyuanVideoAttnProcessor},
     install=_install,
     check_call=_check_call,
+    # diffusers' _repeated_blocks plus HunyuanVideo-I2V's token-replace blocks (compile_blocks)
+    blocks=(
+        "HunyuanVideoTransformerBlock",
+        "HunyuanVideoSingleTransformerBlock",
+        "HunyuanVideoTokenReplaceTransformerBlock",
+        "HunyuanVideoTokenReplaceSingleTransformerBlock",
+        "HunyuanVideoPatchEmbed",
+        "HunyuanVideoTokenRefiner",
+    ),
 )
