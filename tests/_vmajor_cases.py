@@ -377,3 +377,29 @@ def video_vmajor(family: str):
     (xe, se), (xv, sv) = out["exact"], out["vmajor"]
     assert torch.isfinite(xv).all()
     return ((xv - xe).norm() / xe.norm()).item(), sv / se
+
+
+def compiled_pipeline_runs(family: str, vm_kwargs: dict | None):
+    """The family's pipeline with compiled blocks (TorchDynamo, "aot_eager") on these ranks: exact (and with V-Major
+    when `vm_kwargs`) against one process, and how many graphs the denoising steps after the first traced (a
+    step must trace nothing new). Returns (relative error, graphs traced after the first step)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.set_num_threads(1)
+    model = _tiny(family)
+    single_pipe, kwargs = _pipeline(family, copy.deepcopy(model))
+    ref = single_pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    pipe, kwargs = _pipeline(family, copy.deepcopy(model))
+    vm = None if vm_kwargs is None else cocodiff.VMajorConfig(**vm_kwargs)
+    cfg = cocodiff.ParallelConfig(
+        v_first=True, v_major=vm, compile_blocks=True, compile_options={"backend": "aot_eager"}
+    )
+    cocodiff.parallelize(pipe, cfg)
+    graphs = []
+    pipe.transformer.register_forward_hook(lambda m, a, o: graphs.append(counters["stats"]["unique_graphs"]))
+    out = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    if vm is None:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item(), graphs[-1] - graphs[0]

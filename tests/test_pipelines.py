@@ -19,3 +19,13 @@ def test_pipeline_exact_and_vmajor(pools, family):
     assert rel < 0.05, rel
     assert vm_bytes < exact_bytes  # fewer bytes crossed (both include the output gathers)
     assert branches == (2 if family == "qwenimage" else 1)
+
+
+@pytest.mark.parametrize("vmajor", [False, True], ids=["exact", "vmajor"])
+def test_compiled_blocks_inside_a_pipeline(pools, vmajor):
+    # compile_blocks in a whole FluxPipeline run: exact, or V-Major within its error; after the first
+    # denoising step nothing is traced again (new timesteps, V-Major's levels and caches do not re-trace)
+    vm = dict(warmup_steps=1, tiers="all", final_full_steps=1) if vmajor else None
+    out = pools(2).run(cases.compiled_pipeline_runs, "flux", vm)
+    rel, traced = out[0]
+    assert rel < (0.05 if vmajor else 1e-5) and traced == 0
