@@ -109,3 +109,19 @@ def test_help_shows_defaults_and_choices(capsys):
     assert cli.main(["quality", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "flat, flat+vfirst, tapa" in text and "(default: 2,4)" in text
+
+
+def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
+    # the whole command on CPU ranks (tiny configs): rows for 1 and 2 ranks, the reference, the report files;
+    # diffusers' own parallelism needs an accelerator, so its P=2 row says why instead of a time
+    import json
+
+    assert cli.main(["bench", "e2e", "--cpu", "--peers", "eager", "--iters", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    rows = {(r["P"], r["engine"]): r for r in result["rows"]}
+    assert set(rows) == {(1, "diffusers"), (1, "cocodiff"), (2, "diffusers"), (2, "cocodiff")}
+    assert rows[(2, "cocodiff")]["rel_err_vs_1gpu"] < 1e-5 and rows[(1, "cocodiff")]["rel_err_vs_1gpu"] < 1e-5
+    assert "s_per_image_2" in rows[(2, "cocodiff")] and "error" in rows[(2, "diffusers")]
+    assert (tmp_path / "e2e.md").read_text().startswith("# cocodiff bench e2e") and (tmp_path / "e2e.png").exists()
+    assert cli.main(["bench", "e2e", "--cpu", "--peers", "regional-compile", "--out", str(tmp_path)]) == 2
+    assert "--peers must include eager" in capsys.readouterr().err

@@ -264,6 +264,9 @@ def add_parser(sub, formatter_class=None) -> None:
     )
     p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo) even when GPUs are present")
     p.add_argument("--out", default="cocodiff-out/bench", help="output folder")
+    from . import bench_e2e
+
+    bench_e2e.add_parser(bsub, formatter_class)
 
 
 def run_bench(args) -> int:

@@ -5,6 +5,7 @@ Subcommands:
     demo      the shipped small model end to end on CPU ranks or GPUs, compared with one process
     quality   compare communication modes on the shipped model (PSNR/SSIM table and plot)
     bench a2a all-to-all microbenchmark: flat vs TAPA over message sizes, real or emulated tiers
+    bench e2e cocodiff beside diffusers on the same GPUs: ms per step, s per image, memory, error
 
 Argument errors (sizes, rank counts, topology, heads vs ranks) are found before any rank starts: one line,
 exit code 2. A failed rank: one line naming it and its error, its traceback, exit code 1.
@@ -261,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args)
         if args.command == "bench":
+            if args.bench == "e2e":
+                from .bench_e2e import run_e2e
+
+                return run_e2e(args)
             from .bench_a2a import run_bench
 
             return run_bench(args)

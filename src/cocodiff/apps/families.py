@@ -436,3 +436,71 @@ def make_video_inputs(
     if cfg.guidance_embeds:
         out["guidance"] = torch.full((batch,), 6000.0, device=device, dtype=dtype)
     return out
+
+
+TEXT_TOKENS_IMAGE = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}  # the pipelines' usual lengths
+
+
+def pipeline_around(family: str, transformer, *, height: int, width: int, steps: int, n_txt: int, seed: int = 7):
+    """A diffusers pipeline of an image family around `transformer` with no text encoders and no VAE (random
+    prompt embeddings are given, the output is latents), and the keyword arguments of one call; CFG as the
+    family's pipeline does it (SD3: batched, guidance 3.0; Qwen-Image: true CFG, two calls per step).
+
+    Returns:
+        (pipeline, call kwargs).
+    """
+    import inspect
+
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Pipeline,
+        FluxPipeline,
+        QwenImagePipeline,
+        StableDiffusion3Pipeline,
+    )
+
+    cls = {"flux": FluxPipeline, "sd3": StableDiffusion3Pipeline, "qwenimage": QwenImagePipeline}.get(
+        family, Flux2Pipeline
+    )
+    if family not in FAMILIES:
+        raise ValueError(f"no pipeline for {family!r}; image families: {FAMILIES}")
+    none = {
+        n: None for n in inspect.signature(cls.__init__).parameters if n not in ("self", "transformer", "scheduler")
+    }
+    pipe = cls(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    p = next(transformer.parameters())
+    g = torch.Generator().manual_seed(seed)
+    dim = transformer.config.joint_attention_dim
+
+    def emb(*shape):
+        return torch.randn(*shape, generator=g).to(device=p.device, dtype=p.dtype)
+
+    kw = dict(height=height, width=width, num_inference_steps=steps, output_type="latent")
+    if family == "flux":
+        return pipe, dict(
+            prompt_embeds=emb(1, n_txt, dim),
+            pooled_prompt_embeds=emb(1, transformer.config.pooled_projection_dim),
+            guidance_scale=3.5,
+            **kw,
+        )
+    if family == "sd3":
+        pdim = transformer.config.pooled_projection_dim
+        return pipe, dict(
+            prompt_embeds=emb(1, n_txt, dim),
+            pooled_prompt_embeds=emb(1, pdim),
+            negative_prompt_embeds=emb(1, n_txt, dim),
+            negative_pooled_prompt_embeds=emb(1, pdim),
+            guidance_scale=3.0,
+            **kw,
+        )
+    if family == "qwenimage":
+        mask = torch.ones(1, n_txt, dtype=torch.long, device=p.device)
+        return pipe, dict(
+            prompt_embeds=emb(1, n_txt, dim),
+            prompt_embeds_mask=mask,
+            negative_prompt_embeds=emb(1, n_txt, dim),
+            negative_prompt_embeds_mask=mask,
+            true_cfg_scale=4.0,
+            **kw,
+        )
+    return pipe, dict(prompt_embeds=emb(1, n_txt, dim), **kw)

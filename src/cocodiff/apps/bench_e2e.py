@@ -1,0 +1,340 @@
+"""`cocodiff bench e2e`: cocodiff beside diffusers on the same GPUs, the same shapes, in one command.
+
+For every image family, size and rank count (1 first: it writes the reference output), each engine row runs
+on a fresh full-size model with random weights (bf16; tiny fp32 configs on CPU ranks):
+
+- cocodiff, per preset (`ParallelConfig.preset`, e.g. "flat", "fast"; on one rank the engine's exchanges are
+  no-ops, so "fast" on 1 rank is cocodiff's own one-GPU mode); with `--topology/--emulate` over emulated tiers;
+- diffusers, per mode: its own Ulysses (`enable_parallelism(ContextParallelConfig(ulysses_degree=P))`; plain
+  diffusers on one rank) eager and with regional compilation (`compile_repeated_blocks(fullgraph=True)`). A mode
+  diffusers cannot run is a row that says why. diffusers always runs on the real links.
+
+Per row: ms per transformer step (CUDA events, warm-up excluded, median; the first call, which compiles and
+captures, timed apart), seconds per image of the family's diffusers pipeline (`--steps`, e.g. 28 and 50;
+prompt embeddings given, no text encoders, output latents: the VAE decode, identical for every engine, is
+left out), peak memory per GPU, relative error of the step's output against plain diffusers on one GPU.
+Rank 0 writes OUT/e2e.json (hardware, driver, versions), OUT/e2e.md (tables, ratios to the best one-GPU row
+and to the best peer row) and OUT/e2e.png; a progress bar shows the rows as they run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import PRESETS, ParallelConfig, SlowTierEmulation
+from ..timing import time_ms
+from . import families as zoo
+from .launch import set_multi_gpu_env, spawn
+
+PEER_MODES = ("eager", "regional-compile")
+
+
+def add_parser(bsub, formatter_class=None) -> None:
+    p = bsub.add_parser(
+        "e2e",
+        help="cocodiff beside diffusers: ms per step, s per image, memory, error (JSON + markdown + PNG)",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=formatter_class,
+    )
+    p.add_argument("--families", nargs="+", default=["flux"], choices=zoo.FAMILIES)
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes (default: 1024; CPU: 64)")
+    p.add_argument(
+        "--gpus", type=int, nargs="+", default=None, help="rank counts, 1 first (default: 1 and all local GPUs)"
+    )
+    p.add_argument("--presets", nargs="+", default=None, choices=PRESETS, help="default: flat fast (CPU: flat)")
+    p.add_argument("--peers", nargs="*", default=list(PEER_MODES), choices=PEER_MODES, help="diffusers modes")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="pipeline lengths (default: 28 50; CPU: 2)")
+    p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
+    p.add_argument("--emulate", action="store_true", help="cocodiff rows over an emulated slow outer tier")
+    p.add_argument("--max-ctas", type=int, default=1, help="CTA cap of the emulated slow link")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo), tiny configs: checks the command, not speed")
+    p.add_argument("--out", default="cocodiff-out/bench-e2e", help="output folder")
+
+
+def run_e2e(args) -> int:
+    """The `bench e2e` subcommand: options checked before any rank starts."""
+    from .cli import UsageError
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    gpus = torch.cuda.device_count() if cuda else 0
+    counts = args.gpus or ([1, gpus] if gpus > 1 else [1, 2] if not cuda else [1])
+    if counts[0] != 1 or sorted(set(counts)) != counts:
+        raise UsageError(f"--gpus {counts}: give increasing rank counts starting with 1 (it writes the reference)")
+    if cuda and counts[-1] > gpus:
+        raise UsageError(f"--gpus {counts[-1]}: only {gpus} GPUs here")
+    if args.emulate and args.topology is None:
+        raise UsageError("--emulate needs --topology, e.g. 2x1 (2 emulated nodes of 1 GPU)")
+    opts = dict(
+        families=args.families,
+        sizes=args.sizes or ([1024] if cuda else [64]),
+        presets=args.presets or (["flat", "fast"] if cuda else ["flat"]),
+        peers=args.peers,
+        steps=args.steps or ([28, 50] if cuda else [2]),
+        topology=args.topology,
+        emulate=args.emulate,
+        max_ctas=args.max_ctas,
+        warmup=args.warmup,
+        iters=args.iters,
+        cuda=cuda,
+        out=args.out,
+    )
+    if "eager" not in opts["peers"]:
+        raise UsageError("--peers must include eager: plain diffusers on one GPU is the reference of every row")
+    if not cuda and "fast" in opts["presets"]:
+        raise UsageError("--presets fast needs GPU ranks (CUDA graphs); on CPU ranks use flat or vfirst")
+    if cuda:
+        set_multi_gpu_env()
+    Path(args.out, "ref").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for world in counts:
+        rows += spawn(_e2e_rank, world, opts, backend="nccl" if cuda else "gloo", timeout_s=7200)[0]
+    result = {"command": "cocodiff bench e2e", "env": _environment(cuda), "options": opts, "rows": rows}
+    out = Path(args.out)
+    (out / "e2e.json").write_text(json.dumps(result, indent=1))
+    text = report(result)
+    (out / "e2e.md").write_text(text)
+    plot(result, out / "e2e.png")
+    print(text)
+    print(f"wrote {out / 'e2e.json'}, {out / 'e2e.md'}, {out / 'e2e.png'}")
+    return 0
+
+
+def _environment(cuda: bool) -> dict:
+    import subprocess
+
+    import diffusers
+
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "gpu": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if cuda:
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            )
+            env["driver"] = out.stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            env["driver"] = None
+    try:
+        import xfuser
+
+        env["xfuser"] = xfuser.__version__
+    except ImportError:
+        env["xfuser"] = None
+    return env
+
+
+# ---- on every rank ---------------------------------------------------------------------------------------
+def _e2e_rank(opts: dict) -> list[dict]:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cuda = opts["cuda"]
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not cuda:
+        torch.set_num_threads(1)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    size_name = "full" if cuda else "tiny"
+    items = [
+        (family, size, engine, mode)
+        for family in opts["families"]
+        for size in opts["sizes"]
+        for engine, modes in (("diffusers", opts["peers"]), ("cocodiff", opts["presets"]))  # the reference first
+        for mode in modes
+    ]
+    bar = None
+    if rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=f"bench e2e, {world} rank(s)", unit="row")
+    rows = []
+    for family, size, engine, mode in items:
+        if bar is not None:
+            bar.set_postfix_str(f"{family} {size}px {engine} {mode}")
+        row = {"family": family, "size": size, "P": world, "engine": engine, "mode": mode}
+        try:
+            row.update(_measure(opts, family, size, engine, mode, device, dtype, size_name, world))
+        except Exception as exc:  # a row that cannot run says why (the others still run)
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        rows.append(row)
+        if cuda:
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        dist.barrier()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def _config(opts: dict, preset: str, world: int) -> ParallelConfig:
+    extra = {}
+    if opts["topology"] is not None and world > 1:
+        import math
+
+        from ..topology import parse_topology_spec
+
+        if math.prod(parse_topology_spec(opts["topology"])) == world:
+            extra["topology"] = opts["topology"]
+            if opts["emulate"]:
+                extra["emulate_slow_tier"] = SlowTierEmulation(max_ctas=opts["max_ctas"])
+    return ParallelConfig.preset(preset, **extra)
+
+
+def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) -> dict:
+    from .. import parallelize
+
+    cuda = opts["cuda"]
+    model = zoo.build_model(family, size_name, dtype=dtype, device=device, seed=0)
+    info: dict = {}
+    if engine == "cocodiff":
+        cfg = _config(opts, mode, world)
+        parallelize(model, cfg)
+        info["config"] = cfg.label
+    else:
+        if world > 1:
+            from diffusers import ContextParallelConfig
+
+            if getattr(type(model), "_cp_plan", None) is None:
+                raise ValueError(f"diffusers has no context-parallel plan for {type(model).__name__}")
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        if mode == "regional-compile":
+            model.compile_repeated_blocks(fullgraph=True)
+        info["config"] = f"{'Ulysses ' if world > 1 else ''}{mode}"
+    rows, cols = zoo.image_tokens(family, model, size, size)
+    n_txt = zoo.TEXT_TOKENS_IMAGE[family] if cuda else 5
+    inputs = zoo.make_inputs(family, model, rows=rows, cols=cols, n_txt=n_txt, device=device, dtype=dtype, seed=1)
+
+    def step():
+        with torch.no_grad():
+            return model(**inputs, return_dict=False)[0]
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    info["first_call_s"] = time.perf_counter() - t0
+    times = time_ms(step, warmup=opts["warmup"], iters=opts["iters"], cuda=cuda)
+    out = step().float().cpu()
+    info.update(ms_per_step=statistics.median(times), ms_per_step_all=times)
+    ref = Path(opts["out"], "ref", f"{family}_{size}.pt")
+    if world == 1 and engine == "diffusers" and mode == "eager":
+        if dist.get_rank() == 0:
+            torch.save(out, ref)
+    elif ref.exists():
+        want = torch.load(ref)
+        info["rel_err_vs_1gpu"] = ((out - want).norm() / want.norm()).item()
+    pipe, kwargs = zoo.pipeline_around(
+        family, model, height=size, width=size, steps=2, n_txt=n_txt
+    )  # the pipeline's own warm-up: its shapes (CFG batch, text length) may differ from the step's
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+        for steps in opts["steps"]:
+            kwargs["num_inference_steps"] = steps
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+            if cuda:
+                torch.cuda.synchronize(device)
+            info[f"s_per_image_{steps}"] = time.perf_counter() - t0
+    if cuda:
+        info["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return info
+
+
+# ---- report ------------------------------------------------------------------------------------------------
+def report(result: dict) -> str:
+    env, opts, rows = result["env"], result["options"], result["rows"]
+    head = ", ".join(f"{k} {v}" for k, v in env.items() if v and k != "date")
+    lines = [
+        f"# cocodiff bench e2e, {env['date']}",
+        "",
+        f"{head}. Random weights ({'full-size bf16' if opts['cuda'] else 'tiny fp32 configs, CPU: not a speed'}"
+        f" figure); ms per transformer step (median of {opts['iters']} after {opts['warmup']} warm-up calls) and"
+        " seconds per image of the diffusers pipeline (prompt embeddings given, latents out, VAE decode left out).",
+        "",
+    ]
+    steps = opts["steps"]
+    for family in opts["families"]:
+        for size in opts["sizes"]:
+            group = [r for r in rows if r["family"] == family and r["size"] == size]
+            ok = [r for r in group if "ms_per_step" in r]
+            one = [r["ms_per_step"] for r in ok if r["P"] == 1]
+            best_one = min(one) if one else None
+            lines += [
+                f"## {family} {size}x{size}",
+                "",
+                "| P | engine | mode | ms/step | vs best 1 GPU | vs best diffusers at P | "
+                + " | ".join(f"s/image, {s} steps" for s in steps)
+                + " | peak GiB | rel. error vs 1 GPU | first call (s) |",
+                "|---" * (9 + len(steps)) + "|",
+            ]
+            for r in group:
+                if "error" in r:
+                    lines.append(f"| {r['P']} | {r['engine']} | {r['mode']} | not run: {r['error']} |" + " |" * 8)
+                    continue
+                peers = [x["ms_per_step"] for x in ok if x["P"] == r["P"] and x["engine"] == "diffusers"]
+                vs_peer = f"{min(peers) / r['ms_per_step']:.2f}x" if peers and r["engine"] == "cocodiff" else ""
+                err = r.get("rel_err_vs_1gpu")
+                cells = [
+                    str(r["P"]),
+                    r["engine"],
+                    r.get("config", r["mode"]),
+                    f"{r['ms_per_step']:.1f}",
+                    f"{best_one / r['ms_per_step']:.2f}x" if best_one else "",
+                    vs_peer,
+                    *(f"{r.get(f's_per_image_{s}', float('nan')):.2f}" for s in steps),
+                    f"{r['peak_mem_GiB']:.1f}" if "peak_mem_GiB" in r else "",
+                    "" if err is None else f"{err:.1e}",
+                    f"{r['first_call_s']:.1f}",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "ms_per_step" in r]
+    if not rows:
+        return
+    keys = list(dict.fromkeys((r["family"], r["size"]) for r in rows))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 0.5 * max(6, len(rows) / len(keys)) + 1.2))
+    axes = [axes] if len(keys) == 1 else axes
+    for ax, (family, size) in zip(axes, keys):
+        group = [r for r in rows if (r["family"], r["size"]) == (family, size)]
+        color = ["#1f77b4" if r["engine"] == "cocodiff" else "#ff7f0e" for r in group]
+        ax.barh(range(len(group)), [r["ms_per_step"] for r in group], color=color)
+        ax.set_yticks(range(len(group)), [f"P={r['P']} {r.get('config', r['mode'])}" for r in group], fontsize=8)
+        for i, r in enumerate(group):
+            ax.text(r["ms_per_step"], i, f" {r['ms_per_step']:.0f}", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per transformer step (lower is better)")
+        ax.set_title(f"{family} {size}x{size}")
+    env = result["env"]
+    fig.suptitle(f"cocodiff (blue) and diffusers (orange), same run: {env['gpu']}, torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
