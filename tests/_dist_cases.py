@@ -1004,7 +1004,7 @@ def ring_refusals(world):
         return None
     out = {}
     for name, kwargs in {
-        "vmajor": dict(ring_degree=2, topology="2x2", v_major=cocodiff.VMajorConfig(tiers="all")),
+        "vmajor-fp8": dict(ring_degree=2, topology="2x2", v_major=cocodiff.VMajorConfig(fp8=True)),
         "not-a-divisor": dict(ring_degree=3),
     }.items():
         try:

@@ -403,3 +403,32 @@ def compiled_pipeline_runs(family: str, vm_kwargs: dict | None):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
     assert torch.isfinite(out).all()
     return ((out - ref).norm() / ref.norm()).item(), graphs[-1] - graphs[0]
+
+
+def ring_vmajor_run(family, world, ring, topology, vm_kwargs, steps=8):
+    """V-Major on the ring's hops (Ulysses x ring): a denoising loop against the exact Ulysses x ring engine.
+    Full steps (warm-up, the last) equal the exact engine's bytes; selective steps send fewer ring bytes, the
+    Ulysses exchanges' bytes never change; the result stays close. Returns (relative error, ring bytes per call
+    with V-Major, ring bytes per call exact, Ulysses bytes equal on every call)."""
+    model = _tiny(family)
+    exact, vm = copy.deepcopy(model), copy.deepcopy(model)
+    cocodiff.parallelize(exact, cocodiff.ParallelConfig(ring_degree=ring, topology=topology, v_first=True))
+    vcfg = cocodiff.VMajorConfig(**vm_kwargs)
+    cocodiff.parallelize(vm, cocodiff.ParallelConfig(ring_degree=ring, topology=topology, v_first=True, v_major=vcfg))
+    ring_bytes = {"exact": [], "vmajor": []}
+    tiers = {"exact": [], "vmajor": []}
+
+    def recorder(name):
+        def hook(mod, args, out):  # returns None: the output is left as it is
+            ring_bytes[name].append(mod.cocodiff.step_stats.ring_bytes)
+            tiers[name].append(list(mod.cocodiff.step_stats.bytes_by_tier))
+
+        return hook
+
+    for name, m in (("exact", exact), ("vmajor", vm)):
+        m.register_forward_hook(recorder(name))
+    want, _ = denoise(exact, family, steps, seed=2)
+    got, _ = denoise(vm, family, steps, seed=2)
+    assert torch.isfinite(got).all()
+    rel = ((got - want).norm() / want.norm()).item()
+    return rel, ring_bytes["vmajor"], ring_bytes["exact"], tiers["vmajor"] == tiers["exact"]

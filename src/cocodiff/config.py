@@ -147,8 +147,8 @@ class ParallelConfig:
             (default): automatic, 1 when the model's heads allow Ulysses over all ranks, else the smallest ring
             that lets them (one line says so). Exact. The Ulysses groups take the topology's inner tiers
             (TAPA runs inside them). Composes with every route, V-First, fuse_qk, compiled blocks, CUDA
-            graphs and slow-tier emulation (ring hops across the slow tier go over slowed links); not yet with
-            V-Major.
+            graphs and slow-tier emulation (ring hops across the slow tier go over slowed links); with V-Major
+            the selection moves to the ring's hops (the Ulysses exchanges stay exact).
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
         topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
             outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
@@ -232,13 +232,13 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.memory_budget_gb={self.memory_budget_gb!r} must be > 0 or None")
 
     def check_ring(self) -> None:
-        """Raise for options that do not compose with a ring dimension yet (also run when it is automatic)."""
-        what = "v_major" * (self.v_major is not None)
-        if what:
+        """Raise for options that do not compose with a ring dimension (also run when it is automatic)."""
+        vm = self.v_major
+        if vm is not None and (vm.select_by == "heads" or vm.fp8):
             raise ValueError(
-                f"ParallelConfig: {what} does not run with a ring dimension yet (ring_degree > 1, set or chosen "
-                "because the heads are fewer than the ranks); drop it, "
-                "or use at most as many ranks as heads"
+                "ParallelConfig: with a ring dimension V-Major selects the tokens of each ring block (their K/V "
+                "travel the ring in the model's dtype); VMajorConfig(select_by='heads') and fp8=True apply to "
+                "Ulysses exchanges only: use select_by='tokens', fp8=False"
             )
 
     def _check_compile_options(self) -> None:

@@ -238,7 +238,9 @@ class UlyssesEngine:
             self._seq_layouts[key] = lay
         return lay
 
-    def attention(self, q, k, v, key_mask: torch.Tensor | None, kinds: tuple[str, ...]) -> torch.Tensor:
+    def attention(
+        self, q, k, v, key_mask: torch.Tensor | None, kinds: tuple[str, ...], layer: str | None = None
+    ) -> torch.Tensor:
         """Attention of the exchanged Q, K, V `(B, H_LOCAL, S, D)`: SDPA over the Ulysses group's tokens, or with a
         ring dimension over every ring position's block (`ring.ring_attention`). `key_mask` `(B, S_ALL)` in
         exchange order over all ranks, or None."""
@@ -250,6 +252,12 @@ class UlyssesEngine:
         lengths = self._require_layout().lengths(kinds)
         U = self.heads_world
         blocks = tuple(sum(lengths[j * U : (j + 1) * U]) for j in range(self.ring.degree))
+        if self.vmajor is not None and self.vmajor.plan is not None and layer is not None:
+            from .ring import ring_attention_vmajor
+
+            caches = self.vmajor.ring_caches(layer, q, blocks)
+            counts = self.vmajor.ring_counts(blocks)
+            return ring_attention_vmajor(q, k, v, self.ring, blocks, caches, counts, key_mask, stats=self.stats)
         return ring_attention(q, k, v, self.ring, blocks, key_mask, stats=self.stats)
 
     def layer_exchange(self, layer: str, layout: SeqLayout):

@@ -195,9 +195,11 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
         heads_group, ring = build_ring(group, ulysses, ring_degree, ring_options=slow)
         outer = len(topology.tiers)
         topology = topology.inner(ulysses)  # the head exchanges run inside the Ulysses group: its tiers
+        # V-Major selects on the ring's hops, not in the Ulysses exchanges (no node groups for it)
+        exchange_config = config.with_(v_major=None)
         if emu is not None and (len(topology.tiers) < outer or topology.sizes[-1] == 1):
             # the Ulysses groups lie inside one emulated node: only the ring's hops cross the slow tier
-            exchange_config = config.with_(emulate_slow_tier=None)
+            exchange_config = exchange_config.with_(emulate_slow_tier=None)
         groups = build_groups(topology, heads_group, **needs_groups(exchange_config), parent=group)
         if config.ring_degree is None and dist.get_rank(group) == 0:
             print(

@@ -123,6 +123,98 @@ def ring_attention(
     return acc.to(q.dtype)
 
 
+class RingCaches:
+    """V-Major on the ring's hops, one layer and CFG branch: `ref` (the V this rank last sent for its block) and
+    the K/V this rank holds for every ring block (its own slot unused). Persistent: CUDA graphs read them at
+    their addresses, and `VMajor.preserved` snapshots them around a graph's warm-up."""
+
+    def __init__(self, like: torch.Tensor, block_lengths: tuple[int, ...], own: int):
+        B, H, _, D = like.shape
+        self.ref = torch.zeros_like(like)
+        self.k = [like.new_zeros(B, H, n, D) if j != own else None for j, n in enumerate(block_lengths)]
+        self.v = [like.new_zeros(B, H, n, D) if j != own else None for j, n in enumerate(block_lengths)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.ref] + [t for t in self.k + self.v if t is not None]
+
+
+def _most_changed(v: torch.Tensor, ref: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices `(count,)` of the tokens whose V moved most (relative L1 over batch, heads and dim) since sent."""
+    diff = (v - ref).abs().sum((0, 1, 3), dtype=torch.float32)
+    norm = ref.abs().sum((0, 1, 3), dtype=torch.float32)
+    return (diff / (norm + 1e-6)).topk(count, sorted=False).indices
+
+
+def ring_attention_vmajor(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ring: Ring,
+    block_lengths: tuple[int, ...],
+    caches: RingCaches,
+    counts: tuple[int, ...] | None,
+    key_mask: torch.Tensor | None = None,
+    stats=None,
+) -> torch.Tensor:
+    """`ring_attention` where each block travels as its V-Major selection: the `counts[j]` tokens of block j whose
+    V changed most since block j's owner last sent them (the owner selects; every hop forwards the same rows and
+    their indices), and every rank attends to its cached K/V of the other blocks with those rows updated. Its
+    own block is always exact. `counts=None`: a full call, every row travels and refills the caches."""
+    R, me = ring.degree, ring.rank
+    offsets = [0, *itertools.accumulate(block_lengths)]
+    if counts is None:
+        caches.ref.copy_(v)
+        msg = (torch.stack([k, v]), None)
+    else:
+        idx = _most_changed(v, caches.ref, counts[me])
+        caches.ref.index_copy_(2, idx, v.index_select(2, idx))
+        msg = (torch.stack([k.index_select(2, idx), v.index_select(2, idx)]), idx)
+    acc = acc_lse = None
+    for step in range(R):
+        src = (me - step) % R
+        pending = None
+        if step < R - 1:  # forward the message in hand (its block's rows) while attending to its block
+            nxt = (me - step - 1) % R
+            n = block_lengths[nxt] if counts is None else counts[nxt]
+            rows, idx = msg
+            recv_rows = rows.new_empty((2, *rows.shape[1:3], n, rows.shape[4]))
+            ops = [
+                dist.P2POp(dist.isend, rows, ring.next, ring.group),
+                dist.P2POp(dist.irecv, recv_rows, ring.prev, ring.group),
+            ]
+            recv_idx = None
+            if idx is not None:
+                recv_idx = idx.new_empty(n)
+                ops += [
+                    dist.P2POp(dist.isend, idx, ring.next, ring.group),
+                    dist.P2POp(dist.irecv, recv_idx, ring.prev, ring.group),
+                ]
+            pending = (dist.batch_isend_irecv(ops), (recv_rows, recv_idx))
+            if stats is not None:
+                stats.ring_bytes += rows.numel() * rows.element_size() + (0 if idx is None else idx.numel() * 8)
+        if step == 0:
+            kb, vb = k, v
+        else:  # the message in hand updates this rank's copy of block src
+            rows, idx = msg
+            if idx is None:
+                caches.k[src].copy_(rows[0])
+                caches.v[src].copy_(rows[1])
+            else:
+                caches.k[src].index_copy_(2, idx, rows[0])
+                caches.v[src].index_copy_(2, idx, rows[1])
+            kb, vb = caches.k[src], caches.v[src]
+        if block_lengths[src] > 0 and q.shape[2] > 0:
+            mask = None if key_mask is None else key_mask[:, offsets[src] : offsets[src + 1]]
+            acc, acc_lse = _merge(acc, acc_lse, *attention_with_lse(q, kb, vb, mask))
+        if pending is not None:
+            for work in pending[0]:
+                work.wait()
+            msg = pending[1]
+    if acc is None:
+        return torch.zeros_like(q)
+    return acc.to(q.dtype)
+
+
 def build_ring(group, ulysses: int, degree: int, ring_options=None):
     """(this rank's Ulysses group, its `Ring`) for `group` (the whole world) as `degree` ring positions x `ulysses`
     contiguous ranks. Collective: every rank creates every sub-group, in the same order. `ring_options`: process

@@ -105,7 +105,7 @@ def attend(
     if overlap:
         independent[0]()
     # (B, H_LOCAL, S, D) each; a wait only orders streams (no host synchronisation)
-    out = engine.attention(hq.wait(), hk.wait(), hv.wait(), key_mask, kinds)
+    out = engine.attention(hq.wait(), hk.wait(), hv.wait(), key_mask, kinds, layer)
     del hq, hk, hv
     h = ex.start_o(out)
     del out

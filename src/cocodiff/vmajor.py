@@ -17,6 +17,11 @@ Per attention layer, CFG branch and denoising step (the step context, `step.py`)
 5. With `fp8`, the selected rows cross as 8-bit floats with one fp32 scale per head (`exchange/tiered.py`);
    `ref` keeps what was sent before rounding, so the rounding does not accumulate in the selection.
 
+With a ring dimension (Ulysses x ring, `ring.py`) the selection moves to the ring's hops, which cross the
+slow tier: each block's owner selects its most-changed tokens, their K/V rows and indices travel the ring,
+and every rank attends to its cached copy of the other blocks (`ring.ring_attention_vmajor`); the Ulysses
+exchanges stay exact.
+
 A call sends every row (and refills every cache) when the schedule says so, and at the first call of a CFG
 branch in a generation or after the input shapes changed: caches never leak between generations, branches
 or shapes. The fast tier is never approximated. With `select_by="heads"` the selection is made per far
@@ -127,18 +132,23 @@ class VMajor:
         self.cfg = cfg
         self.engine = engine
         self.layers = layers
-        topo, rank = engine.topology, engine.rank
-        near = node_range(topo, rank) if cfg.tiers == "slow" else (rank, rank + 1)
-        self.exchange = TieredExchange(
-            topology=topo,
-            rank=rank,
-            stats=engine.stats,
-            near=near,
-            near_group=engine.groups.node,
-            far_group=engine.groups.far,
-            sync=engine.config.sync,
-            name="vmajor",
-        )
+        # with a ring dimension V-Major selects what travels the ring's hops (they cross the slow tier; see
+        # `ring.ring_attention_vmajor`) and the Ulysses exchanges stay exact
+        self.ring = engine.ring
+        self.exchange = None
+        if self.ring is None:
+            topo, rank = engine.topology, engine.rank
+            near = node_range(topo, rank) if cfg.tiers == "slow" else (rank, rank + 1)
+            self.exchange = TieredExchange(
+                topology=topo,
+                rank=rank,
+                stats=engine.stats,
+                near=near,
+                near_group=engine.groups.node,
+                far_group=engine.groups.far,
+                sync=engine.config.sync,
+                name="vmajor",
+            )
         self.plan: CallPlan | None = None
         self.layer_rows: list[tuple[str, int, int | None]] = []  # this call: (layer, L_MAX, K or None = all)
         self._states: dict[tuple, _LayerState] = {}
@@ -184,6 +194,9 @@ class VMajor:
         need = cache_bytes(
             self.cfg, layers=self.layers, l_max=l_max, batch=batch, inner_dim=self.engine.inner_dim, elem=elem
         )
+        if self.ring is not None:  # per layer: `ref` of the own block, K and V of every block (ring.RingCaches)
+            U, P = self.engine.heads_world, self.engine.world
+            need = self.layers * (U + 2 * P) * l_max * batch * (self.engine.inner_dim // U) * elem
         budget = self.cfg.memory_budget_gb
         have = int(budget * 2**30) if budget is not None else free_bytes(self.engine.device)
         mine = torch.tensor([need, have], dtype=torch.int64, device=self.engine.device)
@@ -216,11 +229,28 @@ class VMajor:
     # ---- per layer -------------------------------------------------------------------------------------
     def layer_exchange(self, layer: str, layout: SeqLayout):
         p = self.plan
-        if p is None:
-            return None
+        if p is None or self.ring is not None:
+            return None  # (with a ring: exact Ulysses exchanges, the selection is on the ring's hops)
         k = None if p.ratio is None else active_rows(p.ratio, layout.l_max)
         self.layer_rows.append((layer, layout.l_max, k))
         return _LayerExchange(self, layer, layout, k)
+
+    def ring_counts(self, block_lengths: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Tokens of each ring block that travel in this call (None: every token)."""
+        ratio = self.plan.ratio
+        if ratio is None:
+            return None
+        return tuple(min(n, active_rows(ratio, n)) for n in block_lengths)
+
+    def ring_caches(self, layer: str, like: torch.Tensor, block_lengths: tuple[int, ...]):
+        """This layer's and branch's `ring.RingCaches` (`like`: this rank's block, `(B, H_LOCAL, S, D)`)."""
+        from .ring import RingCaches
+
+        key = (layer, self.plan.branch, "ring", block_lengths, tuple(like.shape), like.dtype, like.device)
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = RingCaches(like, block_lengths, self.ring.rank)
+        return st
 
     def state(self, layer: str, like: torch.Tensor) -> _LayerState:
         key = (layer, self.plan.branch, tuple(like.shape), like.dtype, like.device)

@@ -39,6 +39,10 @@ MODES: list[tuple[str, dict]] = [
     ("vfirst-2x2", {"preset": "vfirst", "tapa_plan": "phases", "topology": "2x2"}),
     ("cocodiff-2x1", {"preset": "cocodiff", "topology": "2x1"}),
     ("cocodiff-2x2", {"preset": "cocodiff", "tapa_plan": "phases", "topology": "2x2"}),
+    # Ulysses x ring: Ulysses inside each of the 2 "nodes", a ring of 2 across them (exact; and V-Major on the
+    # ring's hops)
+    ("ring-2x2", {"all_to_all": "flat", "ring_degree": 2, "topology": "2x2"}),
+    ("cocodiff-ring-2x2", {"preset": "cocodiff", "ring_degree": 2, "tapa_plan": "phases", "topology": "2x2"}),
 ]
 TASKS = ("center", "blocks", "generate")
 
@@ -333,7 +337,15 @@ def run_quality(args) -> int:
                         "v_major": cfg.v_major is not None,
                     },
                     "metrics": _row_metrics(images, reference, truth, known, tasks, n),
-                    "bytes_per_rank": per_rank[0]["stats"]["bytes_by_tier"],
+                    # per tier, and the ring's hops (Ulysses x ring) as one more column when there are any
+                    "bytes_per_rank": {
+                        **per_rank[0]["stats"]["bytes_by_tier"],
+                        **(
+                            {"ring": per_rank[0]["stats"]["ring_bytes"]}
+                            if per_rank[0]["stats"].get("ring_bytes")
+                            else {}
+                        ),
+                    },
                     "bytes_all_ranks": sum(r["stats"]["total_bytes"] for r in per_rank),
                     "ms_per_step": max(r["ms_per_step"] for r in per_rank),
                     "note": "",
