@@ -43,6 +43,8 @@ class VMajorConfig:
             that were not sent (saves the fourth exchange's slow-tier bytes).
         select_by: "tokens" (one selection per token, the paper's) or "heads" (one per token and destination
             head group: what Ulysses actually sends to each rank).
+        With a ring dimension (`ParallelConfig.ring_degree`) the selection is on the ring's hops, per ring block
+        (K and V; `output` does not apply there, `select_by="heads"` and `fp8` are refused).
         fp8: send the selected rows as 8-bit floats (e4m3, one fp32 scale per head and token): about half the
             slow-tier bytes of bf16 again, with the rounding of 3 mantissa bits on what crosses.
         memory_budget_gb: refuse caches larger than this per CFG branch (default: the device's free memory).
