@@ -119,7 +119,8 @@ def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
     assert cli.main(["bench", "e2e", "--cpu", "--peers", "eager", "--iters", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "e2e.json").read_text())
     rows = {(r["P"], r["engine"]): r for r in result["rows"]}
-    assert set(rows) == {(1, "diffusers"), (1, "cocodiff"), (2, "diffusers"), (2, "cocodiff")}
+    assert set(rows) == {(p, e) for p in (1, 2) for e in ("diffusers", "cocodiff", "xDiT")}
+    assert "xfuser" in rows[(2, "xDiT")]["error"]  # a peer that does not run is a row that says why
     assert rows[(2, "cocodiff")]["rel_err_vs_1gpu"] < 1e-5 and rows[(1, "cocodiff")]["rel_err_vs_1gpu"] < 1e-5
     assert "s_per_image_2" in rows[(2, "cocodiff")] and "error" in rows[(2, "diffusers")]
     assert (tmp_path / "e2e.md").read_text().startswith("# cocodiff bench e2e") and (tmp_path / "e2e.png").exists()
