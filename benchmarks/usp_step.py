@@ -6,7 +6,8 @@ of P ranks into Ulysses degree U x ring degree R, beside diffusers' unified atte
     torchrun --nproc-per-node 2 benchmarks/usp_step.py --ref-dir REF --out OUT --graph --peers
     python benchmarks/run.py OUT --gpus 1 2 4 -- usp_step.py --graph --peers --sizes 2048
 
-cocodiff rows (`U{u}xR{r}`) run V-First, `fuse_qk` (CUDA) and, with --graph, the step replayed as a CUDA graph;
+cocodiff rows (`U{u}xR{r}`, and `-ring_inner` for the other placement: ring over contiguous ranks, Ulysses
+groups strided) run V-First, `fuse_qk` (CUDA) and, with --graph, the step replayed as a CUDA graph;
 each factorisation is a fresh model (the ring is part of how the model is sharded). diffusers rows run its own
 hooks on a fresh copy, eager and (--graph) under cocodiff's `GraphedStep`; a factorisation diffusers refuses
 is a row saying why. Timings: CUDA events, warm-up excluded, median of --iters. Rank 0 writes
@@ -145,12 +146,18 @@ def main() -> None:
             with torch.no_grad():
                 torch.save(probe(**inputs, return_dict=False)[0].cpu(), ref_path)
         del probe
-        for u, r in factorisations(world) if world > 1 else []:
-            name = f"U{u}xR{r}"
+        runs = [
+            (u, r, placement)
+            for u, r in (factorisations(world) if world > 1 else [])
+            for placement in (("ulysses_inner", "ring_inner") if 1 < r < world else ("ulysses_inner",))
+        ]
+        for u, r, placement in runs:
+            name = f"U{u}xR{r}" + ("-ring_inner" if placement == "ring_inner" else "")
             model = build()
             t0 = time.perf_counter()
             try:
-                parallelize(model, ParallelConfig(ring_degree=r, v_first=True, fuse_qk=cuda))
+                cfg = ParallelConfig(ring_degree=r, ring_placement=placement, v_first=True, fuse_qk=cuda)
+                parallelize(model, cfg)
                 row = time_row(model, inputs, ref_path, args, cuda)
                 row["setup_s"] = time.perf_counter() - t0
             except ValueError as exc:  # e.g. a Ulysses degree the heads do not allow
@@ -159,7 +166,7 @@ def main() -> None:
             del model
             if rank == 0:
                 print(f"[P={world}] {size}px cocodiff {name}: {row.get('eager_ms_median', row)}", flush=True)
-            if args.peers:
+            if args.peers and placement == "ulysses_inner":
                 from diffusers import ContextParallelConfig
 
                 peer = build()

@@ -149,3 +149,25 @@ def test_vmajor_on_the_ring_hops(pools, family):
     assert ulysses_same  # the Ulysses exchanges are exact and unchanged
     assert got[:2] == exact[:2] and got[-1] == exact[-1]  # full steps: every row
     assert all(g < 0.7 * e for g, e in zip(got[2:-1], exact[2:-1])), (got, exact)  # selective steps: fewer
+
+
+@pytest.mark.parametrize("family", ["flux", "qwenimage"])
+def test_ring_inside_nodes_ulysses_across(pools, family):
+    # ring_placement="ring_inner": ring positions are contiguous ranks (inside an emulated node), the Ulysses
+    # groups strided across the nodes ({0, 2}, {1, 3}); padded text masks reordered into ring-block order
+    cases_ = [(3, 5, 6, 2, family == "qwenimage"), (4, 6, 3, 1, False)]
+    cfg = {"ring_degree": 2, "ring_placement": "ring_inner", "topology": "2x2", "emulate": True, "v_first": True}
+    diffs, degrees, label, *_ = pools(4).run(cases.ring_matches, family, 4, cfg, cases_)[0]
+    assert max(diffs) < 2e-5 and degrees == (2, 2) and "ring2-inner" in label
+
+
+def test_ring_placements_layout_and_refusal():
+    from cocodiff import ParallelConfig, VMajorConfig
+    from cocodiff.ring import layout
+
+    assert layout(8, 4, "ulysses_inner") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert layout(8, 4, "ring_inner") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    with pytest.raises(ValueError, match="ring_placement='ring_inner' stay inside nodes"):
+        ParallelConfig(ring_degree=2, ring_placement="ring_inner", v_major=VMajorConfig(tiers="all"))
+    with pytest.raises(ValueError, match="ring_placement='outer'"):
+        ParallelConfig(ring_placement="outer")

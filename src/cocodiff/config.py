@@ -151,6 +151,9 @@ class ParallelConfig:
             (TAPA runs inside them). Composes with every route, V-First, fuse_qk, compiled blocks, CUDA
             graphs and slow-tier emulation (ring hops across the slow tier go over slowed links); with V-Major
             the selection moves to the ring's hops (the Ulysses exchanges stay exact).
+        ring_placement: with a ring, "ulysses_inner" (default: each Ulysses group is contiguous ranks, e.g. one
+            node's GPUs, and the ring crosses nodes) or "ring_inner" (the ring runs over contiguous ranks and the
+            Ulysses groups are strided across nodes). Exact either way; which is faster depends on the links.
         v_major: None for exact communication, or a `VMajorConfig` for lossy selective communication.
         topology: None to take tiers from the launcher (torchrun's LOCAL_WORLD_SIZE), or a spec written
             outermost tier first, e.g. "2x4" (2 nodes of 4 GPUs) or "8x6x2" (Aurora: node x GPU x tile).
@@ -176,6 +179,7 @@ class ParallelConfig:
     compile_options: dict | None = field(default=None, hash=False)
     cuda_graph: bool = False
     ring_degree: int | None = None
+    ring_placement: Literal["ulysses_inner", "ring_inner"] = "ulysses_inner"
     v_major: VMajorConfig | None = None
     topology: str | None = None
     tapa_plan: Literal["auto", "phases"] = "auto"
@@ -221,6 +225,10 @@ class ParallelConfig:
                     "ParallelConfig: V-Major selects what crosses slow links; all_to_all='copy_engine' runs on one "
                     "host's NVLink: use all_to_all='flat' or 'tapa' with v_major"
                 )
+        if self.ring_placement not in ("ulysses_inner", "ring_inner"):
+            raise ValueError(
+                f"ParallelConfig.ring_placement={self.ring_placement!r} must be 'ulysses_inner' or 'ring_inner'"
+            )
         if self.ring_degree is not None:
             if not isinstance(self.ring_degree, int) or isinstance(self.ring_degree, bool) or self.ring_degree < 1:
                 raise ValueError(f"ParallelConfig.ring_degree={self.ring_degree!r} must be None or an integer >= 1")
@@ -236,6 +244,11 @@ class ParallelConfig:
     def check_ring(self) -> None:
         """Raise for options that do not compose with a ring dimension (also run when it is automatic)."""
         vm = self.v_major
+        if vm is not None and self.ring_placement == "ring_inner":
+            raise ValueError(
+                "ParallelConfig: with a ring dimension V-Major selects on the ring's hops, which with "
+                "ring_placement='ring_inner' stay inside nodes; use ring_placement='ulysses_inner' with v_major"
+            )
         if vm is not None and (vm.select_by == "heads" or vm.fp8):
             raise ValueError(
                 "ParallelConfig: with a ring dimension V-Major selects the tokens of each ring block (their K/V "
@@ -299,7 +312,8 @@ class ParallelConfig:
         parts = [self.preset_name or self.all_to_all]
         if not self.preset_name:
             parts += ["vfirst"] * self.v_first + ["vmajor"] * (self.v_major is not None)
-        parts += [f"ring{self.ring_degree}"] * ((self.ring_degree or 1) > 1)
+        if (self.ring_degree or 1) > 1:
+            parts += [f"ring{self.ring_degree}" + "-inner" * (self.ring_placement == "ring_inner")]
         parts += ["fuse_qk"] * self.fuse_qk + ["compiled"] * self.compile_blocks + ["cuda_graph"] * self.cuda_graph
         parts += ["emulated"] * (self.emulate_slow_tier is not None)
         return "+".join(parts)

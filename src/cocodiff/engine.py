@@ -228,9 +228,9 @@ class UlyssesEngine:
         `SeqLayout` for the head exchanges), or with `whole` over every sequence-parallel rank."""
         lengths = self._require_layout().lengths(kinds)
         rank = self.rank
-        if not whole and self.ring is not None:  # this rank's Ulysses group: contiguous ranks
-            lo = self.ring.rank * self.heads_world
-            lengths, rank = lengths[lo : lo + self.heads_world], self.heads_rank
+        if not whole and self.ring is not None:  # this rank's Ulysses group, in its head-exchange order
+            lengths = tuple(lengths[m] for m in self.ring.blocks[self.ring.rank])
+            rank = self.heads_rank
         key = (lengths, rank)
         lay = self._seq_layouts.get(key)
         if lay is None:
@@ -250,8 +250,9 @@ class UlyssesEngine:
         from .ring import ring_attention
 
         lengths = self._require_layout().lengths(kinds)
-        U = self.heads_world
-        blocks = tuple(sum(lengths[j * U : (j + 1) * U]) for j in range(self.ring.degree))
+        blocks = self.ring.block_lengths(lengths)
+        if key_mask is not None:
+            key_mask = self.ring.mask_in_ring_order(key_mask, lengths)
         if self.vmajor is not None and self.vmajor.plan is not None and layer is not None:
             from .ring import ring_attention_vmajor
 

@@ -65,7 +65,8 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
     topology = Topology.resolve(config.topology, world, dist.get_process_group_ranks(group))
     attentions = plan.attention_modules(model)
     heads_min = min((attn.heads for _, attn in attentions), default=world)
-    ulysses, ring = split_degree(world, heads_min, config.ring_degree, fits=lambda u: _covers(topology, u))
+    inner = config.ring_placement == "ulysses_inner"
+    ulysses, ring = split_degree(world, heads_min, config.ring_degree, fits=lambda u: not inner or _covers(topology, u))
     for name, attn in attentions:
         heads = attn.heads
         if heads < ulysses:
@@ -78,7 +79,8 @@ def _validate(obj, config: ParallelConfig, group, world: int, device: torch.devi
         check_unfused(attn)
     if ring > 1:
         config.check_ring()  # options that do not compose with a ring yet
-        topology.inner(ulysses)  # raises when the Ulysses groups would not cover whole inner tiers
+        if inner:
+            topology.inner(ulysses)  # raises when the Ulysses groups would not cover whole inner tiers
         if world != dist.get_world_size():
             raise ValueError(
                 "cocodiff.parallelize: a ring dimension needs the group to be the whole world (its sub-groups are "
@@ -192,14 +194,29 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
 
         emu = config.emulate_slow_tier
         slow = slow_link_options(group, emu.max_ctas) if emu is not None else None
-        heads_group, ring = build_ring(group, ulysses, ring_degree, ring_options=slow)
-        outer = len(topology.tiers)
-        topology = topology.inner(ulysses)  # the head exchanges run inside the Ulysses group: its tiers
+        inner = config.ring_placement == "ulysses_inner"
+        heads_group, ring = build_ring(
+            group,
+            ulysses,
+            ring_degree,
+            placement=config.ring_placement,
+            ring_options=slow if inner else None,  # the groups that cross the emulated slow tier get its cap
+            heads_options=None if inner else slow,
+        )
         # V-Major selects on the ring's hops, not in the Ulysses exchanges (no node groups for it)
         exchange_config = config.with_(v_major=None)
-        if emu is not None and (len(topology.tiers) < outer or topology.sizes[-1] == 1):
-            # the Ulysses groups lie inside one emulated node: only the ring's hops cross the slow tier
-            exchange_config = exchange_config.with_(emulate_slow_tier=None)
+        if inner:
+            outer = len(topology.tiers)
+            topology = topology.inner(ulysses)  # the head exchanges run inside the Ulysses group: its tiers
+            if emu is not None and (len(topology.tiers) < outer or topology.sizes[-1] == 1):
+                # the Ulysses groups lie inside one emulated node: only the ring's hops cross the slow tier
+                exchange_config = exchange_config.with_(emulate_slow_tier=None)
+        else:
+            # strided Ulysses groups, one rank per node or so: one flat exchange over the group (capped under
+            # emulation), no tier sub-groups
+            topology = Topology((ulysses,))
+            route = "flat" if config.all_to_all == "tapa" else config.all_to_all
+            exchange_config = exchange_config.with_(emulate_slow_tier=None, all_to_all=route)
         groups = build_groups(topology, heads_group, **needs_groups(exchange_config), parent=group)
         if config.ring_degree is None and dist.get_rank(group) == 0:
             print(

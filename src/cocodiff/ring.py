@@ -22,17 +22,49 @@ import itertools
 import torch
 import torch.distributed as dist
 
+PLACEMENTS = ("ulysses_inner", "ring_inner")
+
+
+def layout(world: int, ulysses: int, placement: str) -> list[list[int]]:
+    """The ranks (of the sequence-parallel group) of each Ulysses group, ring position by ring position:
+    "ulysses_inner": contiguous ranks (a node's GPUs exchange heads, the ring crosses nodes); "ring_inner":
+    strided ranks (the ring runs inside a node, the head exchanges cross nodes)."""
+    degree = world // ulysses
+    if placement == "ulysses_inner":
+        return [[j * ulysses + u for u in range(ulysses)] for j in range(degree)]
+    return [[u * degree + j for u in range(ulysses)] for j in range(degree)]
+
 
 class Ring:
-    """One rank's ring: its position, the ring's process group and the global ranks of its neighbours."""
+    """One rank's ring: its position, the ring's process group, the global ranks of its neighbours, and which
+    sequence-parallel ranks hold each ring block (`blocks[j]`: Ulysses group j, in head-exchange order)."""
 
-    def __init__(self, group, degree: int, rank: int):
+    def __init__(self, group, degree: int, rank: int, blocks: list[list[int]] | None = None):
         self.group = group
         self.degree = degree
         self.rank = rank
         ranks = dist.get_process_group_ranks(group)
         self.next = ranks[(rank + 1) % degree]
         self.prev = ranks[(rank - 1) % degree]
+        self.blocks = blocks
+        self.contiguous = blocks is None or all(b == list(range(b[0], b[0] + len(b))) for b in blocks)
+        self._order: dict[tuple, torch.Tensor] = {}
+
+    def block_lengths(self, lengths: tuple[int, ...]) -> tuple[int, ...]:
+        """Tokens of each ring block, from the per-rank lengths of the sequence-parallel group."""
+        return tuple(sum(lengths[m] for m in b) for b in self.blocks)
+
+    def mask_in_ring_order(self, key_mask: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
+        """`key_mask` `(B, S)` in rank order -> in ring-block order (blocks concatenated; a no-op for contiguous
+        Ulysses groups)."""
+        if self.contiguous:
+            return key_mask
+        order = self._order.get((lengths, key_mask.device))
+        if order is None:
+            starts = [0, *itertools.accumulate(lengths)]
+            idx = [i for b in self.blocks for m in b for i in range(starts[m], starts[m] + lengths[m])]
+            order = self._order[(lengths, key_mask.device)] = torch.tensor(idx, device=key_mask.device)
+        return key_mask.index_select(1, order)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None):
@@ -215,22 +247,28 @@ def ring_attention_vmajor(
     return acc.to(q.dtype)
 
 
-def build_ring(group, ulysses: int, degree: int, ring_options=None):
+def build_ring(
+    group, ulysses: int, degree: int, *, placement: str = "ulysses_inner", ring_options=None, heads_options=None
+):
     """(this rank's Ulysses group, its `Ring`) for `group` (the whole world) as `degree` ring positions x `ulysses`
-    contiguous ranks. Collective: every rank creates every sub-group, in the same order. `ring_options`: process
-    group options of the rings (slow-tier emulation's CTA cap)."""
+    ranks placed by `placement` (`layout`). Collective: every rank creates every sub-group, in the same order.
+    `ring_options` / `heads_options`: process group options of the rings / Ulysses groups (slow-tier emulation's
+    CTA cap on the groups that cross the slow tier)."""
     parent = dist.get_process_group_ranks(group)
     me = dist.get_rank(group)
+    blocks = layout(len(parent), ulysses, placement)
     heads_group = ring_group = None
-    for j in range(degree):
-        g = dist.new_group([parent[j * ulysses + u] for u in range(ulysses)])
-        if me // ulysses == j:
+    position = next(j for j, b in enumerate(blocks) if me in b)
+    for j, members in enumerate(blocks):
+        g = dist.new_group([parent[m] for m in members], pg_options=heads_options)
+        if j == position:
             heads_group = g
     for u in range(ulysses):
-        g = dist.new_group([parent[j * ulysses + u] for j in range(degree)], pg_options=ring_options)
-        if me % ulysses == u:
+        members = [blocks[j][u] for j in range(degree)]
+        g = dist.new_group([parent[m] for m in members], pg_options=ring_options)
+        if me in members:
             ring_group = g
-    return heads_group, Ring(ring_group, degree, me // ulysses)
+    return heads_group, Ring(ring_group, degree, position, blocks)
 
 
 def split_degree(world: int, heads: int, ring_degree: int | None, fits=lambda ulysses: True) -> tuple[int, int]:
