@@ -72,3 +72,18 @@ def test_sd3_and_qwen_references_equal_diffusers(dtype, tol):
         got = qwen_qk_reference(img, txt, norms[0].weight, norms[1].weight, 1e-6, *real)
     assert got.dtype == want.dtype
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_a_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch):
+    from cocodiff import fused_qk
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no Triton here")
+
+    wrapper = fused_qk._CompiledOrReference(fused_qk.norms_cat_reference)
+    monkeypatch.setattr(wrapper, "kernel", broken)
+    x, w = torch.randn(1, 3, 2, 4), torch.ones(4)
+    with pytest.warns(UserWarning, match="compiling norms_cat_reference failed"):
+        out = wrapper(x, x, w, w, 1e-6)
+    torch.testing.assert_close(out, fused_qk.norms_cat_reference(x, x, w, w, 1e-6))
+    assert wrapper(x, x, w, w, 1e-6).shape == out.shape  # later calls: the eager definition, no warning

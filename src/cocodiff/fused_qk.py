@@ -122,7 +122,34 @@ def qwen_qk_reference(img, txt, w_img, w_txt, eps: float, img_freqs, txt_freqs) 
     return torch.cat([txt, img], dim=1)
 
 
+class _CompiledOrReference:
+    """`fn` compiled by inductor; if compiling it fails on this machine, one warning and `fn` itself from then on
+    (the same math, eagerly): a kernel that cannot be built costs speed, never the run."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.kernel = torch.compile(fn, dynamic=False, fullgraph=True)
+        self.failed = False
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.fn(*args)
+        try:
+            return self.kernel(*args)
+        except Exception as exc:  # inductor/Triton unavailable or a lowering error: report once, run eagerly
+            import warnings
+
+            warnings.warn(
+                f"cocodiff fuse_qk: compiling {self.fn.__name__} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                "running its eager definition instead (same result, slower)",
+                stacklevel=2,
+            )
+            self.failed = True
+            return self.fn(*args)
+
+
 @functools.cache
 def compiled(fn):
-    """`fn` compiled by inductor (static shapes, one graph), once per function (tests substitute `fn` itself)."""
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    """`fn` compiled by inductor (static shapes, one graph), once per function, with the eager fallback of
+    `_CompiledOrReference` (tests substitute `fn` itself)."""
+    return _CompiledOrReference(fn)

@@ -96,7 +96,9 @@ def run_e2e(args) -> int:
     Path(args.out, "ref").mkdir(parents=True, exist_ok=True)
     rows = []
     for world in counts:
-        rows += spawn(_e2e_rank, world, opts, backend="nccl" if cuda else "gloo", timeout_s=7200)[0]
+        # a peer's first call may compile for minutes while the other ranks wait at the row's barrier
+        backend = "nccl" if cuda else "gloo"
+        rows += spawn(_e2e_rank, world, opts, backend=backend, timeout_s=7200, collective_timeout_s=1800)[0]
     result = {"command": "cocodiff bench e2e", "env": _environment(cuda), "options": opts, "rows": rows}
     out = Path(args.out)
     (out / "e2e.json").write_text(json.dumps(result, indent=1))
