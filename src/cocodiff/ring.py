@@ -1,8 +1,9 @@
 """Ring attention: the second sequence-parallel dimension, for degrees past the head count (Ulysses x ring).
 
-With `ring_degree=R` the P ranks form R rings positions x U = P / R Ulysses ranks. Ranks `j*U .. j*U+U-1` are
-Ulysses group j (contiguous: inside a node when U divides the GPUs per node), and ranks `u, U+u, 2U+u, ...` form
-ring u. The tokens are split over all P ranks as without a ring; the Ulysses exchange inside group j gives every
+With `ring_degree=R` the P ranks form R ring positions x U = P / R Ulysses ranks. By default
+(`ring_placement="ulysses_inner"`) ranks `j*U .. j*U+U-1` are Ulysses group j (contiguous: inside a node when U
+divides the GPUs per node) and ranks `u, U+u, 2U+u, ...` form ring u; "ring_inner" is the reverse (`layout`).
+The tokens are split over all P ranks as without a ring; the Ulysses exchange inside group j gives every
 member all of group j's tokens for H/U heads (`schedule.attend`); the attention over the whole sequence is then
 a ring: each rank holds Q, K and V of its group's tokens ("block j"), computes attention of its Q against the
 K/V block in hand while the next block arrives from its ring predecessor (point-to-point send/receive, started
@@ -13,6 +14,9 @@ before the compute), and merges the partial results exactly through their log-su
 Blocks have the lengths the token layout gives (uneven groups are fine: every rank knows every block's
 length, so receive buffers have the exact size); a key-padding mask travels as its slice per block. No host
 synchronisation: the step still captures in a CUDA graph (NCCL point-to-point inside a capture).
+
+With V-Major (`ring_attention_vmajor`) each block travels as its owner's selection of most-changed tokens, and
+every rank attends to its cached copy of the other blocks with those rows updated.
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ import itertools
 
 import torch
 import torch.distributed as dist
-
-PLACEMENTS = ("ulysses_inner", "ring_inner")
 
 
 def layout(world: int, ulysses: int, placement: str) -> list[list[int]]:
