@@ -21,7 +21,6 @@ import torch
 from diffusers import HunyuanVideoTransformer3DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoSingleTransformerBlock,
     HunyuanVideoTokenReplaceSingleTransformerBlock,
@@ -32,17 +31,7 @@ from .. import fused_qk
 from ..compiled import opaque_to_compile
 from ..layout import IMG, TXT
 from ..sharding import Gather, ModelPlan, Split
-from .joint import JointAttnProcessor, matching, refuse_attention_kwargs, require, rotate, split_mlp
-
-
-def _fusable(norm) -> bool:
-    return (
-        type(norm) is RMSNorm
-        and norm.weight is not None
-        and norm.bias is None
-        and not norm._forward_hooks
-        and not norm._forward_pre_hooks
-    )
+from .joint import JointAttnProcessor, diffusers_rms, matching, refuse_attention_kwargs, require, rotate, split_mlp
 
 
 def hunyuan_qk(engine, img, txt, norm, added_norm, freqs):
@@ -54,8 +43,8 @@ def hunyuan_qk(engine, img, txt, norm, added_norm, freqs):
         and isinstance(freqs, tuple)
         and img.numel()
         and (txt is None or txt.numel())
-        and _fusable(norm)
-        and (txt is None or (_fusable(added_norm) and added_norm.eps == norm.eps))
+        and diffusers_rms(norm)
+        and (txt is None or (diffusers_rms(added_norm) and added_norm.eps == norm.eps))
     ):
         w_txt = None if txt is None else added_norm.weight
         return fused_qk.compiled(fused_qk.norm_rope_cat_reference)(img, txt, norm.weight, w_txt, norm.eps, *freqs)
