@@ -1,0 +1,320 @@
+"""A step-time model for N nodes x G GPUs, calibrated on committed H200 measurements, checked against measurements
+it was not fitted on, then used for predictions (labelled as such).
+
+    python benchmarks/scaling_model.py --out docs/benchmarks/DATE-scaling
+
+Model (one transformer step of Ulysses over P = N x G ranks, V-First, fused Q/K, CUDA graph, bf16):
+
+    T(P, S, links) = C(P, S) + e * X(P, S, links)
+
+- C, the per-rank compute (the no-exchange bound): (a S + b S^2) / P + c, S = image + text tokens. FLUX.1-sized:
+  fitted exactly on four measured bounds (P = 1 and 4, 1024^2 and 2048^2). Wan-14B-sized: a, b from the two
+  one-GPU steps (480p, 720p), c = 0 (steps take seconds).
+- X, the time of the step's exchanges if nothing hid them: layers x 4 exchanges (Q, K, V, output), each a block
+  all-to-all of S / P tokens x all heads per rank (bf16). Fast tier (NVLink): alpha_f + bytes / beta_f, fitted on
+  `cocodiff bench a2a` over 4 H200 (graph-replayed); slow tier: the bytes leaving a node's GPU / beta_s; both
+  tiers run at once (max).
+- e, the exposed fraction of X: one number, fitted on one run (P = 2 over an emulated 40 GB/s link).
+- V-Major: its slow-tier bytes scaled by the fraction it sends (measured on the small model: 1 / 2.73 at 50 steps).
+
+Inputs are the committed JSON files named in INPUTS; outputs: scaling.json, scaling.md, scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks"
+INPUTS = {
+    "flux_1gpu": "2026-11-30-restructure/flux_P1.json",
+    "flux_2gpu": "2026-11-30-restructure/flux_P2.json",
+    "flux_4gpu": "2026-11-28-overlap/flux_P4.json",
+    "flux_4gpu_emulated": "2026-11-28-overlap/flux_P4_2x2_emulated.json",
+    "flux_2gpu_compiled_run": "2026-11-30-compiled/flux_P2_1024.json",
+    "vmajor_speed": "2026-11-30-vmajor/vmajor_speed_1024.json",
+    "a2a_nvlink": "2026-11-28-tapa/a2a_4_P4.json",
+    "wan_1gpu": "2026-11-30-video/wan_P1.json",
+    "wan_2gpu": "2026-11-30-video/wan_P2.json",
+}
+MODELS = {  # attention layers, heads x head dim, text tokens, heads
+    "FLUX.1": dict(layers=57, inner=3072, text=512, heads=24),
+    "Wan2.1-14B": dict(layers=40, inner=5120, text=0, heads=40),  # text is cross-attention: not exchanged
+}
+VMAJOR_SLOW_FRACTION = 1 / 2.73  # slow-tier bytes V-Major sends, 50 steps, defaults (2026-11-30-vmajor)
+ASSUMED_NIC_EFFICIENCY = 0.8  # a 400 Gb/s NIC's all-to-all throughput taken as 80% of line rate: an assumption
+
+
+def load(name: str) -> dict:
+    return json.loads((DOCS / INPUTS[name]).read_text())
+
+
+def graph_ms(d: dict, size: str, config: str) -> float:
+    row = d["sizes"][size][config]
+    return row.get("graph_ms_median") or row["eager_ms_median"]
+
+
+class Link:
+    """Hockney fit of the NVLink all-to-all (per exchange: alpha + bytes sent per rank / beta)."""
+
+    def __init__(self, a2a: dict):
+        m = np.array([r["MB_per_rank"] * 1e6 for r in a2a["rows"]])
+        t = np.array([r["flat_graph_ms"] * 1e-3 for r in a2a["rows"]])
+        slope, self.alpha = np.polyfit(m, t, 1)
+        self.beta = 1.0 / slope  # bytes/s per rank
+
+    def as_dict(self) -> dict:
+        return {"alpha_us": self.alpha * 1e6, "beta_GBps_per_rank": self.beta / 1e9}
+
+
+def exchange_ms(
+    model: dict,
+    P: int,
+    S: int,
+    link: Link,
+    *,
+    G: int | None = None,
+    beta_slow: float | None = None,
+    slow_fraction: float = 1.0,
+) -> float:
+    """X: the step's exchanges back to back (ms) over P ranks, G per node (None: one node of P)."""
+    if P == 1:
+        return 0.0
+    per = S / P * model["inner"] * 2  # bytes of this rank's tokens, all heads, bf16
+    n = model["layers"] * 4
+    if G is None or G >= P or beta_slow is None:
+        return n * (link.alpha + per * (P - 1) / P / link.beta) * 1e3
+    fast = link.alpha + per * (G - 1) / P / link.beta if G > 1 else 0.0
+    slow = per * (P - G) / P * slow_fraction / beta_slow
+    return n * max(fast, slow) * 1e3
+
+
+def fit_flux_compute() -> tuple[np.ndarray, list[dict]]:
+    one, four = load("flux_1gpu"), load("flux_4gpu")
+    pts = [
+        (1, "1024", graph_ms(one, "1024", "single+fused")),
+        (1, "2048", graph_ms(one, "2048", "single+fused")),
+        (4, "1024", graph_ms(four, "1024", "nocomm-vfirst+fused")),
+        (4, "2048", graph_ms(four, "2048", "nocomm-vfirst+fused")),
+    ]
+    S = {"1024": 4096 + 512, "2048": 16384 + 512}
+    A = np.array([[S[s] / P, S[s] ** 2 / P, 1.0] for P, s, _ in pts])
+    y = np.array([t for *_, t in pts])
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    used = [{"P": P, "size": s, "ms": t} for P, s, t in pts]
+    return coef, used
+
+
+def compute_ms(coef, P: int, S: int) -> float:
+    a, b, c = coef
+    return (a * S + b * S * S) / P + c
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    link = Link(load("a2a_nvlink"))
+    flux = MODELS["FLUX.1"]
+    coef, fit_points = fit_flux_compute()
+    S = {"1024": 4096 + 512, "2048": 16384 + 512}
+
+    # e: fitted on one run, P = 2 over an emulated 40 GB/s slow link (2 nodes x 1 GPU), V-First + fused, 1024^2
+    vm = load("vmajor_speed")
+    runs = {(r["config"], r["ctas"]): r for r in vm["runs"]}
+    fit_run = runs[("vfirst+fused", 4)]
+    nocomm = runs[("nocomm", 4)]["step_ms_10"]
+    x_fit = exchange_ms(flux, 2, S["1024"], link, G=1, beta_slow=fit_run["link_GBps_per_rank"] * 1e9)
+    e = (fit_run["step_ms_10"] - nocomm) / x_fit
+
+    def predict(P, size, *, G=None, beta_slow=None, slow_fraction=1.0):
+        c = compute_ms(coef, P, S[size])
+        return c + e * exchange_ms(flux, P, S[size], link, G=G, beta_slow=beta_slow, slow_fraction=slow_fraction)
+
+    # checks against measurements not used in any fit
+    two, emu4 = load("flux_2gpu"), load("flux_4gpu_emulated")
+    four = load("flux_4gpu")
+    checks = [
+        ("FLUX.1 P=2 NVLink 1024^2, V-First+fused", graph_ms(two, "1024", "vfirst+fused"), predict(2, "1024")),
+        ("FLUX.1 P=2 NVLink 2048^2, V-First+fused", graph_ms(two, "2048", "vfirst+fused"), predict(2, "2048")),
+        ("FLUX.1 P=4 NVLink 1024^2, V-First+fused", graph_ms(four, "1024", "vfirst+fused"), predict(4, "1024")),
+        ("FLUX.1 P=4 NVLink 2048^2, V-First+fused", graph_ms(four, "2048", "vfirst+fused"), predict(4, "2048")),
+        (
+            "FLUX.1 P=2 no-exchange bound 1024^2 (compute model alone)",
+            graph_ms(load("flux_2gpu_compiled_run"), "1024", "nocomm-vfirst+fused"),
+            compute_ms(coef, 2, S["1024"]),
+        ),
+        (
+            "FLUX.1 P=2, 2 emulated nodes at 19.1 GB/s, 1024^2",
+            runs[("vfirst+fused", 1)]["step_ms_10"],
+            predict(2, "1024", G=1, beta_slow=runs[("vfirst+fused", 1)]["link_GBps_per_rank"] * 1e9),
+        ),
+        (
+            "FLUX.1 P=4, 2 emulated nodes x 2 (4 CTAs, ~40 GB/s), 1024^2",
+            graph_ms(emu4, "1024", "vfirst+fused"),
+            predict(4, "1024", G=2, beta_slow=40e9),
+        ),
+        (
+            "FLUX.1 P=4, 2 emulated nodes x 2 (4 CTAs, ~40 GB/s), 2048^2",
+            graph_ms(emu4, "2048", "vfirst+fused"),
+            predict(4, "2048", G=2, beta_slow=40e9),
+        ),
+    ]
+    # Wan-14B-sized: compute from the two one-GPU steps (c = 0), exchanges as above; check: P = 2
+    wan1, wan2 = load("wan_1gpu"), load("wan_2gpu")
+    wan = MODELS["Wan2.1-14B"]
+    ws = {r: wan1["resolutions"][r]["video_tokens"] for r in ("480p", "720p")}
+    w1 = {r: wan1["resolutions"][r]["single+fused"]["eager_ms_median"] for r in ws}
+    A = np.array([[ws[r], ws[r] ** 2] for r in ws])
+    wa, wb = np.linalg.solve(A, np.array([w1[r] for r in ws]))
+
+    def wan_predict(P, res, *, G=None, beta_slow=None, slow_fraction=1.0):
+        s = ws[res]
+        return (wa * s + wb * s * s) / P + e * exchange_ms(
+            wan, P, s, link, G=G, beta_slow=beta_slow, slow_fraction=slow_fraction
+        )
+
+    for res in ws:
+        meas = wan2["resolutions"][res]["ce-vfirst+fused"]["eager_ms_median"]
+        checks.append((f"Wan-14B P=2 NVLink {res} x 81 frames (copy engine)", meas, wan_predict(2, res)))
+    check_rows = [
+        {"what": w, "measured_ms": m, "predicted_ms": p, "error_pct": 100 * (p - m) / m} for w, m, p in checks
+    ]
+
+    # predictions: H200 nodes of 8 GPUs, 400 Gb/s NIC per GPU
+    nic = 50e9 * ASSUMED_NIC_EFFICIENCY
+    preds = []
+    for name, model, fn, shapes in (
+        ("FLUX.1", flux, predict, ("1024", "2048")),
+        ("Wan2.1-14B", wan, wan_predict, ("480p", "720p")),
+    ):
+        for shape in shapes:
+            one = fn(1, shape)
+            for nodes in (1, 2, 3, 4, 5, 8, 16):
+                P = nodes * 8
+                row = {"model": name, "shape": shape, "nodes": nodes, "gpus": P, "one_gpu_ms": one}
+                if P > model["heads"]:
+                    row["note"] = f"P > {model['heads']} heads: needs a ring dimension (not in this model yet)"
+                else:
+                    g = None if nodes == 1 else 8
+                    row["exact_ms"] = fn(P, shape, G=g, beta_slow=nic)
+                    row["vmajor_ms"] = fn(P, shape, G=g, beta_slow=nic, slow_fraction=VMAJOR_SLOW_FRACTION)
+                preds.append(row)
+    result = {
+        "inputs": INPUTS,
+        "compute_fit_flux": {
+            "a_ms_per_token": coef[0],
+            "b_ms_per_token2": coef[1],
+            "c_ms": coef[2],
+            "points": fit_points,
+        },
+        "compute_fit_wan": {"a_ms_per_token": wa, "b_ms_per_token2": wb},
+        "nvlink": link.as_dict(),
+        "exposed_fraction_e": e,
+        "e_fitted_on": "vmajor_speed 1024^2 vfirst+fused, 2 emulated nodes x 1 GPU at "
+        f"{fit_run['link_GBps_per_rank']:.1f} GB/s",
+        "checks": check_rows,
+        "assumptions": {
+            "nic_GBps_per_gpu": nic / 1e9,
+            "nic_efficiency": ASSUMED_NIC_EFFICIENCY,
+            "vmajor_slow_fraction": VMAJOR_SLOW_FRACTION,
+        },
+        "predictions": preds,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scaling.json").write_text(json.dumps(result, indent=1))
+    text = report(result)
+    (args.out / "scaling.md").write_text(text)
+    plot(result, args.out / "scaling.png")
+    print(text)
+
+
+def report(r: dict) -> str:
+    lines = [
+        "# Step-time model: fit, checks, predictions",
+        "",
+        f"Exposed fraction e = {r['exposed_fraction_e']:.3f} (fitted on {r['e_fitted_on']}); NVLink all-to-all: "
+        f"alpha {r['nvlink']['alpha_us']:.1f} us, {r['nvlink']['beta_GBps_per_rank']:.0f} GB/s per rank.",
+        "",
+        "## Checks against measurements the fits did not use",
+        "",
+        "| run | measured ms | model ms | error |",
+        "|---|---|---|---|",
+    ]
+    for c in r["checks"]:
+        lines.append(f"| {c['what']} | {c['measured_ms']:.1f} | {c['predicted_ms']:.1f} | {c['error_pct']:+.1f}% |")
+    errs = [abs(c["error_pct"]) for c in r["checks"]]
+    lines += [
+        "",
+        f"Largest error {max(errs):.1f}%, mean {sum(errs) / len(errs):.1f}%.",
+        "",
+        "## Predictions (not measurements): H200 nodes of 8 GPUs, 400 Gb/s NIC per GPU "
+        f"(all-to-all at {r['assumptions']['nic_GBps_per_gpu']:.0f} GB/s per GPU, an assumption)",
+        "",
+        "| model | shape | nodes x 8 | 1 GPU ms | exact ms | speed-up | V-Major ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in r["predictions"]:
+        if "exact_ms" not in p:
+            lines.append(f"| {p['model']} | {p['shape']} | {p['nodes']} | {p['one_gpu_ms']:.0f} | {p['note']} | | | |")
+            continue
+        lines.append(
+            f"| {p['model']} | {p['shape']} | {p['nodes']} | {p['one_gpu_ms']:.0f} | {p['exact_ms']:.1f} | "
+            f"{p['one_gpu_ms'] / p['exact_ms']:.1f}x | {p['vmajor_ms']:.1f} | {p['one_gpu_ms'] / p['vmajor_ms']:.1f}x |"
+        )
+    lines += [
+        "",
+        "Not modelled: the ring dimension past the head count, TAPA's phases (flat routing only), the SM",
+        "contention of NCCL's kernels with the compute (the NVLink checks show its size), and Aurora (no",
+        "calibration for its links). The compute fit's constant term is assumed to stay per step at any P.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    c = r["checks"]
+    ax = axes[0]
+    ax.scatter([x["measured_ms"] for x in c], [x["predicted_ms"] for x in c])
+    top = max(max(x["measured_ms"], x["predicted_ms"]) for x in c) * 1.1
+    ax.plot([1, top], [1, top], "k--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured ms per step")
+    ax.set_ylabel("model ms per step")
+    ax.set_title("checks (runs not used in the fits)")
+    ax = axes[1]
+    for model, shape in dict.fromkeys((p["model"], p["shape"]) for p in r["predictions"]):
+        pts = [p for p in r["predictions"] if (p["model"], p["shape"]) == (model, shape) and "exact_ms" in p]
+        if not pts:
+            continue
+        ax.plot(
+            [p["gpus"] for p in pts], [p["one_gpu_ms"] / p["exact_ms"] for p in pts], "o-", label=f"{model} {shape}"
+        )
+        ax.plot(
+            [p["gpus"] for p in pts],
+            [p["one_gpu_ms"] / p["vmajor_ms"] for p in pts],
+            "x--",
+            alpha=0.6,
+            label=f"{model} {shape}, V-Major",
+        )
+    ax.set_xlabel("GPUs (nodes of 8, 400 Gb/s NIC per GPU)")
+    ax.set_ylabel("predicted speed-up over 1 GPU")
+    ax.set_title("PREDICTIONS, not measurements")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
