@@ -126,3 +126,9 @@ def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
     assert (tmp_path / "e2e.md").read_text().startswith("# cocodiff bench e2e") and (tmp_path / "e2e.png").exists()
     assert cli.main(["bench", "e2e", "--cpu", "--peers", "regional-compile", "--out", str(tmp_path)]) == 2
     assert "--peers must include eager" in capsys.readouterr().err
+    # cocodiff's rows over an emulated slow tier (2 emulated nodes of 1 rank at P=2)
+    argv = ["bench", "e2e", "--cpu", "--peers", "eager", "--topology", "2x1", "--emulate", "--iters", "1"]
+    assert cli.main([*argv, "--out", str(tmp_path / "emulated")]) == 0
+    rows = json.loads((tmp_path / "emulated" / "e2e.json").read_text())["rows"]
+    emulated = [r for r in rows if r["P"] == 2 and r["engine"] == "cocodiff"]
+    assert emulated and "emulated" in emulated[0]["config"] and emulated[0]["rel_err_vs_1gpu"] < 1e-5
