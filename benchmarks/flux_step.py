@@ -414,8 +414,11 @@ def main() -> None:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{args.family}_P{world}{args.tag}.json").write_text(json.dumps(result, indent=1))
+    models = model = eng = extra_routes = peer = fused_model = None  # freed together, below
     if dist.is_initialized():
-        dist.barrier()
+        from cocodiff.apps.launch import release_together
+
+        release_together()
         dist.destroy_process_group()
 
 

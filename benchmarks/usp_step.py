@@ -187,7 +187,9 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"usp_{args.family}_P{world}.json").write_text(json.dumps(result, indent=1))
     if dist.is_initialized():
-        dist.barrier()
+        from cocodiff.apps.launch import release_together
+
+        release_together()
         dist.destroy_process_group()
 
 

@@ -305,8 +305,11 @@ def main() -> None:
         del model, fused_model
         if bench.cuda:
             torch.cuda.empty_cache()
+    copy_engine = None  # its symmetric buffers are freed together, below
     if dist.is_initialized():
-        dist.barrier()
+        from cocodiff.apps.launch import release_together
+
+        release_together()
         dist.destroy_process_group()
 
 

@@ -64,6 +64,23 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def release_together() -> None:
+    """Every rank frees what its work left behind (the copy-engine exchange's symmetric-memory buffers
+    included) at the same point, while the process group still lives, then waits for the others. Left to
+    interpreter exit, that teardown runs at a different moment on each rank, and a rank can wait there for a
+    peer that has already gone (a suspected cause of runs that wrote their results and did not exit)."""
+    import gc
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
 def run_launched(fn: Callable, *args, cuda: bool, collective_timeout_s: float) -> Any:
     """Run `fn(*args)` in this torchrun rank: NCCL on this process's GPU (LOCAL_RANK) or gloo on the CPU."""
     set_multi_gpu_env()
@@ -72,7 +89,9 @@ def run_launched(fn: Callable, *args, cuda: bool, collective_timeout_s: float) -
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout_s))
     try:
-        return fn(*args)
+        out = fn(*args)
+        release_together()
+        return out
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +152,7 @@ def _spawn_entry(rank, world, port, backend, collective_timeout_s, fn, args, con
     try:
         _init_group(rank, world, port, backend, collective_timeout_s)
         out = fn(*args)
+        release_together()
         _send(conn, ("ok", out))
     except BaseException:
         _die(conn, ("err", traceback.format_exc()))
