@@ -130,31 +130,56 @@ def ring_attention(
     R = ring.degree
     offsets = [0, *itertools.accumulate(block_lengths)]
     acc = acc_lse = None
-    kv = torch.stack([k, v])  # one message per hop: (2, B, H, S, D)
+    kv = (k, v)  # sent as they are: no staging copy before a hop
     for step in range(R):
         src = (ring.rank - step) % R  # whose block is in hand
         pending = None
         if step < R - 1:  # start the next hop before computing on this block
             nxt = (ring.rank - step - 1) % R
-            recv = kv.new_empty((2, *kv.shape[1:3], block_lengths[nxt], kv.shape[4]))
-            ops = [
-                dist.P2POp(dist.isend, kv, ring.next, ring.group),
-                dist.P2POp(dist.irecv, recv, ring.prev, ring.group),
-            ]
-            pending = (dist.batch_isend_irecv(ops), recv)
-            if stats is not None:
-                stats.ring_bytes += kv.numel() * kv.element_size()
+            pending = _hop(kv, block_lengths[nxt], ring, stats)
         if block_lengths[src] > 0 and q.shape[2] > 0:
             mask = None if key_mask is None else key_mask[:, offsets[src] : offsets[src + 1]]
             out, lse = attention_with_lse(q, kv[0], kv[1], mask)
             acc, acc_lse = _merge(acc, acc_lse, out, lse)
         if pending is not None:
-            for work in pending[0]:
-                work.wait()
-            kv = pending[1]
+            kv = _arrived(pending)
     if acc is None:  # no query, or no key anywhere
         return torch.zeros_like(q)
     return acc.to(q.dtype)
+
+
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """`(B, H, S, D)` -> its `(S, B, H, D)` view: contiguous for what the Ulysses exchange delivers (its receive
+    buffer is token-major) and for rows selected with `_select_rows`, so a hop sends without a staging copy."""
+    t = t.permute(2, 0, 1, 3)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _select_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Tokens `idx` of `x` `(B, H, S, D)`, gathered token-major (a `(B, H, K, D)` view of contiguous rows)."""
+    return x.permute(2, 0, 1, 3).index_select(0, idx).permute(1, 2, 0, 3)
+
+
+def _hop(tensors, n: int, ring: Ring, stats):
+    """Send `tensors` (`(B, H, S, D)` blocks, then optionally the `(K,)` token indices) to the ring's successor and
+    receive the predecessor's, `n` tokens, in one batch of point-to-point ops: (works, received)."""
+    ops, received = [], []
+    for t in tensors:
+        wire = _token_major(t) if t.dim() == 4 else t
+        r = wire.new_empty((n, *wire.shape[1:]))
+        ops += [dist.P2POp(dist.isend, wire, ring.next, ring.group), dist.P2POp(dist.irecv, r, ring.prev, ring.group)]
+        received.append(r)
+        if stats is not None:
+            stats.ring_bytes += wire.numel() * wire.element_size()
+    return dist.batch_isend_irecv(ops), received
+
+
+def _arrived(pending) -> tuple:
+    """Wait for a hop (orders streams on NCCL, no host sync) and return its tensors, blocks as `(B, H, n, D)`."""
+    works, received = pending
+    for work in works:
+        work.wait()
+    return tuple(r.permute(1, 2, 0, 3) if r.dim() == 4 else r for r in received)
 
 
 class RingCaches:
@@ -196,54 +221,37 @@ def ring_attention_vmajor(
     own block is always exact. `counts=None`: a full call, every row travels and refills the caches."""
     R, me = ring.degree, ring.rank
     offsets = [0, *itertools.accumulate(block_lengths)]
+    # the message of a hop: (K rows, V rows) of a block, plus their token indices on a selective call
     if counts is None:
         caches.ref.copy_(v)
-        msg = (torch.stack([k, v]), None)
+        msg = (k, v)
     else:
         idx = _most_changed(v, caches.ref, counts[me])
-        caches.ref.index_copy_(2, idx, v.index_select(2, idx))
-        msg = (torch.stack([k.index_select(2, idx), v.index_select(2, idx)]), idx)
+        v_rows = _select_rows(v, idx)
+        caches.ref.index_copy_(2, idx, v_rows)
+        msg = (_select_rows(k, idx), v_rows, idx)
     acc = acc_lse = None
     for step in range(R):
         src = (me - step) % R
         pending = None
         if step < R - 1:  # forward the message in hand (its block's rows) while attending to its block
             nxt = (me - step - 1) % R
-            n = block_lengths[nxt] if counts is None else counts[nxt]
-            rows, idx = msg
-            recv_rows = rows.new_empty((2, *rows.shape[1:3], n, rows.shape[4]))
-            ops = [
-                dist.P2POp(dist.isend, rows, ring.next, ring.group),
-                dist.P2POp(dist.irecv, recv_rows, ring.prev, ring.group),
-            ]
-            recv_idx = None
-            if idx is not None:
-                recv_idx = idx.new_empty(n)
-                ops += [
-                    dist.P2POp(dist.isend, idx, ring.next, ring.group),
-                    dist.P2POp(dist.irecv, recv_idx, ring.prev, ring.group),
-                ]
-            pending = (dist.batch_isend_irecv(ops), (recv_rows, recv_idx))
-            if stats is not None:
-                stats.ring_bytes += rows.numel() * rows.element_size() + (0 if idx is None else idx.numel() * 8)
+            pending = _hop(msg, block_lengths[nxt] if counts is None else counts[nxt], ring, stats)
         if step == 0:
             kb, vb = k, v
         else:  # the message in hand updates this rank's copy of block src
-            rows, idx = msg
-            if idx is None:
-                caches.k[src].copy_(rows[0])
-                caches.v[src].copy_(rows[1])
+            if counts is None:
+                caches.k[src].copy_(msg[0])
+                caches.v[src].copy_(msg[1])
             else:
-                caches.k[src].index_copy_(2, idx, rows[0])
-                caches.v[src].index_copy_(2, idx, rows[1])
+                caches.k[src].index_copy_(2, msg[2], msg[0])
+                caches.v[src].index_copy_(2, msg[2], msg[1])
             kb, vb = caches.k[src], caches.v[src]
         if block_lengths[src] > 0 and q.shape[2] > 0:
             mask = None if key_mask is None else key_mask[:, offsets[src] : offsets[src + 1]]
             acc, acc_lse = _merge(acc, acc_lse, *attention_with_lse(q, kb, vb, mask))
         if pending is not None:
-            for work in pending[0]:
-                work.wait()
-            msg = pending[1]
+            msg = _arrived(pending)
     if acc is None:
         return torch.zeros_like(q)
     return acc.to(q.dtype)
