@@ -276,51 +276,16 @@ def step_context_over_generations(world):
     return True
 
 
-def _none(pipeline_class) -> dict:
-    """None for every component of a pipeline but its transformer and scheduler (text encoders, VAE, ...)."""
-    import inspect
-
-    names = inspect.signature(pipeline_class.__init__).parameters
-    return {n: None for n in names if n not in ("self", "transformer", "scheduler")}
-
-
 def _pipeline(family: str, transformer):
-    """A diffusers pipeline around `transformer`, without text encoders or VAE (embeddings are given and the
-    output is latents), and the keyword arguments of one call: (pipeline, call kwargs)."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        Flux2Pipeline,
-        FluxPipeline,
-        QwenImagePipeline,
-        StableDiffusion3Pipeline,
-    )
-
-    g = torch.Generator().manual_seed(7)
-    sched = FlowMatchEulerDiscreteScheduler()
-    common = dict(height=64, width=80, num_inference_steps=6, output_type="latent")
-    dim = transformer.config.joint_attention_dim
-
-    def emb(n):
-        return torch.randn(1, n, dim, generator=g)
-
-    if family == "flux":
-        pipe = FluxPipeline(transformer=transformer, scheduler=sched, **_none(FluxPipeline))
-        pooled = torch.randn(1, transformer.config.pooled_projection_dim, generator=g)
-        return pipe, dict(prompt_embeds=emb(5), pooled_prompt_embeds=pooled, guidance_scale=3.5, **common)
-    if family == "sd3":
-        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, **_none(StableDiffusion3Pipeline))
-        pdim = transformer.config.pooled_projection_dim
-        kw = dict(prompt_embeds=emb(5), pooled_prompt_embeds=torch.randn(1, pdim, generator=g))
-        kw.update(negative_prompt_embeds=emb(5), negative_pooled_prompt_embeds=torch.randn(1, pdim, generator=g))
-        return pipe, dict(guidance_scale=3.0, **kw, **common)  # CFG batched: one call of batch 2 per step
+    """The family's diffusers pipeline around `transformer` (`families.pipeline_around`: embeddings given, latents
+    out) at a small size, 6 steps; Qwen-Image's text gets one padded token (the text mask path)."""
+    n_txt = 6 if family == "qwenimage" else 5
+    pipe, kwargs = zoo.pipeline_around(family, transformer, height=64, width=80, steps=6, n_txt=n_txt)
     if family == "qwenimage":
-        pipe = QwenImagePipeline(transformer=transformer, scheduler=sched, **_none(QwenImagePipeline))
-        mask = torch.ones(1, 6, dtype=torch.long)
-        mask[0, -1] = 0  # a padded text token: the text mask path
-        kw = dict(prompt_embeds=emb(6), prompt_embeds_mask=mask, negative_prompt_embeds=emb(6))
-        return pipe, dict(negative_prompt_embeds_mask=mask, true_cfg_scale=4.0, **kw, **common)  # two calls/step
-    pipe = Flux2Pipeline(transformer=transformer, scheduler=sched, **_none(Flux2Pipeline))
-    return pipe, dict(prompt_embeds=emb(5), **common)
+        mask = kwargs["prompt_embeds_mask"].clone()
+        mask[0, -1] = 0
+        kwargs.update(prompt_embeds_mask=mask, negative_prompt_embeds_mask=mask)
+    return pipe, kwargs
 
 
 def pipeline_runs(family: str, vm_kwargs: dict | None):
