@@ -52,6 +52,22 @@ _WAN_14B = dict(
     rope_max_seq_len=1024,
 )
 
+# Wan at a CPU test's size: 12 heads divide 2, 3 and 4 ranks; head dim 6 gives Wan's RoPE 2 + 2 + 2 dims
+_WAN_TINY = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=6,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
 CONFIGS: dict[str, dict[str, dict]] = {
     "flux": {
         "tiny": dict(
@@ -152,39 +168,10 @@ CONFIGS: dict[str, dict[str, dict]] = {
         "full": dict(),
     },
     "wan": {
-        # 12 heads divide 2, 3 and 4 ranks; head dim 6 gives Wan's RoPE 2 + 2 + 2 dims (frames, rows, cols)
-        "tiny": dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=12,
-            attention_head_dim=6,
-            in_channels=4,
-            out_channels=4,
-            text_dim=16,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        ),
+        "tiny": dict(_WAN_TINY),
         # Wan 2.1 I2V: image context tokens (CLIP features) join the cross-attention's keys (`add_k_proj`); the
         # text must then be 512 tokens (diffusers' processor hard-codes it)
-        "tiny-i2v": dict(
-            patch_size=(1, 2, 2),
-            num_attention_heads=12,
-            attention_head_dim=6,
-            in_channels=8,
-            out_channels=4,
-            text_dim=16,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-            image_dim=8,
-            added_kv_proj_dim=72,
-        ),
+        "tiny-i2v": dict(_WAN_TINY, in_channels=8, image_dim=8, added_kv_proj_dim=72),
         # Wan2.1-T2V-14B (Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json: dim 5120 = 40 x 128, 40 layers,
         # ffn 13824, UMT5 text dim 4096); Wan 2.2 T2V/I2V-A14B use two experts of this size (`transformer_2`)
         "full": dict(_WAN_14B),
