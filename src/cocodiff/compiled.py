@@ -4,7 +4,8 @@ In a DiT step the GEMMs and the attention are a fixed cost; what the exchanges l
 elementwise work: adaptive-norm modulation, gates, residual adds, LayerNorms, activations (about 38% of an
 eager FLUX.1 step on H200s, docs/benchmarks/2026-11-28-overlap). Inductor fuses those chains into a few
 kernels. `ParallelConfig(compile_blocks=True)` compiles every transformer block of the model (the family's
-repeated block classes, `ModelPlan.block_classes`) with `torch.compile`, once per input shape.
+repeated block classes: `ModelPlan.blocks`, else diffusers' `_repeated_blocks`) with `torch.compile`,
+once per input shape.
 
 The sharded attention stays outside the compiled regions: every cocodiff attention processor is opaque to
 TorchDynamo (`torch.compiler.disable`), so a compiled block is cut at its attention call into compiled
@@ -32,9 +33,9 @@ GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor modes that add CUD
 
 
 def opaque_to_compile(fn):
-    """Mark an attention processor's `__call__` as opaque to TorchDynamo: our exchanges (NCCL work on side
-    streams, symmetric-memory copies, V-Major's host-side plan) are not traceable, so a compiled block is
-    cut here and the processor runs as in eager mode."""
+    """Mark an attention processor's `__call__` or a sharding hook as opaque to TorchDynamo: our exchanges (NCCL
+    work on side streams, symmetric-memory copies, V-Major's host-side plan) and the per-call layout are not
+    traceable, so a compiled block is cut here and the function runs as in eager mode."""
     return torch.compiler.disable(fn)
 
 
