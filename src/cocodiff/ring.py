@@ -75,9 +75,11 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
     bias = None
     if key_mask is not None:
         # rows padded to a multiple of 16 elements: CUDA's efficient kernel needs an aligned batch stride
+        # (filled in place: an out-of-place fill would return a contiguous, unaligned copy)
         B, T = key_mask.shape
-        bias = torch.zeros(B, -(-T // 16) * 16, dtype=q.dtype, device=q.device)[:, :T]
-        bias = bias.masked_fill(~key_mask, float("-inf"))[:, None, None, :]
+        bias = torch.zeros(B, -(-T // 16) * 16, dtype=q.dtype, device=q.device)
+        bias[:, :T].masked_fill_(~key_mask, float("-inf"))
+        bias = bias[:, None, None, :T]
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
     elif bias is None and q.dtype in (torch.float16, torch.bfloat16):
