@@ -1014,3 +1014,21 @@ def ring_refusals(world):
         except ValueError as exc:
             out[name] = str(exc)
     return out
+
+
+def flux128_one_step(world):
+    """One transformer call of the shipped 4096-token model (flux128) on `world` ranks: its output on rank 0."""
+    from cocodiff.apps.smallmodel import load_small_model, velocity
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    sm = load_small_model("flux128")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4096, 12, generator=g)
+    if world > 1:
+        cocodiff.parallelize(sm.transformer, cocodiff.ParallelConfig(v_first=True), group=group)
+    with torch.no_grad():
+        out = velocity(sm, x, torch.tensor([0.3, 0.8]), torch.tensor([0, 5]))
+    return out if dist.get_rank() == 0 else None

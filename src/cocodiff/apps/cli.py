@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         default=None,
-        help="diffusers pipeline folder (model_index.json: FLUX.1, SD3/3.5, Qwen-Image, FLUX.2) or a small model "
-        "saved by cocodiff; default: the shipped small model",
+        help="diffusers pipeline folder (model_index.json: FLUX.1, SD3/3.5, Qwen-Image, FLUX.2), a small model "
+        "saved by cocodiff, or a shipped one by name (small; flux128: 128x128 px, 4096 tokens, for GPUs); "
+        "default: the shipped small model",
     )
     gen.add_argument("--prompt", default=None, help="the text (small model: a class name; default: every class)")
     gen.add_argument(
@@ -162,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=_int_at_least(1), default=20, help="denoising steps")
     demo.add_argument("--num-images", type=_int_at_least(1), default=4, help="images to generate (one batch)")
-    demo.add_argument("--model", default=None, help="a small model folder saved by cocodiff (default: shipped)")
+    demo.add_argument(
+        "--model",
+        default=None,
+        help="a small model folder saved by cocodiff, or a shipped one by name: small (the default; 32x32 px) or "
+        "flux128 (128x128 px, 4096 tokens as FLUX.1 at 1024^2; for GPUs)",
+    )
     demo.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
     _add_run_args(demo, out="cocodiff-out/demo")
 

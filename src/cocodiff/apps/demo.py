@@ -34,7 +34,12 @@ def demo_report(record: dict, info) -> dict:
     size = record["height"]
     return {
         **record,
-        "model": "shipped trained small FLUX" if info.trained else "RANDOM-WEIGHT small FLUX (untrained: noise-like)",
+        "model": (
+            f"trained cocodiff model {info.path.name if info.path else 'small_flux'} ({size}x{size} px, "
+            f"{(size // 2) ** 2} tokens)"
+            if info.trained
+            else "RANDOM-WEIGHT small FLUX (untrained: noise-like)"
+        ),
         "trained": info.trained,
         "classes": [info.classes[i] for i in labels],
         "image_size": size,
@@ -65,9 +70,13 @@ def run_demo(args) -> int:
     """The `demo` subcommand."""
     from .cli import checked
     from .generate import launch, prepare
+    from .smallmodel import SHIPPED_MODELS, resolve_model
 
-    if args.model is not None and not Path(args.model).exists():
-        raise FileNotFoundError(f"--model {args.model}: no such directory")
+    if args.model is not None and not resolve_model(args.model).exists():
+        raise FileNotFoundError(
+            f"--model {args.model}: no such directory; pass a small model folder or a shipped name "
+            f"({', '.join(SHIPPED_MODELS)})"
+        )
     job = checked(prepare, args, model=args.model)
     if job.info.kind != "small":
         from .cli import UsageError

@@ -154,7 +154,9 @@ def inspect_model(path: str | Path | None) -> ModelInfo:
     """
     if path is None:
         return _small_info(None)
-    path = Path(path).expanduser()
+    from .smallmodel import resolve_model
+
+    path = resolve_model(path)
     if not path.exists():
         raise FileNotFoundError(f"--model {path}: no such folder; pass a diffusers pipeline folder (model_index.json)")
     if not path.is_dir():

@@ -22,7 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ASSET_DIR = Path(__file__).parent / "assets" / "small_flux"
+ASSET_ROOT = Path(__file__).parent / "assets"
+ASSET_DIR = ASSET_ROOT / "small_flux"
+# the trained models cocodiff ships, by the name `--model` accepts: "small" (32x32 px, 256 tokens; the CPU
+# default) and "flux128" (128x128 px, 4096 tokens: FLUX.1's sequence at 1024^2; meant for GPUs)
+SHIPPED_MODELS: dict[str, Path] = {"small": ASSET_DIR, "flux128": ASSET_ROOT / "flux128"}
 
 # A config small enough to train and run on CPU ranks; 4 heads divide over 1, 2 and 4 ranks.
 SMALL_FLUX_CONFIG = dict(
@@ -37,6 +41,41 @@ SMALL_FLUX_CONFIG = dict(
     guidance_embeds=False,
     axes_dims_rope=(8, 12, 12),
 )
+
+# The 4096-token model (128x128 px, patch 2): 8 heads divide over 1, 2, 4 and 8 ranks.
+FLUX128_CONFIG = dict(
+    patch_size=1,
+    in_channels=12,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=8,
+    joint_attention_dim=128,
+    pooled_projection_dim=128,
+    guidance_embeds=False,
+    axes_dims_rope=(8, 12, 12),
+)
+
+
+def resolve_model(model: str | Path | None) -> Path | None:
+    """A `--model` value as a folder: a name of `SHIPPED_MODELS` ("small", "flux128") is the shipped model's
+    folder unless a folder of that name exists where it is run; anything else is taken as a path; None stays
+    None (the default model).
+
+    Raises:
+        FileNotFoundError: a shipped name whose weights this installation lacks.
+    """
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if isinstance(model, str) and model in SHIPPED_MODELS and not path.exists():
+        path = SHIPPED_MODELS[model]
+        if not (path / "cocodiff_small.json").is_file():
+            raise FileNotFoundError(
+                f"--model {model}: the shipped model's weights are missing from {path}; reinstall cocodiff "
+                "(pip install -e .) or pass a model folder"
+            )
+    return path
 
 
 class ClassConditioner(nn.Module):
@@ -97,16 +136,24 @@ def image_ids(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.T
 
 
 def random_small_model(
-    *, seed: int = 0, classes: list[str] | None = None, image_size: int = 32, device="cpu"
+    *,
+    seed: int = 0,
+    classes: list[str] | None = None,
+    image_size: int = 32,
+    device="cpu",
+    config: dict | None = None,
+    n_text_tokens: int = 4,
 ) -> SmallDiT:
-    """The small architecture with random weights (clearly not a trained model: `trained=False`)."""
+    """The small architecture (or `config`, e.g. `FLUX128_CONFIG`) with random weights (clearly not a trained
+    model: `trained=False`)."""
     from diffusers import FluxTransformer2DModel
 
     classes = classes or ["random"]
     torch.manual_seed(seed)
-    cfg = SMALL_FLUX_CONFIG
+    cfg = config or SMALL_FLUX_CONFIG
     transformer = FluxTransformer2DModel(**cfg).to(device).eval()
-    cond = ClassConditioner(len(classes), 4, cfg["joint_attention_dim"], cfg["pooled_projection_dim"]).to(device)
+    cond = ClassConditioner(len(classes), n_text_tokens, cfg["joint_attention_dim"], cfg["pooled_projection_dim"])
+    cond = cond.to(device)
     return SmallDiT(transformer, cond.eval(), list(classes), image_size, 2, trained=False)
 
 
@@ -122,7 +169,7 @@ def load_small_model(path: str | Path | None = None, *, device="cpu", dtype=torc
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
-    path = Path(path) if path is not None else ASSET_DIR
+    path = resolve_model(path) if path is not None else ASSET_DIR
     meta_file = path / "cocodiff_small.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"no cocodiff small model at {path} (missing {meta_file.name})")
