@@ -3,7 +3,9 @@
 Held-out crops of the shipped model's training images (never seen in training) are inpainted under a
 center mask and under block masks, and generated from scratch, by one denoising loop (`smallmodel.inpaint`;
 a row with an empty mask is plain generation). The same batch runs once in a single process (the exact
-reference) and then, for every mode and rank count, on CPU ranks through `cocodiff.parallelize`. Each row
+reference) and then, for every mode and rank count, on ranks through `cocodiff.parallelize`: one GPU per rank
+over NCCL when GPUs are present (fp32, TF32 off; the reference on GPU 0), CPU ranks on gloo otherwise or
+with `--cpu`. Each row
 reports PSNR / SSIM (scikit-image) against the ground truth and against the single-process output, the
 largest pixel difference, and the bytes each rank sent per tier over the whole run.
 
@@ -125,33 +127,42 @@ def _load(model: str | None, device="cpu"):
     return load_small_model(model, device=device) if model else default_model(device=device)
 
 
+def _stamp(device: torch.device) -> float:
+    """A time stamp after the device's queued work (per-step times on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _quality_rank(opts: dict) -> dict:
-    """One CPU rank: every mode in turn on a freshly loaded model, same batch and seed as the reference."""
+    """One rank: every mode in turn on a freshly loaded model, same batch and seed as the reference."""
     from ..exchange import CommStats
     from ..parallelize import parallelize
     from .smallmodel import inpaint
 
     world = dist.get_world_size()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    out = {}
     rank = dist.get_rank()
+    device = torch.device(f"cuda:{rank}" if opts["cuda"] else "cpu")
+    if not opts["cuda"]:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    out = {}
     for label, cfg in opts["configs"]:
         t0 = time.perf_counter()
-        sm = _load(opts["model"])
+        sm = _load(opts["model"], device=device)
         parallelize(sm.transformer, cfg)
         engine = sm.transformer.cocodiff
         total = CommStats(engine.step_stats.tier_names)
-        stamps = [time.perf_counter()]
+        stamps = [_stamp(device)]
 
         def on_step(i, x):
             total.add(engine.step_stats)
-            stamps.append(time.perf_counter())
+            stamps.append(_stamp(device))
 
         images = inpaint(
             sm, opts["images"], opts["known"], opts["labels"], steps=opts["steps"], seed=opts["seed"], callback=on_step
         )
         out[label] = {
-            "images": images if rank == 0 else None,
+            "images": images.cpu() if rank == 0 else None,
             "stats": total.as_dict(),
             "ms_per_step": median_step_ms(stamps),
         }
@@ -200,7 +211,10 @@ def evaluation_batch(sm, *, per_class: int, tasks: tuple[str, ...], seed: int = 
 
     classes = sm.classes if all(c in SOURCES for c in sm.classes) else list(DEFAULT_CLASSES)
     frac = sm.meta.get("train_config", {}).get("holdout_frac", 0.25)
-    crops, labels = heldout_crops(classes, image_size=sm.image_size, per_class=per_class, holdout_frac=frac)
+    downscale = sm.meta.get("train_config", {}).get("downscale") if classes is sm.classes else None
+    crops, labels = heldout_crops(
+        classes, image_size=sm.image_size, per_class=per_class, holdout_frac=frac, downscale=downscale
+    )
     if classes is not sm.classes:
         labels = torch.zeros_like(labels)
     n = crops.shape[0]
@@ -224,10 +238,17 @@ def run_quality(args) -> int:
     except ValueError:
         raise ValueError(f"--ranks {args.ranks}: give comma-separated rank counts, e.g. 2,4") from None
     info = inspect_model(args.model)
+    cuda = torch.cuda.is_available() and not args.cpu
+    gpus = torch.cuda.device_count() if cuda else 0
     for w in worlds or [0]:
         if w < 1:
             raise ValueError(f"--ranks {args.ranks}: every rank count must be >= 1")
         info.check_ranks(w)
+        if cuda and w > gpus:
+            raise ValueError(
+                f"--ranks {args.ranks}: {w} GPU ranks, but {gpus} GPUs are visible; give at most {gpus} or add "
+                "--cpu for CPU ranks"
+            )
     if args.topology is not None:
         need = math.prod(parse_topology_spec(args.topology))
         if need not in worlds:
@@ -242,14 +263,16 @@ def run_quality(args) -> int:
         extra = {"preset": args.preset, **({"v_first": True} if args.v_first else {})}
         modes.append((f"cli:{args.preset}{'+vfirst' if args.v_first else ''}", extra))
 
-    sm = _load(args.model)
+    device = torch.device("cuda:0" if cuda else "cpu")
+    sm = _load(args.model, device=device)
     truth, known, labels, n = evaluation_batch(sm, per_class=args.per_class, tasks=tasks, seed=args.seed)
+    kind = "GPU" if cuda else "CPU"
     print(
         f"quality: {len(truth)} images ({', '.join(tasks)}), {args.steps} steps; {len(modes)} modes on "
-        f"{', '.join(map(str, worlds))} CPU ranks; writing {args.out}/",
+        f"{', '.join(map(str, worlds))} {kind} ranks; writing {args.out}/",
         flush=True,
     )
-    t0 = time.perf_counter()
+    t0 = _stamp(device)
     stamps = [t0]
     reference = inpaint(
         sm,
@@ -258,8 +281,8 @@ def run_quality(args) -> int:
         labels,
         steps=args.steps,
         seed=args.seed,
-        callback=lambda i, x: stamps.append(time.perf_counter()),
-    )
+        callback=lambda i, x: stamps.append(_stamp(device)),
+    ).cpu()
     ref_ms = median_step_ms(stamps)
     print(
         f"  {'single':<12} on 1 process: {time.perf_counter() - t0:5.1f} s ({ref_ms:.0f} ms/step, median)", flush=True
@@ -299,7 +322,7 @@ def run_quality(args) -> int:
         for row in skipped:
             print(f"  {row['mode']:<12} on {world} ranks: skipped ({row['note']})", flush=True)
         if configs:
-            print(f"  starting {world} CPU ranks for {len(configs)} modes ...", flush=True)
+            print(f"  starting {world} {kind} ranks for {len(configs)} modes ...", flush=True)
         results = (
             spawn(
                 _quality_rank,
@@ -312,8 +335,9 @@ def run_quality(args) -> int:
                     labels=labels,
                     steps=args.steps,
                     seed=args.seed,
+                    cuda=cuda,
                 ),
-                backend="gloo",
+                backend="nccl" if cuda else "gloo",
                 timeout_s=3600,
             )
             if configs
@@ -353,7 +377,7 @@ def run_quality(args) -> int:
             )
         rows.extend(skipped)
     report = {
-        "model": "shipped trained small FLUX" if sm.trained else "RANDOM-WEIGHT small FLUX (untrained)",
+        "model": _model_label(sm, args.model),
         "trained": sm.trained,
         "classes": sm.classes,
         "image_size": sm.image_size,
@@ -363,7 +387,8 @@ def run_quality(args) -> int:
         "crops_per_task": n,
         "tasks": list(tasks),
         "ranks": worlds,
-        "device": "cpu (gloo ranks)",
+        "device": f"{torch.cuda.get_device_name(0)} (one GPU per rank, nccl)" if cuda else "cpu (gloo ranks)",
+        "torch": torch.__version__,
         "lpips": "not computed: LPIPS needs pretrained network weights, not available offline",
         "rows": [
             {**r, "metrics": {t: {k: _jsonable(v) for k, v in m.items()} for t, m in r.get("metrics", {}).items()}}
@@ -376,15 +401,24 @@ def run_quality(args) -> int:
     return 0
 
 
+def _model_label(sm, model: str | None) -> str:
+    if not sm.trained:
+        return "RANDOM-WEIGHT small FLUX (untrained)"
+    tokens = (sm.image_size // sm.patch) ** 2
+    name = model if model is not None else "small"
+    return f"trained cocodiff model {name} ({sm.image_size}x{sm.image_size} px, {tokens} tokens)"
+
+
 def add_parser(subparsers, add_parallel_args, formatter_class=None) -> None:
     """Register `cocodiff quality` (the generic --preset/--v-first/--topology flags add one extra row)."""
     p = subparsers.add_parser(
         "quality",
         help="PSNR/SSIM of communication modes vs single process (inpainting)",
-        description="Inpaint and generate with every communication mode on CPU ranks; compare with one process.",
+        description="Inpaint and generate with every communication mode on GPU ranks (CPU ranks without GPUs or "
+        "with --cpu); compare with one process.",
         formatter_class=formatter_class,
     )
-    p.add_argument("--ranks", default="2,4", help="comma-separated CPU rank counts")
+    p.add_argument("--ranks", default="2,4", help="comma-separated rank counts (GPU ranks: at most the GPUs present)")
     p.add_argument(
         "--modes",
         default=",".join(m for m, _ in MODES),
@@ -397,6 +431,9 @@ def add_parser(subparsers, add_parallel_args, formatter_class=None) -> None:
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
     p.add_argument("--per-class", type=int, default=2, help="held-out crops per class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="small model directory (default: shipped)")
+    p.add_argument(
+        "--model", default=None, help="small model directory, or a shipped one: small (default), flux128 (GPUs)"
+    )
     p.add_argument("--out", default="cocodiff-out/quality", help="output directory")
+    p.add_argument("--cpu", action="store_true", help="use CPU ranks (gloo) even when GPUs are present")
     add_parallel_args(p)

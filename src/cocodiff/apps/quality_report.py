@@ -51,7 +51,7 @@ def markdown(report: dict) -> str:
         "Bytes sent over the whole run (all tasks in one batch, all steps):",
         "",
         "| mode | ranks | MB per rank, by tier | MB per rank per step | MB all ranks "
-        "| ms/step (CPU, shared cores) | note |",
+        f"| ms/step ({'CPU, shared cores' if report['device'].startswith('cpu') else 'GPU'}) | note |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
