@@ -83,6 +83,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048])
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
     ap.add_argument("--peers", action="store_true", help="also time diffusers' unified attention at each (U, R)")
+    ap.add_argument(
+        "--ring-peer-backend",
+        default="_native_flash",
+        help="diffusers attention backend for its ring rows (its default, native SDPA, cannot return the log-sum-exp "
+        "a ring merges with; _native_flash and _native_cudnn can)",
+    )
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--dry-run", action="store_true", help="CPU ranks, tiny config, fp32: exercise the code path")
@@ -171,8 +177,11 @@ def main() -> None:
 
                 peer = build()
                 try:
+                    if r > 1 and args.ring_peer_backend != "native":  # its default backend returns no lse
+                        peer.set_attention_backend(args.ring_peer_backend)
                     peer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=u, ring_degree=r))
                     prow = time_row(peer, inputs, ref_path, args, cuda)
+                    prow["attention_backend"] = args.ring_peer_backend if r > 1 else "native"
                 except Exception as exc:  # a peer that cannot run a factorisation is a row that says why
                     prow = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 entry.setdefault("diffusers", {})[name] = prow

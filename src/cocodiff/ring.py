@@ -51,6 +51,19 @@ class Ring:
         self.blocks = blocks
         self.contiguous = blocks is None or all(b == list(range(b[0], b[0] + len(b))) for b in blocks)
         self._order: dict[tuple, torch.Tensor] = {}
+        self._received: dict[tuple, torch.Tensor] = {}
+
+    def receive_buffer(self, like: torch.Tensor, n: int, slot: int, part: int) -> torch.Tensor:
+        """The persistent buffer `(n, *like.shape[1:])` a hop receives part `part` of its message into; `slot`
+        alternates between the hops of one attention (0, 1, 0, ...), so the block in hand is never the one being
+        overwritten. Persistent: a fresh buffer per hop would be held by NCCL until the work is reaped, and a
+        forward the CPU runs ahead of piles them up (tens of GB at 2048^2); CUDA graphs capture their addresses.
+        Reuse is ordered by the streams: a hop's receive is enqueued after the attention that read the slot."""
+        key = (part, slot, n, tuple(like.shape[1:]), like.dtype, like.device)
+        buf = self._received.get(key)
+        if buf is None:
+            buf = self._received[key] = like.new_empty((n, *like.shape[1:]))
+        return buf
 
     def block_lengths(self, lengths: tuple[int, ...]) -> tuple[int, ...]:
         """Tokens of each ring block, from the per-rank lengths of the sequence-parallel group."""
@@ -138,7 +151,7 @@ def ring_attention(
         pending = None
         if step < R - 1:  # start the next hop before computing on this block
             nxt = (ring.rank - step - 1) % R
-            pending = _hop(kv, block_lengths[nxt], ring, stats)
+            pending = _hop(kv, block_lengths[nxt], ring, stats, slot=step % 2)
         if block_lengths[src] > 0 and q.shape[2] > 0:
             mask = None if key_mask is None else key_mask[:, offsets[src] : offsets[src + 1]]
             out, lse = attention_with_lse(q, kv[0], kv[1], mask)
@@ -162,13 +175,14 @@ def _select_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3).index_select(0, idx).permute(1, 2, 0, 3)
 
 
-def _hop(tensors, n: int, ring: Ring, stats):
+def _hop(tensors, n: int, ring: Ring, stats, slot: int):
     """Send `tensors` (`(B, H, S, D)` blocks, then optionally the `(K,)` token indices) to the ring's successor and
-    receive the predecessor's, `n` tokens, in one batch of point-to-point ops: (works, received)."""
+    receive the predecessor's, `n` tokens, into the ring's receive buffers of `slot`, in one batch of
+    point-to-point ops: (works, received)."""
     ops, received = [], []
-    for t in tensors:
+    for part, t in enumerate(tensors):
         wire = _token_major(t) if t.dim() == 4 else t
-        r = wire.new_empty((n, *wire.shape[1:]))
+        r = ring.receive_buffer(wire, n, slot, part)
         ops += [dist.P2POp(dist.isend, wire, ring.next, ring.group), dist.P2POp(dist.irecv, r, ring.prev, ring.group)]
         received.append(r)
         if stats is not None:
@@ -238,7 +252,7 @@ def ring_attention_vmajor(
         pending = None
         if step < R - 1:  # forward the message in hand (its block's rows) while attending to its block
             nxt = (me - step - 1) % R
-            pending = _hop(msg, block_lengths[nxt] if counts is None else counts[nxt], ring, stats)
+            pending = _hop(msg, block_lengths[nxt] if counts is None else counts[nxt], ring, stats, slot=step % 2)
         if step == 0:
             kb, vb = k, v
         else:  # the message in hand updates this rank's copy of block src
