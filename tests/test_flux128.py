@@ -152,3 +152,27 @@ def test_quality_refuses_more_gpu_ranks_than_gpus(monkeypatch, tmp_path):
     args = build_parser().parse_args(["quality", "--ranks", "2", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="1 GPUs are visible"):
         quality.run_quality(args)
+
+
+def test_quality_default_ranks_fit_the_gpus(monkeypatch, tmp_path):
+    from cocodiff.apps import quality
+    from cocodiff.apps.cli import build_parser
+
+    seen = {}
+
+    def stop_at_model(path):  # the rank counts are settled before the model is read: stop there
+        seen["ranks"] = args.ranks
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("cocodiff.apps.pipelines.inspect_model", stop_at_model)
+    args = build_parser().parse_args(["quality", "--out", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="stop"):
+        quality.run_quality(args)
+    assert seen["ranks"] == "2"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU: CPU ranks, as without GPUs
+    args = build_parser().parse_args(["quality", "--out", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="stop"):
+        quality.run_quality(args)
+    assert seen["ranks"] == "2,4"

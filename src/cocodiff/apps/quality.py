@@ -233,13 +233,18 @@ def run_quality(args) -> int:
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"--tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
+    cuda = torch.cuda.is_available() and not args.cpu
+    gpus = torch.cuda.device_count() if cuda else 0
+    if args.ranks is None:  # 2 and 4 ranks: CPU ranks, or as many of them as there are GPUs
+        if cuda and gpus < 2:
+            print("quality: one GPU is visible; using CPU ranks (gloo). Pass --cpu to say so.", flush=True)
+            cuda, gpus = False, 0
+        args.ranks = ",".join(str(w) for w in (2, 4) if not cuda or w <= gpus)
     try:
         worlds = [int(w) for w in str(args.ranks).split(",") if w.strip()]
     except ValueError:
         raise ValueError(f"--ranks {args.ranks}: give comma-separated rank counts, e.g. 2,4") from None
     info = inspect_model(args.model)
-    cuda = torch.cuda.is_available() and not args.cpu
-    gpus = torch.cuda.device_count() if cuda else 0
     for w in worlds or [0]:
         if w < 1:
             raise ValueError(f"--ranks {args.ranks}: every rank count must be >= 1")
@@ -418,7 +423,11 @@ def add_parser(subparsers, add_parallel_args, formatter_class=None) -> None:
         "with --cpu); compare with one process.",
         formatter_class=formatter_class,
     )
-    p.add_argument("--ranks", default="2,4", help="comma-separated rank counts (GPU ranks: at most the GPUs present)")
+    p.add_argument(
+        "--ranks",
+        default=None,
+        help="comma-separated rank counts (default: 2,4; on GPUs those the visible GPUs allow, CPU ranks on one GPU)",
+    )
     p.add_argument(
         "--modes",
         default=",".join(m for m, _ in MODES),
