@@ -47,6 +47,25 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def memory_trace(model, call) -> dict:
+    """Allocated GiB after every transformer block of one eager call, and the peak inside it: whether a row's
+    memory grows block by block (something held until the step ends) or peaks inside one block."""
+    after: list[float] = []
+    hooks = [
+        blk.register_forward_hook(lambda *_: after.append(torch.cuda.memory_allocated() / 2**30))
+        for blk in [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
+    ]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**30
+    try:
+        call()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"before": before, "after_each_block": after, "peak": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def time_row(model, inputs, ref_path: Path, args, cuda: bool) -> dict:
     def call():
         with torch.no_grad():
@@ -59,6 +78,8 @@ def time_row(model, inputs, ref_path: Path, args, cuda: bool) -> dict:
     row = {"eager_ms_median": statistics.median(times), "eager_ms_min": min(times), "eager_ms_all": times}
     if cuda:
         row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if cuda and args.memory_trace:
+        row["memory_trace_GiB"] = memory_trace(model, call)
     if ref_path.exists():
         row["rel_err_vs_1gpu"] = rel_err(out, torch.load(ref_path))
     if args.graph and cuda:
@@ -88,6 +109,9 @@ def main() -> None:
         default="_native_flash",
         help="diffusers attention backend for its ring rows (its default, native SDPA, cannot return the log-sum-exp "
         "a ring merges with; _native_flash and _native_cudnn can)",
+    )
+    ap.add_argument(
+        "--memory-trace", action="store_true", help="record allocated GiB after every block of one eager call per row"
     )
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
