@@ -96,7 +96,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias)
     elif bias is None and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+        out, lse = _cuda_attention_with_lse(q, k, v)
     else:
         if bias is not None:
             bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -109,6 +109,51 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_ma
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty[..., None], 0.0)
     return out, lse
+
+
+# (device, dtype, head dim) -> whether cuDNN's attention agrees with the flash kernel there (checked once)
+_CUDNN_AGREES: dict[tuple, bool] = {}
+
+
+def _cuda_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """(output, lse `(B, H, S)`) of unmasked half-precision attention on CUDA, with the kernel PyTorch's SDPA would
+    pick for these tensors (what the Ulysses path runs): cuDNN's attention where SDPA prefers it and a one-time
+    check on this device agrees with the flash kernel, else flash, else the memory-efficient kernel."""
+    from torch.nn.attention import SDPBackend
+
+    choice = torch._fused_sdp_choice(q, k, v)
+    if choice == int(SDPBackend.CUDNN_ATTENTION) and _cudnn_agrees(q):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+        return out, lse.reshape(q.shape[:3])
+    if choice == int(SDPBackend.EFFICIENT_ATTENTION):
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False)[:2]
+        return out, lse[..., : q.shape[2]]
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+
+
+def _cudnn_agrees(q: torch.Tensor) -> bool:
+    """Whether cuDNN's attention gives the flash kernel's output and log-sum-exp (the layout of its statistics
+    included) for q's device, dtype and head dim: checked once on small inputs, outside any CUDA-graph capture
+    (inside one, before the check has run, the answer is no and the flash kernel runs)."""
+    key = (q.device, q.dtype, q.shape[-1])
+    hit = _CUDNN_AGREES.get(key)
+    if hit is not None:
+        return hit
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    g = torch.Generator(device=q.device).manual_seed(0)
+    a, b, c = (torch.randn(1, 2, n, q.shape[-1], device=q.device, generator=g).to(q.dtype) for n in (100, 77, 77))
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(a, b, c, None, True)[:2]
+        ref, ref_lse = torch.ops.aten._scaled_dot_product_flash_attention(a, b, c, 0.0, False, False)[:2]
+        ok = lse.numel() == ref_lse.numel() and bool(
+            torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+            and torch.allclose(lse.reshape(ref_lse.shape).float(), ref_lse.float(), atol=1e-3, rtol=1e-3)
+        )
+    except RuntimeError:
+        ok = False
+    _CUDNN_AGREES[key] = ok
+    return ok
 
 
 def _merge(acc: torch.Tensor | None, acc_lse: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor):
