@@ -15,8 +15,10 @@ Model (one transformer step of Ulysses over P = N x G ranks, V-First, fused Q/K,
   `cocodiff bench a2a` over 4 H200 (graph-replayed); slow tier: the bytes leaving a node's GPU / beta_s; both
   tiers run at once (max).
 - e, the exposed fraction of X: one number, fitted on one run (P = 2 over an emulated 40 GB/s link).
-- Past the head count: Ulysses over a node's 8 GPUs x a ring across the nodes; the ring's hops (K and V of a
-  block over the NIC) overlap the attention of the block in hand (`ring_exposed_ms`; not calibrated yet).
+- Past the head count: Ulysses over a node's 8 GPUs x a ring across the nodes. The ring's hops (K and V of a
+  block over the NIC) overlap the attention of the block in hand, and splitting the attention into R blocks
+  merged in fp32 costs kappa x (R - 1) / R of the attention (quadratic) part (`ring_ms`). kappa is fitted on
+  the one ring run measured (pure ring, P = 2, NVLink, FLUX.1-sized 2048^2); no other ring run checks it.
 - V-Major: its slow-tier bytes scaled by the fraction it sends (measured on the small model: 1 / 2.73 at 50 steps).
 
 Inputs are the committed JSON files named in INPUTS; outputs: scaling.json, scaling.md, scaling.png.
@@ -42,6 +44,7 @@ INPUTS = {
     "a2a_nvlink": "2026-11-28-tapa/a2a_4_P4.json",
     "wan_1gpu": "2026-11-30-video/wan_P1.json",
     "wan_2gpu": "2026-11-30-video/wan_P2.json",
+    "usp_2gpu": "2026-11-30-usp/usp_flux_P2.json",
 }
 MODELS = {  # attention layers, heads x head dim, text tokens, heads
     "FLUX.1": dict(layers=57, inner=3072, text=512, heads=24),
@@ -95,18 +98,25 @@ def exchange_ms(
     return n * max(fast, slow) * 1e3
 
 
-def ring_exposed_ms(
-    model: dict, P: int, S: int, ulysses: int, beta_slow: float, quadratic_ms: float, slow_fraction: float = 1.0
+def ring_ms(
+    model: dict,
+    P: int,
+    S: int,
+    ulysses: int,
+    beta_slow: float,
+    quadratic_ms: float,
+    kappa: float,
+    slow_fraction: float = 1.0,
 ) -> float:
-    """The ring's hops past the head count (Ulysses over `ulysses` GPUs of a node x a ring of P / ulysses nodes):
-    per layer, R - 1 hops each carrying a block's K and V (S / R tokens, this rank's heads) over the NIC; they
-    overlap the attention of the block in hand, so only what exceeds the quadratic (attention) part shows.
-    Not calibrated: no ring run has been measured yet."""
+    """What a ring of R = P / ulysses adds to the step (Ulysses over `ulysses` GPUs of a node x a ring across
+    nodes): the attention split into R blocks and merged (kappa x (R - 1) / R of its quadratic part), plus the
+    part of the hops (R - 1 per layer, each a block's K and V: S / R tokens, this rank's heads, over the NIC)
+    that the attention of the block in hand does not hide."""
     R = P // ulysses
     if R == 1:
         return 0.0
     hop = 2 * (S / R) * (model["inner"] / ulysses) * 2 * slow_fraction / beta_slow
-    return max(0.0, model["layers"] * (R - 1) * hop * 1e3 - quadratic_ms)
+    return kappa * quadratic_ms * (R - 1) / R + max(0.0, model["layers"] * (R - 1) * hop * 1e3 - quadratic_ms)
 
 
 def fit_flux_compute() -> tuple[np.ndarray, list[dict]]:
@@ -147,15 +157,22 @@ def main() -> None:
     x_fit = exchange_ms(flux, 2, S["1024"], link, G=1, beta_slow=fit_run["link_GBps_per_rank"] * 1e9)
     e = (fit_run["step_ms_10"] - nocomm) / x_fit
 
-    def predict(P, size, *, G=None, beta_slow=None, slow_fraction=1.0):
+    # kappa: the one ring run (pure ring, P = 2 over NVLink, 2048^2): what it takes beyond the compute, over the
+    # attention's share (its hops, 104 MB of K and V per layer over NVLink, hide under the block in hand)
+    usp = load("usp_2gpu")
+    ring_run = graph_ms(usp, "2048", "U1xR2")
+    quad2 = coef[1] * S["2048"] ** 2 / 2
+    kappa = (ring_run - compute_ms(coef, 2, S["2048"])) / (quad2 * (2 - 1) / 2)
+
+    def predict(P, size, *, G=None, beta_slow=None, slow_fraction=1.0, ulysses=None):
         c = compute_ms(coef, P, S[size])
-        U = P if P <= flux["heads"] else min(flux["heads"], G or P)  # past the heads: Ulysses in a node x a ring
+        U = ulysses or (P if P <= flux["heads"] else min(flux["heads"], G or P))  # past the heads: a ring too
         if U < P:
             quad = coef[1] * S[size] ** 2 / P
             return (
                 c
                 + e * exchange_ms(flux, U, S[size] * U // P, link)
-                + ring_exposed_ms(flux, P, S[size], U, beta_slow, quad, slow_fraction)
+                + ring_ms(flux, P, S[size], U, beta_slow or link.beta, quad, kappa, slow_fraction)
             )
         return c + e * exchange_ms(flux, P, S[size], link, G=G, beta_slow=beta_slow, slow_fraction=slow_fraction)
 
@@ -167,6 +184,11 @@ def main() -> None:
         ("FLUX.1 P=2 NVLink 2048^2, V-First+fused", graph_ms(two, "2048", "vfirst+fused"), predict(2, "2048")),
         ("FLUX.1 P=4 NVLink 1024^2, V-First+fused", graph_ms(four, "1024", "vfirst+fused"), predict(4, "1024")),
         ("FLUX.1 P=4 NVLink 2048^2, V-First+fused", graph_ms(four, "2048", "vfirst+fused"), predict(4, "2048")),
+        (
+            "FLUX.1 P=2 NVLink 2048^2, V-First+fused (usp run, 2026-11-30)",
+            graph_ms(usp, "2048", "U2xR1"),
+            predict(2, "2048"),
+        ),
         (
             "FLUX.1 P=2 no-exchange bound 1024^2 (compute model alone)",
             graph_ms(load("flux_2gpu_compiled_run"), "1024", "nocomm-vfirst+fused"),
@@ -204,7 +226,7 @@ def main() -> None:
             return (
                 c
                 + e * exchange_ms(wan, U, s * U // P, link)
-                + ring_exposed_ms(wan, P, s, U, beta_slow, wb * s * s / P, slow_fraction)
+                + ring_ms(wan, P, s, U, beta_slow or link.beta, wb * s * s / P, kappa, slow_fraction)
             )
         return c + e * exchange_ms(wan, P, s, link, G=G, beta_slow=beta_slow, slow_fraction=slow_fraction)
 
@@ -243,6 +265,8 @@ def main() -> None:
         "compute_fit_wan": {"a_ms_per_token": wa, "b_ms_per_token2": wb},
         "nvlink": link.as_dict(),
         "exposed_fraction_e": e,
+        "ring_kappa": kappa,
+        "ring_kappa_fitted_on": f"usp 2048^2 pure ring P=2 over NVLink: {ring_run:.1f} ms (no other ring run checks it)",
         "e_fitted_on": "vmajor_speed 1024^2 vfirst+fused, 2 emulated nodes x 1 GPU at "
         f"{fit_run['link_GBps_per_rank']:.1f} GB/s",
         "checks": check_rows,
@@ -266,7 +290,8 @@ def report(r: dict) -> str:
         "# Step-time model: fit, checks, predictions",
         "",
         f"Exposed fraction e = {r['exposed_fraction_e']:.3f} (fitted on {r['e_fitted_on']}); NVLink all-to-all: "
-        f"alpha {r['nvlink']['alpha_us']:.1f} us, {r['nvlink']['beta_GBps_per_rank']:.0f} GB/s per rank.",
+        f"alpha {r['nvlink']['alpha_us']:.1f} us, {r['nvlink']['beta_GBps_per_rank']:.0f} GB/s per rank. Ring: "
+        f"kappa = {r['ring_kappa']:.2f} ({r['ring_kappa_fitted_on']}).",
         "",
         "## Checks against measurements the fits did not use",
         "",
@@ -287,15 +312,15 @@ def report(r: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for p in r["predictions"]:
-        ring = " (Ulysses 8 x ring, uncalibrated ring term)" if p["ring"] else ""
+        ring = " (Ulysses 8 x ring)" if p["ring"] else ""
         lines.append(
             f"| {p['model']} | {p['shape']} | {p['nodes']}{ring} | {p['one_gpu_ms']:.0f} | {p['exact_ms']:.1f} | "
             f"{p['one_gpu_ms'] / p['exact_ms']:.1f}x | {p['vmajor_ms']:.1f} | {p['one_gpu_ms'] / p['vmajor_ms']:.1f}x |"
         )
     lines += [
         "",
-        "Past the head count the rows use Ulysses inside each node x a ring across nodes; that ring term is not",
-        "calibrated (no ring run has been measured). Not modelled: TAPA's phases (flat routing only), the SM",
+        "Past the head count the rows use Ulysses inside each node x a ring across nodes; the ring term is fitted",
+        "on one pure-ring run at P = 2 and checked by none. Not modelled: TAPA's phases (flat routing only), the SM",
         "contention of NCCL's kernels with the compute (the NVLink checks show its size), and Aurora (no",
         "calibration for its links). The compute fit's constant term is assumed to stay per step at any P.",
     ]
