@@ -266,7 +266,8 @@ def main() -> None:
         "nvlink": link.as_dict(),
         "exposed_fraction_e": e,
         "ring_kappa": kappa,
-        "ring_kappa_fitted_on": f"usp 2048^2 pure ring P=2 over NVLink: {ring_run:.1f} ms (no other ring run checks it)",
+        "ring_kappa_fitted_on": f"usp 2048^2 pure ring P=2 over NVLink: {ring_run:.1f} ms "
+        "(no other ring run checks it)",
         "e_fitted_on": "vmajor_speed 1024^2 vfirst+fused, 2 emulated nodes x 1 GPU at "
         f"{fit_run['link_GBps_per_rank']:.1f} GB/s",
         "checks": check_rows,

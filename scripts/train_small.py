@@ -63,9 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--precision",
         default=None,
-        choices=["bf16", "bf16-fp32-edges", "fp32"],
-        help="bf16 autocast, the same with the 12-channel pixel layers in fp32, or fp32 (TF32 matmuls on GPUs); "
-        "default: the preset's",
+        choices=["bf16", "fp32"],
+        help="bf16 autocast or fp32 (TF32 matmuls on GPUs); default: the preset's",
     )
     ap.add_argument("--anomaly", action="store_true", help="autograd anomaly detection (debugging a failure)")
     ap.add_argument("--checkpoint", default=None, help="training-state file: saved as it goes, resumed if present")
@@ -79,7 +78,7 @@ def main(argv=None) -> int:
     docs = Path(args.docs or ROOT / "docs" / ("smallmodel" if args.preset == "small" else args.preset))
     given = {k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr).items() if v is not None}
     if args.precision is not None:
-        given.update(bf16=args.precision != "fp32", fp32_edges=args.precision == "bf16-fp32-edges")
+        given.update(bf16=args.precision == "bf16")
     base = dict(PRESETS[args.preset], **given, seed=args.seed, device=args.device)
     torch.autograd.set_detect_anomaly(args.anomaly)
 

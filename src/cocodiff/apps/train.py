@@ -68,7 +68,6 @@ class TrainConfig:
         downscale: class -> integer downscale factor of its source image (missing classes: `SOURCES`' factor).
         device: where the model trains ("cpu", "cuda", "cuda:1").
         bf16: autocast the forward pass to bfloat16 (weights, optimiser and EMA stay fp32).
-        fp32_edges: with `bf16`, keep the pixel-facing layers (`x_embedder`, `proj_out`: 12 channels) in fp32.
         checkpoint: file of the whole training state, written every `checkpoint_every` steps and at the end
             (atomically); when it exists, training resumes from it (its config must match this one).
     """
@@ -92,7 +91,6 @@ class TrainConfig:
     downscale: dict[str, int] = field(default_factory=dict)
     device: str = "cpu"
     bf16: bool = False
-    fp32_edges: bool = False
     checkpoint: str | None = None
     checkpoint_every: int = 500
 
@@ -272,17 +270,6 @@ def _save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a call killed mid-save leaves the previous checkpoint
 
 
-def _run_in_fp32(module: torch.nn.Module, device_type: str) -> None:
-    """Run `module` outside autocast, in fp32 (an instance attribute: its state dict is unchanged)."""
-    forward = module.forward
-
-    def fp32_forward(x, *args, **kwargs):
-        with torch.autocast(device_type, enabled=False):
-            return forward(x.float(), *args, **kwargs)
-
-    module.forward = fp32_forward
-
-
 def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> tuple[SmallDiT, dict]:
     """Train a small DiT on `cfg.device` and return (EMA model, history), both on that device.
 
@@ -372,9 +359,6 @@ def train(cfg: TrainConfig, *, log: Callable[[str], None] = print) -> tuple[Smal
         }
         _save_state(ckpt, state)
 
-    if cfg.bf16 and cfg.fp32_edges:
-        for name in ("x_embedder", "proj_out"):
-            _run_in_fp32(getattr(sm.transformer, name), device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     start = time.perf_counter()
     step = start_step
