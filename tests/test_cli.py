@@ -108,7 +108,7 @@ def test_help_shows_defaults_and_choices(capsys):
             assert "{auto,flat,tapa,vfirst,cocodiff,fast}" in text and "(default: auto)" in text
     assert cli.main(["quality", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "flat, flat+vfirst, tapa" in text and "(default: 2,4)" in text
+    assert "flat, flat+vfirst, tapa" in text and "(default: 2,4; on GPUs those the visible GPUs allow" in text
 
 
 def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
