@@ -1032,3 +1032,27 @@ def flux128_one_step(world):
     with torch.no_grad():
         out = velocity(sm, x, torch.tensor([0.3, 0.8]), torch.tensor([0, 5]))
     return out if dist.get_rank() == 0 else None
+
+
+def qwen_text_mask_paths(world, v_first):
+    """Qwen-Image with padded text masks on `world` ranks against one process: one sample (its padded keys are
+    dropped, attention unmasked), two samples with the same mask (the same), two that differ (masked attention).
+    Returns [(max abs diff, engine.text_masked)] per case."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model, par = reference_and_parallel("qwenimage", group, cocodiff.ParallelConfig(v_first=v_first))
+    out = []
+    for batch, masked in ((1, [2]), (2, [3, 3]), (2, [1, 3])):
+        inputs = zoo.make_inputs("qwenimage", model, rows=3, cols=5, n_txt=7, batch=batch, seed=5)
+        mask = torch.ones(batch, 7, dtype=torch.bool)
+        for b, n in enumerate(masked):
+            mask[b, 7 - n :] = False
+        inputs["encoder_hidden_states_mask"] = mask
+        with torch.no_grad():
+            ref = model(**inputs).sample
+            got = par(**inputs).sample
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)
+        out.append(((got - ref).abs().max().item(), par.cocodiff.text_masked))
+    return out

@@ -74,3 +74,11 @@ def test_copied_diffusers_forward_is_current():
     from cocodiff.models.flux import single_block_forward_is_current
 
     assert single_block_forward_is_current(), "diffusers changed FluxSingleTransformerBlock.forward: review the copy"
+
+
+@pytest.mark.parametrize("v_first", [False, True], ids=["flat", "vfirst"])
+def test_qwen_padded_text_drops_masked_keys_when_rows_agree(pools, v_first):
+    # rows that agree: the masked keys are dropped and attention runs unmasked; rows that differ: masked attention
+    out = pools(3).run(cases.qwen_text_mask_paths, 3, v_first)[0]
+    assert [masked for _, masked in out] == [2, 3, None]
+    assert max(d for d, _ in out) < 2e-5

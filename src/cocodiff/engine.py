@@ -90,10 +90,13 @@ class UlyssesEngine:
         self.compiled_blocks = 0  # blocks compiled by compile_blocks=True (`attach`)
         self._configured_exchange = self.exchange  # what `use_exchange("auto")` returns to
         self.text_mask: torch.Tensor | None = None  # the call's text padding mask (None: absent or all ones)
+        # masked text tokens when every batch row of the mask is the same (then attention drops those keys and
+        # runs unmasked, on the fast kernels); None: no mask, all ones, or rows that differ (masked attention)
+        self.text_masked: int | None = None
         self._seq_layouts: dict[tuple[int, ...], SeqLayout] = {}
         self._mask_cache: dict = {}
         self._mask_buffers: dict[tuple, torch.Tensor] = {}
-        self._all_ones: list[tuple[torch.Tensor, int, bool]] = []  # (mask, its version, all ones?), recent ones
+        self._all_ones: list[tuple[torch.Tensor, int, tuple]] = []  # (mask, version, (all ones?, masked)), recent
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> None:
@@ -187,26 +190,34 @@ class UlyssesEngine:
         self.step_stats = self.stats.copy()
 
     def graph_key(self):
-        """What besides the inputs selects a CUDA graph: whether a text mask is held, V-Major's plan."""
-        mask = None if self.text_mask is None else tuple(self.text_mask.shape)
+        """What besides the inputs selects a CUDA graph: whether a text mask is held (and how many keys it drops),
+        V-Major's plan."""
+        mask = None if self.text_mask is None else (tuple(self.text_mask.shape), self.text_masked)
         return mask, None if self.vmajor is None else self.vmajor.graph_key()
 
     def hold_text_mask(self, mask: torch.Tensor | None) -> None:
         """Keep the call's text padding mask for the processors: None when absent or all ones (then attention
         runs unmasked, on the fast kernels), else a copy in a buffer reused per shape (a CUDA graph reads it
-        at its address). Whether a mask is all ones is read once per mask tensor and version (one host sync)."""
+        at its address). When every batch row masks the same number of tokens at the same places
+        (`text_masked`), attention drops those keys and runs unmasked too. What a mask is (all ones, uniform
+        rows, how many masked) is read once per mask tensor and version (one host sync)."""
+        self.text_masked = None
         if mask is None:
             self.text_mask = None
             return
-        known = [ones for seen, version, ones in self._all_ones if seen is mask and version == mask._version]
+        known = [facts for seen, version, facts in self._all_ones if seen is mask and version == mask._version]
         if known:
-            ones = known[0]
+            ones, masked = known[0]
         else:
-            ones = bool(mask.all())
-            self._all_ones = [(mask, mask._version, ones)] + self._all_ones[:7]
+            m = mask.to(torch.bool)
+            uniform = bool((m == m[:1]).all())
+            n_masked = int((~m[0]).sum()) if uniform else -1
+            ones, masked = n_masked == 0, (n_masked if uniform else None)
+            self._all_ones = [(mask, mask._version, (ones, masked))] + self._all_ones[:7]
         if ones:
             self.text_mask = None
             return
+        self.text_masked = masked
         key = (tuple(mask.shape), mask.device)
         buf = self._mask_buffers.get(key)
         if buf is None:
@@ -245,6 +256,10 @@ class UlyssesEngine:
         ring dimension over every ring position's block (`ring.ring_attention`). `key_mask` `(B, S_ALL)` in
         exchange order over all ranks, or None."""
         if self.ring is None:
+            if key_mask is not None and self.text_masked is not None:
+                # every batch row masks the same keys: attend to the others, unmasked (the fast kernels)
+                keep = self._kept_keys(key_mask)
+                return F.scaled_dot_product_attention(q, k.index_select(2, keep), v.index_select(2, keep))
             mask = None if key_mask is None else key_mask[:, None, None, :]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         from .ring import ring_attention
@@ -282,6 +297,18 @@ class UlyssesEngine:
         """Whole tensor from the per-rank slices along `dim`."""
         lay = self.seq_layout((kind,), whole=True)
         return gather_seq(x, lay, dim=dim, group=self.group, stats=self.stats)
+
+    def _kept_keys(self, key_mask: torch.Tensor) -> torch.Tensor:
+        """Positions of the attended keys of `key_mask` `(B, S)` (rows alike, `text_masked` of them False), in
+        order; computed on the device without a host sync (capturable), once per call and mask."""
+        key = (id(key_mask), "kept")
+        hit = self._mask_cache.get(key)
+        if hit is None:
+            n = key_mask.shape[1] - self.text_masked
+            # a stable sort of "masked?" puts the attended positions first, in their order
+            hit = torch.argsort((~key_mask[0]).to(torch.uint8), stable=True)[:n]
+            self._mask_cache[key] = hit
+        return hit
 
     def joint_key_mask(self, txt_mask: torch.Tensor, order: tuple[str, ...]) -> torch.Tensor:
         """Key-padding mask `(B, S)` of the joint sequence in the order the exchange delivers tokens.
