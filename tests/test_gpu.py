@@ -236,8 +236,9 @@ def test_copy_engine_buffer_growth_keeps_captured_graphs_valid():
 
 def _families_on_gpus():
     """Every family x {flat, V-First, V-First + CUDA graph, copy engine + V-First + graph} equals one GPU (fp32
-    tiny models), Qwen-Image with a padded text mask; heads that do not divide (3 ranks need 3 GPUs: here 5
-    heads over 2) included."""
+    tiny models), Qwen-Image with padded text masks (two samples padded differently: masked attention; one
+    sample: its masked keys dropped); heads that do not divide (3 ranks need 3 GPUs: here 5 heads over 2)
+    included."""
     import copy
 
     import torch.distributed as dist
@@ -266,14 +267,17 @@ def _families_on_gpus():
             masked = family == "qwenimage"
             a = zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=1, text_mask=masked)
             b = zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=2, text_mask=masked)
+            inputs = [a, b]
+            if masked:  # one sample: its masked keys are dropped and attention runs unmasked
+                inputs.append(zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, device=dev, seed=3, text_mask=True))
             with torch.no_grad():
-                want = [ref(**x).sample for x in (a, b)]
+                want = [ref(**x).sample for x in inputs]
             for name, cfg in configs.items():
                 model = copy.deepcopy(ref)
                 cocodiff.parallelize(model, cocodiff.ParallelConfig(**cfg))
-                with torch.no_grad():
-                    got = [model(**x).sample for x in (a, b, a)]  # graphs: capture, replay on new inputs, replay
-                for g, w in zip(got, want + want[:1]):
+                with torch.no_grad():  # graphs: capture, replay on new inputs, then replay each again
+                    got = [model(**x).sample for x in (*inputs, *inputs)]
+                for g, w in zip(got, want + want):
                     err = ((g - w).norm() / w.norm()).item()
                     if not err < 1e-4:
                         errors[f"{family}/{heads}h/{name}"] = err
