@@ -35,7 +35,7 @@ from cocodiff.apps.launch import set_multi_gpu_env
 from cocodiff.config import SlowTierEmulation
 from cocodiff.exchange import BlockExchange, Handle
 from cocodiff.graph import GraphedStep
-from cocodiff.timing import time_ms
+from cocodiff.timing import rel_err, time_ms
 
 TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 
@@ -114,11 +114,6 @@ def kernel_breakdown(fn) -> dict:
 
 def time_fn(fn, warmup: int, iters: int) -> list[float]:
     return time_ms(fn, warmup=warmup, iters=iters)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float().cpu(), ref.float().cpu()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 PEER_MODES = ("eager", "regional-compile", "reduce-overhead")

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from cocodiff import ParallelConfig, parallelize
 from cocodiff.apps import families as zoo
 from cocodiff.apps.launch import set_multi_gpu_env
-from cocodiff.timing import time_ms
+from cocodiff.timing import rel_err, time_ms
 
 TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 
@@ -40,11 +40,6 @@ TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 def factorisations(world: int) -> list[tuple[int, int]]:
     """(Ulysses, ring) pairs with U x R = world: pure Ulysses first, pure ring last."""
     return [(world // r, r) for r in range(1, world + 1) if world % r == 0]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float().cpu(), ref.float().cpu()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 def memory_trace(model, call) -> dict:

@@ -44,7 +44,7 @@ from cocodiff import ParallelConfig, parallelize
 from cocodiff.apps import families as zoo
 from cocodiff.apps.launch import set_multi_gpu_env
 from cocodiff.memory import comm_buffer_bytes
-from cocodiff.timing import time_ms
+from cocodiff.timing import rel_err, time_ms
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width) as Wan's and HunyuanVideo's pipelines
 DRY_GRID = (2, 3, 5)  # --dry-run: (frames, rows, cols) tokens of the tiny models, uneven over 2 and 4 ranks
@@ -56,11 +56,6 @@ CONFIGS = {
     "vfirst+fused": ("flat", True, True),
     "ce-vfirst+fused": ("copy_engine", True, True),  # one host: blocks moved by the copy engines
 }
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.float().cpu(), ref.float().cpu()
-    return ((out - ref).norm() / ref.norm()).item()
 
 
 class Bench:

@@ -210,9 +210,9 @@ class UlyssesEngine:
             ones, masked = known[0]
         else:
             m = mask.to(torch.bool)
-            uniform = bool((m == m[:1]).all())
-            n_masked = int((~m[0]).sum()) if uniform else -1
-            ones, masked = n_masked == 0, (n_masked if uniform else None)
+            uniform, n_masked = torch.stack([(m == m[:1]).all().long(), (~m[0]).sum()]).tolist()  # one sync
+            ones = bool(uniform) and n_masked == 0
+            masked = n_masked if uniform else None
             self._all_ones = [(mask, mask._version, (ones, masked))] + self._all_ones[:7]
         if ones:
             self.text_mask = None

@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: device events on CUDA (warm-up excluded), a host clock on CPU."""
+"""Measurement helpers shared by the benchmarks: timings with device events on CUDA (warm-up excluded), a host
+clock on CPU; the relative error of an output against a reference."""
 
 from __future__ import annotations
 
@@ -30,3 +31,9 @@ def time_ms(fn: Callable[[], object], *, warmup: int, iters: int, cuda: bool = T
             fn()
             out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32 on the CPU (the benchmarks' error against one GPU)."""
+    out, ref = out.float().cpu(), ref.float().cpu()
+    return ((out - ref).norm() / ref.norm()).item()

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import PRESETS, ParallelConfig, SlowTierEmulation
-from ..timing import time_ms
+from ..timing import rel_err, time_ms
 from . import families as zoo
 from .launch import set_multi_gpu_env, spawn
 
@@ -254,8 +254,7 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
         if dist.get_rank() == 0:
             torch.save(out, ref)
     elif ref.exists():
-        want = torch.load(ref)
-        info["rel_err_vs_1gpu"] = ((out - want).norm() / want.norm()).item()
+        info["rel_err_vs_1gpu"] = rel_err(out, torch.load(ref))
     pipe, kwargs = zoo.pipeline_around(
         family, model, height=size, width=size, steps=2, n_txt=n_txt
     )  # the pipeline's own warm-up: its shapes (CFG batch, text length) may differ from the step's
