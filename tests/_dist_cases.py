@@ -536,11 +536,9 @@ def wrapped_single_blocks_kept(world):
     return calls[0], [str(w.message) for w in caught if "wrapped forward" in str(w.message)]
 
 
-def cuda_graph_switch_logic(world):
-    """The `cuda_graph=True` switch's bookkeeping on CPU ranks: a recorder that "replays" by re-running the
-    step eagerly on the static inputs stands in for CUDA graphs. Checks the per-signature capture, that a
-    replay reads new inputs and returns a copy, the byte counts under replay, that a schedule change drops
-    the graphs, and the clear refusal with gradients on."""
+def _eager_recorder():
+    """A `StepGraphs` whose "replay" re-runs the step eagerly on the static inputs: the `cuda_graph=True` switch's
+    logic on CPU ranks."""
     from cocodiff.exchange import CommStats
     from cocodiff.graph import StepGraphs
 
@@ -565,6 +563,51 @@ def cuda_graph_switch_logic(world):
 
             return Replay(), static_out
 
+    return EagerRecorder
+
+
+def deleted_model_is_freed(world, cfg: dict, graphs: bool):
+    """Whether a parallelised model that ran two steps is freed as soon as its last reference goes (with the
+    cycle collector off): nothing of the engine may point back at it, or a deleted model's weights (and graph
+    pools) stay on the GPU until Python's collector happens to run."""
+    import gc
+    import weakref
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    cfg = dict(cfg)
+    if "v_major" in cfg:
+        cfg["v_major"] = cocodiff.VMajorConfig(**cfg["v_major"])
+    gc.collect()
+    gc.disable()
+    try:
+        model = zoo.build_model("flux", "tiny", seed=0)
+        cocodiff.parallelize(model, cocodiff.ParallelConfig(**cfg), group=group)
+        if graphs:
+            model.cocodiff.install_graphs(model, _eager_recorder())
+        if "v_major" in cfg:
+            model.cocodiff.steps.begin_generation(total_steps=3)
+        inputs = zoo.make_inputs("flux", model, rows=4, cols=5, n_txt=5, seed=3)
+        with torch.no_grad():
+            for _ in range(3):  # V-Major: one exact step, then two that select
+                model(**inputs)
+        ref = weakref.ref(model)
+        del model
+        alive = ref() is not None
+    finally:
+        gc.enable()
+    dist.barrier(group)
+    return alive
+
+
+def cuda_graph_switch_logic(world):
+    """The `cuda_graph=True` switch's bookkeeping on CPU ranks: a recorder that "replays" by re-running the
+    step eagerly on the static inputs stands in for CUDA graphs. Checks the per-signature capture, that a
+    replay reads new inputs and returns a copy, the byte counts under replay, that a schedule change drops
+    the graphs, and the clear refusal with gradients on."""
+    EagerRecorder = _eager_recorder()
     group = subgroup(world)
     if dist.get_rank() >= world:
         return None

@@ -26,7 +26,9 @@ arguments, run eagerly.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -106,7 +108,10 @@ class StepGraphs:
         key: Callable[[], Any] | None = None,
         preserve: Callable[[], Any] | None = None,
     ):
-        self.fn = fn
+        # a bound method is held weakly: its object (the model whose `forward` this replaces, or a
+        # `GraphedStep`) owns this switch, and a strong reference back would keep a deleted model's weights and
+        # graph pools on the GPU until Python's cycle collector happens to run
+        self._fn = weakref.WeakMethod(fn) if inspect.ismethod(fn) else (lambda: fn)
         self.warmup = warmup
         self.stats = stats
         self._extra_key = key or (lambda: None)
@@ -114,6 +119,13 @@ class StepGraphs:
         self._graphs: dict[Any, _Captured] = {}
         self._pool = None
         self._warned = False
+
+    @property
+    def fn(self) -> Callable:
+        fn = self._fn()
+        if fn is None:
+            raise RuntimeError("cocodiff: the model these CUDA graphs replay has been deleted")
+        return fn
 
     def clear(self) -> None:
         """Drop every captured graph (the next call per signature captures again).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import weakref
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,7 +168,9 @@ class PlanHooks:
     """The installed hooks of one parallelised model (kept so that they can be removed)."""
 
     def __init__(self, model: nn.Module, plan: ModelPlan, engine, device: torch.device):
-        self.model = model
+        # the model owns these hooks: a strong reference back would make a cycle that keeps a deleted model's
+        # weights on the GPU until Python's cycle collector happens to run
+        self._model = weakref.ref(model)
         self.plan = plan
         self.engine = engine
         self.device = device
@@ -184,7 +187,7 @@ class PlanHooks:
     def _install(self) -> None:
         # every hook is opaque to TorchDynamo (compiled blocks, a user's torch.compile): they read the
         # engine's per-call layout and some run collectives
-        model, plan = self.model, self.plan
+        model, plan = self._model(), self.plan
         # once, from the model's own forward: the root hook runs on every call, and `cuda_graph=True` later
         # replaces `model.forward` by a (*args, **kwargs) wrapper
         own_forward = type(model).forward.__get__(model)
