@@ -33,9 +33,9 @@ from cocodiff import ParallelConfig, parallelize
 from cocodiff.apps import families as zoo
 from cocodiff.apps.launch import set_multi_gpu_env
 from cocodiff.config import SlowTierEmulation
-from cocodiff.exchange import BlockExchange, Handle
+from cocodiff.exchange import NoExchange
 from cocodiff.graph import GraphedStep
-from cocodiff.timing import rel_err, time_ms
+from cocodiff.timing import rel_err, release_memory, time_ms
 
 TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 
@@ -58,15 +58,6 @@ FLAGS = {"fused", "compiled"}  # config suffixes: +fused (fuse_qk), +compiled (c
 
 def _flags(name: str) -> list[str]:
     return name.split("+")[1:]
-
-
-class NoExchange(BlockExchange):
-    """Timing lower bound: every exchange returns its send buffer unchanged (same shapes, no bytes move)."""
-
-    name = "none"
-
-    def start(self, send, post=None):
-        return Handle([], send, post)
 
 
 KERNEL_CATEGORIES = (  # first match wins
@@ -185,7 +176,7 @@ class DiffusersPeer:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             finally:
                 undo()
-                torch.cuda.empty_cache()
+                release_memory()
             out_rows[mode] = row
             if rank == 0:
                 ms = row.get("eager_ms_median")
@@ -387,7 +378,7 @@ def main() -> None:
                     del step, gout
                 except Exception as exc:  # report, don't hide: the eager numbers still stand
                     row["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
-                torch.cuda.empty_cache()
+                release_memory()
             entry[name] = row
             if rank == 0:
                 print(

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from cocodiff import ParallelConfig, parallelize
 from cocodiff.apps import families as zoo
 from cocodiff.apps.launch import set_multi_gpu_env
-from cocodiff.timing import rel_err, time_ms
+from cocodiff.timing import rel_err, release_memory, time_ms
 
 TEXT_TOKENS = {"flux": 512, "sd3": 333, "qwenimage": 256, "flux2": 512}
 
@@ -171,6 +171,7 @@ def main() -> None:
             with torch.no_grad():
                 torch.save(probe(**inputs, return_dict=False)[0].cpu(), ref_path)
         del probe
+        release_memory()
         runs = [
             (u, r, placement)
             for u, r in (factorisations(world) if world > 1 else [])
@@ -189,6 +190,7 @@ def main() -> None:
                 row = {"error": str(exc)[:500]}
             entry[name] = row
             del model
+            release_memory()  # each row's peak is its own (a previous row's model must not linger)
             if rank == 0:
                 print(f"[P={world}] {size}px cocodiff {name}: {row.get('eager_ms_median', row)}", flush=True)
             if args.peers and placement == "ulysses_inner":
@@ -208,7 +210,7 @@ def main() -> None:
                 if rank == 0:
                     print(f"[P={world}] {size}px diffusers {name}: {prow.get('eager_ms_median', prow)}", flush=True)
             if cuda:
-                torch.cuda.empty_cache()
+                release_memory()
         result["sizes"][str(size)] = entry
     if rank == 0:
         out = Path(args.out)

@@ -44,7 +44,7 @@ from cocodiff import ParallelConfig, parallelize
 from cocodiff.apps import families as zoo
 from cocodiff.apps.launch import set_multi_gpu_env
 from cocodiff.memory import comm_buffer_bytes
-from cocodiff.timing import rel_err, time_ms
+from cocodiff.timing import rel_err, release_memory, time_ms
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width) as Wan's and HunyuanVideo's pipelines
 DRY_GRID = (2, 3, 5)  # --dry-run: (frames, rows, cols) tokens of the tiny models, uneven over 2 and 4 ranks
@@ -98,7 +98,7 @@ class Bench:
                 del step, gout
             except Exception as exc:  # report, don't hide: the eager numbers still stand
                 row["graph_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            torch.cuda.empty_cache()
+            release_memory()
         row["_out"] = out
         return row
 
@@ -140,7 +140,7 @@ def frames_that_fit(bench: Bench, family: str, model, res: str, ref_dir: Path) -
             return frames
         except torch.OutOfMemoryError:
             del inputs
-            torch.cuda.empty_cache()
+            release_memory()
     raise SystemExit(f"{family} {res}: no frame count of {[bench.args.frames, *bench.args.fallback_frames]} fits")
 
 
@@ -163,7 +163,7 @@ def diffusers_ulysses(bench: Bench, family: str, inputs: dict, ref_path: Path, w
     finally:
         del model
         if bench.cuda:
-            torch.cuda.empty_cache()
+            release_memory()
 
 
 def xdit_row() -> dict:
@@ -299,7 +299,7 @@ def main() -> None:
             (out_dir / f"{family}_P{world}{args.tag}.json").write_text(json.dumps(result, indent=1))
         del model, fused_model
         if bench.cuda:
-            torch.cuda.empty_cache()
+            release_memory()
     copy_engine = None  # its symmetric buffers are freed together, below
     if dist.is_initialized():
         from cocodiff.apps.launch import release_together

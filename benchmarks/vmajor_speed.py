@@ -35,20 +35,11 @@ from cocodiff import ParallelConfig, SlowTierEmulation, parallelize
 from cocodiff.apps import families as zoo
 from cocodiff.apps.bench_a2a import calibrate_slow_link
 from cocodiff.apps.launch import set_multi_gpu_env
-from cocodiff.exchange import BlockExchange, Handle
+from cocodiff.exchange import NoExchange
 from cocodiff.timing import time_ms
 from cocodiff.topology import Topology
 
 TEXT_TOKENS = 512
-
-
-class NoExchange(BlockExchange):
-    """Compute-only bound: every exchange returns its send buffer (same shapes, nothing moves)."""
-
-    name = "none"
-
-    def start(self, send, post=None):
-        return Handle([], send, post)
 
 
 def loop(model, inputs: dict, steps: int, dtype) -> tuple[torch.Tensor, int]:

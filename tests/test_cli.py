@@ -123,7 +123,10 @@ def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
     assert "xfuser" in rows[(2, "xDiT")]["error"]  # a peer that does not run is a row that says why
     assert rows[(2, "cocodiff")]["rel_err_vs_1gpu"] < 1e-5 and rows[(1, "cocodiff")]["rel_err_vs_1gpu"] < 1e-5
     assert "s_per_image_2" in rows[(2, "cocodiff")] and "error" in rows[(2, "diffusers")]
+    # the compute-only bound of the P=2 row (exchanges made no-ops), its exposed exchange in the report and plot
+    assert rows[(2, "cocodiff")]["no_exchange_ms"] > 0 and "no_exchange_ms" not in rows[(1, "cocodiff")]
     assert (tmp_path / "e2e.md").read_text().startswith("# cocodiff bench e2e") and (tmp_path / "e2e.png").exists()
+    assert (tmp_path / "e2e_breakdown.png").exists() and "exposed" in (tmp_path / "e2e.md").read_text()
     assert cli.main(["bench", "e2e", "--cpu", "--peers", "regional-compile", "--out", str(tmp_path)]) == 2
     assert "--peers must include eager" in capsys.readouterr().err
     # cocodiff's rows over an emulated slow tier (2 emulated nodes of 1 rank at P=2)

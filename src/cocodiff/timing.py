@@ -37,3 +37,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp32 on the CPU (the benchmarks' error against one GPU)."""
     out, ref = out.float().cpu(), ref.float().cpu()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def release_memory() -> None:
+    """Between benchmark rows: free what unreachable objects still hold (a model a peer's hooks keep in a
+    reference cycle stays allocated until the cycle collector runs), then return cached blocks to the driver, so
+    that each row's peak memory is its own."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -29,11 +29,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import PRESETS, ParallelConfig, SlowTierEmulation
-from ..timing import rel_err, time_ms
+from ..timing import rel_err, release_memory, time_ms
 from . import families as zoo
 from .launch import set_multi_gpu_env, spawn
 
-PEER_MODES = ("eager", "regional-compile")
+PEER_MODES = ("eager", "regional-compile", "reduce-overhead")
+DEFAULT_PEER_MODES = ("eager", "regional-compile")  # reduce-overhead's first call compiles for 1.5-2.5 min a shape
 
 
 def add_parser(bsub, formatter_class=None) -> None:
@@ -49,7 +50,13 @@ def add_parser(bsub, formatter_class=None) -> None:
         "--gpus", type=int, nargs="+", default=None, help="rank counts, 1 first (default: 1 and all local GPUs)"
     )
     p.add_argument("--presets", nargs="+", default=None, choices=PRESETS, help="default: flat fast (CPU: flat)")
-    p.add_argument("--peers", nargs="*", default=list(PEER_MODES), choices=PEER_MODES, help="diffusers modes")
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        default=list(DEFAULT_PEER_MODES),
+        choices=PEER_MODES,
+        help="diffusers modes (reduce-overhead: torch.compile(mode='reduce-overhead'), its CUDA graphs; slow to start)",
+    )
     p.add_argument("--steps", type=int, nargs="+", default=None, help="pipeline lengths (default: 28 50; CPU: 2)")
     p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
     p.add_argument("--emulate", action="store_true", help="cocodiff rows over an emulated slow outer tier")
@@ -106,7 +113,7 @@ def run_e2e(args) -> int:
     (out / "e2e.md").write_text(text)
     plot(result, out / "e2e.png")
     print(text)
-    print(f"wrote {out / 'e2e.json'}, {out / 'e2e.md'}, {out / 'e2e.png'}")
+    print(f"wrote {out / 'e2e.json'}, {out / 'e2e.md'}, {out / 'e2e.png'} (and e2e_breakdown.png at P > 1)")
     return 0
 
 
@@ -174,7 +181,7 @@ def _e2e_rank(opts: dict) -> list[dict]:
         rows.append(row)
         if cuda:
             torch._dynamo.reset()
-            torch.cuda.empty_cache()
+            release_memory()
         dist.barrier()
         if bar is not None:
             bar.update(1)
@@ -230,6 +237,8 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
         if mode == "regional-compile":
             model.compile_repeated_blocks(fullgraph=True)
+        elif mode == "reduce-overhead":
+            model = torch.compile(model, mode="reduce-overhead")
         info["config"] = f"{'Ulysses ' if world > 1 else ''}{mode}"
     rows, cols = zoo.image_tokens(family, model, size, size)
     n_txt = zoo.TEXT_TOKENS_IMAGE[family] if cuda else 5
@@ -249,6 +258,8 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
     times = time_ms(step, warmup=opts["warmup"], iters=opts["iters"], cuda=cuda)
     out = step().float().cpu()
     info.update(ms_per_step=statistics.median(times), ms_per_step_all=times)
+    if engine == "cocodiff" and world > 1 and cfg.v_major is None and (cfg.ring_degree or 1) == 1:
+        info["no_exchange_ms"] = _no_exchange_ms(model, step, opts)
     ref = Path(opts["out"], "ref", f"{family}_{size}.pt")
     if world == 1 and engine == "diffusers" and mode == "eager":
         if dist.get_rank() == 0:
@@ -275,6 +286,20 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
     return info
 
 
+def _no_exchange_ms(model, step, opts) -> float:
+    """The same step with every exchange a no-op (`NoExchange`: no byte moves, wrong output), timed like the
+    row: its compute-only bound; the row's time minus it is the exchange the schedule leaves exposed."""
+    from ..exchange import NoExchange
+
+    eng = model.cocodiff
+    eng.use_exchange(NoExchange(topology=eng.topology, rank=eng.rank, stats=eng.stats))
+    try:
+        step()  # a graphed step captures again under the new route
+        return statistics.median(time_ms(step, warmup=opts["warmup"], iters=opts["iters"], cuda=opts["cuda"]))
+    finally:
+        eng.use_exchange("auto")
+
+
 # ---- report ------------------------------------------------------------------------------------------------
 def report(result: dict) -> str:
     env, opts, rows = result["env"], result["options"], result["rows"]
@@ -297,14 +322,15 @@ def report(result: dict) -> str:
             lines += [
                 f"## {family} {size}x{size}",
                 "",
-                "| P | engine | mode | ms/step | vs best 1 GPU | vs best diffusers at P | "
+                "| P | engine | mode | ms/step | no-exchange bound ms (exposed) | vs best 1 GPU "
+                + "| vs best diffusers at P | "
                 + " | ".join(f"s/image, {s} steps" for s in steps)
                 + " | peak GiB | rel. error vs 1 GPU | first call (s) |",
-                "|---" * (9 + len(steps)) + "|",
+                "|---" * (10 + len(steps)) + "|",
             ]
             for r in group:
                 if "error" in r:
-                    lines.append(f"| {r['P']} | {r['engine']} | {r['mode']} | not run: {r['error']} |" + " |" * 8)
+                    lines.append(f"| {r['P']} | {r['engine']} | {r['mode']} | not run: {r['error']} |" + " |" * 9)
                     continue
                 peers = [x["ms_per_step"] for x in ok if x["P"] == r["P"] and x["engine"] == "diffusers"]
                 vs_peer = f"{min(peers) / r['ms_per_step']:.2f}x" if peers and r["engine"] == "cocodiff" else ""
@@ -314,6 +340,9 @@ def report(result: dict) -> str:
                     r["engine"],
                     r.get("config", r["mode"]),
                     f"{r['ms_per_step']:.1f}",
+                    f"{r['no_exchange_ms']:.1f} ({r['ms_per_step'] - r['no_exchange_ms']:+.1f})"
+                    if "no_exchange_ms" in r
+                    else "",
                     f"{best_one / r['ms_per_step']:.2f}x" if best_one else "",
                     vs_peer,
                     *(f"{r.get(f's_per_image_{s}', float('nan')):.2f}" for s in steps),
@@ -323,6 +352,11 @@ def report(result: dict) -> str:
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+    lines += [
+        "No-exchange bound: the same cocodiff step with every exchange a no-op (no byte moves, wrong output), timed",
+        "the same way; in brackets the row's time minus it, the exchange its schedule leaves exposed.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -350,6 +384,36 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{family} {size}x{size}")
     env = result["env"]
     fig.suptitle(f"cocodiff (blue) and diffusers (orange), same run: {env['gpu']}, torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    plot_breakdown(result, path.with_name(path.stem + "_breakdown.png"))
+
+
+def plot_breakdown(result: dict, path: Path) -> None:
+    """Per cocodiff row at P > 1: the step split into compute (its no-exchange bound) and exposed exchange."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "no_exchange_ms" in r]
+    if not rows:
+        return
+    labels = [f"{r['family']} {r['size']} P={r['P']} {r.get('config', r['mode'])}" for r in rows]
+    compute = [r["no_exchange_ms"] for r in rows]
+    exposed = [max(r["ms_per_step"] - r["no_exchange_ms"], 0.0) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), compute, color="#1f77b4", label="compute (no-exchange bound)")
+    ax.barh(range(len(rows)), exposed, left=compute, color="#d62728", label="exposed exchange")
+    for i, r in enumerate(rows):
+        ax.text(r["ms_per_step"], i, f" {r['ms_per_step']:.0f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per transformer step")
+    ax.legend(fontsize=8, loc="lower right")
+    env = result["env"]
+    ax.set_title(f"time breakdown per preset: {env['gpu']}, torch {env['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

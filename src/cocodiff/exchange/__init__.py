@@ -3,7 +3,8 @@
 Routes: `flat` (one all-to-all, the paper's baseline), `tapa` (one phase per topology tier), `copy_engine`
 (peer memcpys on one host), `tiered` (near blocks over the node's group, far blocks over the slow link:
 the fair flat route under slow-tier emulation, and the route V-Major selects rows on), `auto` (the fastest
-of flat and TAPA per message shape). `build_exchange` is the one place that maps a config to a route.
+of flat and TAPA per message shape); `none` (benchmarks only: no byte moves, the compute-only bound).
+`build_exchange` is the one place that maps a config to a route.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..topology import TierGroups, Topology, node_range
 from .auto import AutoExchange
 from .base import BlockExchange, CommStats, Handle, all_gather_into
 from .flat import FlatExchange
+from .none import NoExchange
 from .tapa import TapaExchange
 from .tiered import RowPlan, TieredExchange
 
@@ -22,6 +24,7 @@ __all__ = [
     "CommStats",
     "FlatExchange",
     "Handle",
+    "NoExchange",
     "RowPlan",
     "TapaExchange",
     "TieredExchange",
