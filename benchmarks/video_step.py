@@ -154,10 +154,15 @@ def diffusers_ulysses(bench: Bench, family: str, inputs: dict, ref_path: Path, w
         return {
             "error": f"diffusers {diffusers.__version__} has no context-parallel plan (_cp_plan) for {cls.__name__}"
         }
+    # cocodiff's model of this family stays allocated during this row: its weights are in this row's peak
+    resident = torch.cuda.memory_allocated() / 2**30 if bench.cuda else 0.0
     model = bench.build(family)
     try:
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-        return bench.row(model, inputs, ref_path, graph=bench.args.graph)
+        row = bench.row(model, inputs, ref_path, graph=bench.args.graph)
+        if bench.cuda:
+            row["resident_before_GiB"] = resident  # subtract from peak_mem_GiB to compare with cocodiff's rows
+        return row
     except Exception as exc:  # e.g. tokens not divisible by the degree: report it
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
     finally:
