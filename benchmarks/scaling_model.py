@@ -20,6 +20,9 @@ Model (one transformer step of Ulysses over P = N x G ranks, V-First, fused Q/K,
   merged in fp32 costs kappa x (R - 1) / R of the attention (quadratic) part (`ring_ms`). kappa is fitted on
   the one ring run measured (pure ring, P = 2, NVLink, FLUX.1-sized 2048^2); no other ring run checks it.
 - V-Major: its slow-tier bytes scaled by the fraction it sends (measured on the small model: 1 / 2.73 at 50 steps).
+- The `fast` preset (compiled blocks; `cocodiff bench e2e`): its own compute C_fast, fitted exactly on the e2e
+  runs' one-rank steps (1024^2, 2048^2) and P = 2 no-exchange bound at 1024^2; the same e and X. Checked on the
+  e2e rows it was not fitted on (the 2048^2 bound, both P = 2 steps); its predictions are a column of their own.
 
 Inputs are the committed JSON files named in INPUTS; outputs: scaling.json, scaling.md, scaling.png.
 """
@@ -45,6 +48,8 @@ INPUTS = {
     "wan_1gpu": "2026-11-30-video/wan_P1.json",
     "wan_2gpu": "2026-11-30-video/wan_P2.json",
     "usp_2gpu": "2026-11-30-usp/usp_flux_P2.json",
+    "e2e_1024": "2026-11-30-e2e/flux_sd3_1024/e2e.json",
+    "e2e_2048": "2026-11-30-e2e/flux_2048/e2e.json",
 }
 MODELS = {  # attention layers, heads x head dim, text tokens, heads
     "FLUX.1": dict(layers=57, inner=3072, text=512, heads=24),
@@ -135,6 +140,25 @@ def fit_flux_compute() -> tuple[np.ndarray, list[dict]]:
     return coef, used
 
 
+def e2e_row(d: dict, P: int, mode: str, family: str = "flux") -> dict:
+    """The `bench e2e` row of cocodiff's `mode` preset at P ranks."""
+    return next(r for r in d["rows"] if (r["P"], r["engine"], r["mode"], r["family"]) == (P, "cocodiff", mode, family))
+
+
+def fit_fast_compute() -> tuple[np.ndarray, list[dict]]:
+    """C_fast = (a S + b S^2) / P + c of the `fast` preset, exact on three e2e points (FLUX.1-sized)."""
+    e1, e2 = load("e2e_1024"), load("e2e_2048")
+    pts = [
+        (1, "1024", e2e_row(e1, 1, "fast")["ms_per_step"]),
+        (1, "2048", e2e_row(e2, 1, "fast")["ms_per_step"]),
+        (2, "1024", e2e_row(e1, 2, "fast")["no_exchange_ms"]),
+    ]
+    S = {"1024": 4096 + 512, "2048": 16384 + 512}
+    A = np.array([[S[s] / P, S[s] ** 2 / P, 1.0] for P, s, _ in pts])
+    coef = np.linalg.solve(A, np.array([t for *_, t in pts]))
+    return coef, [{"P": P, "size": s, "ms": t} for P, s, t in pts]
+
+
 def compute_ms(coef, P: int, S: int) -> float:
     a, b, c = coef
     return (a * S + b * S * S) / P + c
@@ -147,6 +171,7 @@ def main() -> None:
     link = Link(load("a2a_nvlink"))
     flux = MODELS["FLUX.1"]
     coef, fit_points = fit_flux_compute()
+    fast_coef, fast_points = fit_fast_compute()
     S = {"1024": 4096 + 512, "2048": 16384 + 512}
 
     # e: fitted on one run, P = 2 over an emulated 40 GB/s slow link (2 nodes x 1 GPU), V-First + fused, 1024^2
@@ -233,6 +258,24 @@ def main() -> None:
     for res in ws:
         meas = wan2["resolutions"][res]["ce-vfirst+fused"]["eager_ms_median"]
         checks.append((f"Wan-14B P=2 NVLink {res} x 81 frames (copy engine)", meas, wan_predict(2, res)))
+
+    def fast_predict(P, size, *, G=None, beta_slow=None, slow_fraction=1.0):
+        """The `fast` preset: its compute, the same exposed exchange; Ulysses only (None past the head count)."""
+        if P > flux["heads"]:
+            return None
+        x = exchange_ms(flux, P, S[size], link, G=G, beta_slow=beta_slow, slow_fraction=slow_fraction)
+        return compute_ms(fast_coef, P, S[size]) + e * x
+
+    e1, e2 = load("e2e_1024"), load("e2e_2048")
+    checks += [
+        (
+            "FLUX.1 `fast` P=2 no-exchange bound 2048^2 (bench e2e; compute model alone)",
+            e2e_row(e2, 2, "fast")["no_exchange_ms"],
+            compute_ms(fast_coef, 2, S["2048"]),
+        ),
+        ("FLUX.1 `fast` P=2 NVLink 1024^2 (bench e2e)", e2e_row(e1, 2, "fast")["ms_per_step"], fast_predict(2, "1024")),
+        ("FLUX.1 `fast` P=2 NVLink 2048^2 (bench e2e)", e2e_row(e2, 2, "fast")["ms_per_step"], fast_predict(2, "2048")),
+    ]
     check_rows = [
         {"what": w, "measured_ms": m, "predicted_ms": p, "error_pct": 100 * (p - m) / m} for w, m, p in checks
     ]
@@ -253,6 +296,9 @@ def main() -> None:
                 row["ring"] = P > model["heads"]  # Ulysses inside each node, a ring across the nodes
                 row["exact_ms"] = fn(P, shape, G=g, beta_slow=nic)
                 row["vmajor_ms"] = fn(P, shape, G=g, beta_slow=nic, slow_fraction=VMAJOR_SLOW_FRACTION)
+                if name == "FLUX.1":
+                    row["fast_one_gpu_ms"] = fast_predict(1, shape)
+                    row["fast_ms"] = fast_predict(P, shape, G=g, beta_slow=nic)
                 preds.append(row)
     result = {
         "inputs": INPUTS,
@@ -263,6 +309,12 @@ def main() -> None:
             "points": fit_points,
         },
         "compute_fit_wan": {"a_ms_per_token": wa, "b_ms_per_token2": wb},
+        "compute_fit_flux_fast": {
+            "a_ms_per_token": fast_coef[0],
+            "b_ms_per_token2": fast_coef[1],
+            "c_ms": fast_coef[2],
+            "points": fast_points,
+        },
         "nvlink": link.as_dict(),
         "exposed_fraction_e": e,
         "ring_kappa": kappa,
@@ -309,14 +361,23 @@ def report(r: dict) -> str:
         "## Predictions (not measurements): H200 nodes of 8 GPUs, 400 Gb/s NIC per GPU "
         f"(all-to-all at {r['assumptions']['nic_GBps_per_gpu']:.0f} GB/s per GPU, an assumption)",
         "",
-        "| model | shape | nodes x 8 | 1 GPU ms | exact ms | speed-up | V-Major ms | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "Exact and V-Major: V-First + fused Q/K + CUDA graph (the calibration of most runs); `fast`: the default",
+        "preset with compiled blocks (calibrated on `bench e2e`), over its own one-rank step; Ulysses only.",
+        "",
+        "| model | shape | nodes x 8 | 1 GPU ms | exact ms | speed-up | V-Major ms | speed-up | `fast` ms | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in r["predictions"]:
         ring = " (Ulysses 8 x ring)" if p["ring"] else ""
+        fast = (
+            f"{p['fast_ms']:.1f} | {p['fast_one_gpu_ms'] / p['fast_ms']:.1f}x"
+            if p.get("fast_ms") is not None
+            else "- | -"
+        )
         lines.append(
             f"| {p['model']} | {p['shape']} | {p['nodes']}{ring} | {p['one_gpu_ms']:.0f} | {p['exact_ms']:.1f} | "
-            f"{p['one_gpu_ms'] / p['exact_ms']:.1f}x | {p['vmajor_ms']:.1f} | {p['one_gpu_ms'] / p['vmajor_ms']:.1f}x |"
+            f"{p['one_gpu_ms'] / p['exact_ms']:.1f}x | {p['vmajor_ms']:.1f} | "
+            f"{p['one_gpu_ms'] / p['vmajor_ms']:.1f}x | {fast} |"
         )
     lines += [
         "",
