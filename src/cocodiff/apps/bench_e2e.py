@@ -6,8 +6,12 @@ on a fresh full-size model with random weights (bf16; tiny fp32 configs on CPU r
 - cocodiff, per preset (`ParallelConfig.preset`, e.g. "flat", "fast"; on one rank the engine's exchanges are
   no-ops, so "fast" on 1 rank is cocodiff's own one-GPU mode); with `--topology/--emulate` over emulated tiers;
 - diffusers, per mode: its own Ulysses (`enable_parallelism(ContextParallelConfig(ulysses_degree=P))`; plain
-  diffusers on one rank) eager and with regional compilation (`compile_repeated_blocks(fullgraph=True)`). A mode
-  diffusers cannot run is a row that says why. diffusers always runs on the real links.
+  diffusers on one rank) eager, with regional compilation (`compile_repeated_blocks(fullgraph=True)`) and, on
+  request, `torch.compile(mode="reduce-overhead")`. A mode diffusers cannot run is a row that says why. diffusers
+  always runs on the real links;
+- xDiT (xfuser), on request (`--peers ... xdit xdit-compile`): its FLUX.1 Ulysses route
+  (`cocodiff.apps.xdit_peer`) at each P > 1, launched after the other rows of that P on the same GPUs, with the
+  same weights, inputs and reference; transformer step only. Any other case is a row saying why.
 
 Per row: ms per transformer step (CUDA events, warm-up excluded, median; the first call, which compiles and
 captures, timed apart), seconds per image of the family's diffusers pipeline (`--steps`, e.g. 28 and 50;
@@ -33,8 +37,14 @@ from ..timing import rel_err, release_memory, time_ms
 from . import families as zoo
 from .launch import set_multi_gpu_env, spawn
 
-PEER_MODES = ("eager", "regional-compile", "reduce-overhead")
+DIFFUSERS_MODES = ("eager", "regional-compile", "reduce-overhead")
+XDIT_MODES = {
+    "xdit": "eager",
+    "xdit-compile": "compile",
+}  # xDiT (xfuser): its FLUX.1 Ulysses route, cocodiff.apps.xdit_peer
+PEER_MODES = (*DIFFUSERS_MODES, *XDIT_MODES)
 DEFAULT_PEER_MODES = ("eager", "regional-compile")  # reduce-overhead's first call compiles for 1.5-2.5 min a shape
+MAX_PEER_ERR = 5e-2  # a peer row further than this from one GPU is listed but not used as the peer to beat
 
 
 def add_parser(bsub, formatter_class=None) -> None:
@@ -55,7 +65,9 @@ def add_parser(bsub, formatter_class=None) -> None:
         nargs="*",
         default=list(DEFAULT_PEER_MODES),
         choices=PEER_MODES,
-        help="diffusers modes (reduce-overhead: torch.compile(mode='reduce-overhead'), its CUDA graphs; slow to start)",
+        help="diffusers modes (reduce-overhead: torch.compile(mode='reduce-overhead'), its CUDA graphs; slow to "
+        "start) and xDiT's (xdit, xdit-compile: xfuser's FLUX.1 Ulysses at each P > 1, in a launch of its own after "
+        "the others; needs xfuser installed)",
     )
     p.add_argument("--steps", type=int, nargs="+", default=None, help="pipeline lengths (default: 28 50; CPU: 2)")
     p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
@@ -94,7 +106,7 @@ def run_e2e(args) -> int:
         cuda=cuda,
         out=args.out,
     )
-    if "eager" not in opts["peers"]:
+    if "eager" not in opts["peers"]:  # (xDiT modes are run apart, see _xdit_rows)
         raise UsageError("--peers must include eager: plain diffusers on one GPU is the reference of every row")
     if not cuda and "fast" in opts["presets"]:
         raise UsageError("--presets fast needs GPU ranks (CUDA graphs); on CPU ranks use flat or vfirst")
@@ -106,6 +118,7 @@ def run_e2e(args) -> int:
         # a peer's first call may compile for minutes while the other ranks wait at the row's barrier
         backend = "nccl" if cuda else "gloo"
         rows += spawn(_e2e_rank, world, opts, backend=backend, timeout_s=7200, collective_timeout_s=1800)[0]
+        rows += _xdit_rows(opts, world)
     result = {"command": "cocodiff bench e2e", "env": _environment(cuda), "options": opts, "rows": rows}
     out = Path(args.out)
     (out / "e2e.json").write_text(json.dumps(result, indent=1))
@@ -161,7 +174,7 @@ def _e2e_rank(opts: dict) -> list[dict]:
         (family, size, engine, mode)
         for family in opts["families"]
         for size in opts["sizes"]
-        for engine, modes in (("diffusers", opts["peers"]), ("cocodiff", opts["presets"]))  # the reference first
+        for engine, modes in (("diffusers", _diffusers_modes(opts)), ("cocodiff", opts["presets"]))  # reference first
         for mode in modes
     ]
     bar = None
@@ -187,21 +200,90 @@ def _e2e_rank(opts: dict) -> list[dict]:
             bar.update(1)
     if bar is not None:
         bar.close()
-    rows += [
-        {"family": f, "size": z, "P": world, "engine": "xDiT", "mode": "-", "error": _xdit_reason()}
-        for f in opts["families"]
-        for z in opts["sizes"]
-    ]
     return rows
 
 
-def _xdit_reason() -> str:
-    """Why the xDiT row has no time: a peer that does not run is a row that says why."""
+def _diffusers_modes(opts: dict) -> list[str]:
+    return [m for m in opts["peers"] if m in DIFFUSERS_MODES]
+
+
+# ---- xDiT: its own launch per rank count ------------------------------------------------------------------
+def _xdit_rows(opts: dict, world: int) -> list[dict]:
+    """xDiT's rows at `world` ranks: `cocodiff.apps.xdit_peer` under torchrun, on the same GPUs after the other
+    rows (xfuser sets up its own process groups and runtime state, so it gets processes of its own), the same
+    weights, inputs and 1-GPU reference; a row that cannot run says why."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    modes = [XDIT_MODES[m] for m in opts["peers"] if m in XDIT_MODES]
+    reason = None
+    if not modes:
+        reason = "not requested (--peers ... xdit xdit-compile; needs xfuser)"
+    elif not opts["cuda"]:
+        reason = "xDiT needs CUDA GPUs"
+    elif world == 1:
+        reason = "xDiT rows are its Ulysses at P > 1"
+    elif importlib.util.find_spec("xfuser") is None:
+        reason = "xfuser is not installed here (it also needs yunchang and distvae; e.g. pip install xfuser==0.7.0)"
+
+    def row(family, size, mode, **info):
+        return {"family": family, "size": size, "P": world, "engine": "xDiT", "mode": mode, **info}
+
+    if reason is not None:
+        return [row(f, z, "-", error=reason) for f in opts["families"] for z in opts["sizes"]]
+    out = Path(opts["out"], "xdit")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [
+        row(f, z, m, error="xDiT rows cover FLUX.1 only (xfuser's xFuserFlux1Transformer2DWrapper route)")
+        for f in opts["families"]
+        if f != "flux"
+        for z in opts["sizes"]
+        for m in modes
+    ]
+    if "flux" not in opts["families"]:
+        return rows
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world)]
+    cmd += ["-m", "cocodiff.apps.xdit_peer", "--sizes", *map(str, opts["sizes"]), "--out", str(out)]
+    cmd += ["--ref", str(Path(opts["out"], "ref", "flux_{size}.pt"))] + ["--compile"] * ("compile" in modes)
+    log = out / f"xdit_P{world}.log"
     try:
-        import xfuser  # noqa: F401
-    except ImportError:
-        return "xfuser is not installed here (pip install xfuser; it needs transformers, accelerate, yunchang, distvae)"
-    return "not run: xDiT's entry points wrap whole pipelines with their own launcher; not wired into this command yet"
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=3600)
+        result = json.loads((out / f"xdit_flux_P{world}.json").read_text())
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        why = f"{type(exc).__name__}: {exc}"[:300] + f" (log: {log})"
+        return rows + [row("flux", z, m, error=why) for z in opts["sizes"] for m in modes]
+    return rows + xdit_rows_from_report(result, opts["sizes"], modes, world, proc.returncode, log)
+
+
+def xdit_rows_from_report(result: dict, sizes, modes, world: int, returncode: int, log) -> list[dict]:
+    """`xdit_peer`'s JSON -> e2e rows (ms per step, first call, peak memory, error against one GPU)."""
+    failed = result.get("failed_stage")
+    out = []
+    for size in sizes:
+        for mode in modes:
+            base = {"family": "flux", "size": size, "P": world, "engine": "xDiT", "mode": mode}
+            got = [r for r in result.get("rows", []) if r.get("size") == size and r.get("mode") == mode]
+            if failed is not None:
+                out.append({**base, "error": f"{failed['stage']}: {failed['error']}"[:500]})
+            elif not got:
+                out.append({**base, "error": f"no row (xdit_peer exited with {returncode}; log: {log})"})
+            elif "error" in got[0]:
+                out.append({**base, "error": f"{got[0].get('stage')}: {got[0]['error']}"[:500]})
+            else:
+                r = got[0]
+                info = {
+                    "config": f"USP {mode}" + (f" ({r['compile']['mode']})" if "compile" in r else ""),
+                    "ms_per_step": r["ms_median"],
+                    "ms_per_step_all": r.get("ms_all"),
+                    "first_call_s": r["first_call_s"],
+                }
+                for key in ("peak_mem_GiB", "rel_err_vs_1gpu"):
+                    if r.get(key) is not None:
+                        info[key] = r[key]
+                out.append({**base, **info})
+    return out
 
 
 def _config(opts: dict, preset: str, world: int) -> ParallelConfig:
@@ -323,7 +405,7 @@ def report(result: dict) -> str:
                 f"## {family} {size}x{size}",
                 "",
                 "| P | engine | mode | ms/step | no-exchange bound ms (exposed) | vs best 1 GPU "
-                + "| vs best diffusers at P | "
+                + "| vs best peer at P | "
                 + " | ".join(f"s/image, {s} steps" for s in steps)
                 + " | peak GiB | rel. error vs 1 GPU | first call (s) |",
                 "|---" * (10 + len(steps)) + "|",
@@ -332,7 +414,11 @@ def report(result: dict) -> str:
                 if "error" in r:
                     lines.append(f"| {r['P']} | {r['engine']} | {r['mode']} | not run: {r['error']} |" + " |" * 9)
                     continue
-                peers = [x["ms_per_step"] for x in ok if x["P"] == r["P"] and x["engine"] == "diffusers"]
+                peers = [
+                    x["ms_per_step"]
+                    for x in ok
+                    if x["P"] == r["P"] and x["engine"] != "cocodiff" and x.get("rel_err_vs_1gpu", 0.0) <= MAX_PEER_ERR
+                ]
                 vs_peer = f"{min(peers) / r['ms_per_step']:.2f}x" if peers and r["engine"] == "cocodiff" else ""
                 err = r.get("rel_err_vs_1gpu")
                 cells = [
@@ -345,16 +431,18 @@ def report(result: dict) -> str:
                     else "",
                     f"{best_one / r['ms_per_step']:.2f}x" if best_one else "",
                     vs_peer,
-                    *(f"{r.get(f's_per_image_{s}', float('nan')):.2f}" for s in steps),
+                    *(f"{r[f's_per_image_{s}']:.2f}" if f"s_per_image_{s}" in r else "" for s in steps),
                     f"{r['peak_mem_GiB']:.1f}" if "peak_mem_GiB" in r else "",
                     "" if err is None else f"{err:.1e}",
-                    f"{r['first_call_s']:.1f}",
+                    f"{r['first_call_s']:.1f}" if "first_call_s" in r else "",
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
     lines += [
         "No-exchange bound: the same cocodiff step with every exchange a no-op (no byte moves, wrong output), timed",
-        "the same way; in brackets the row's time minus it, the exchange its schedule leaves exposed.",
+        "the same way; in brackets the row's time minus it, the exchange its schedule leaves exposed. Best peer: the",
+        f"fastest diffusers or xDiT row at the same P whose output is within {MAX_PEER_ERR:.0e} of one GPU (others are",
+        "listed, not used). xDiT rows time the transformer step only (no pipeline run).",
         "",
     ]
     return "\n".join(lines)

@@ -2,8 +2,12 @@
 weights) under xDiT's own Ulysses sequence parallelism (USP) at degree P = WORLD_SIZE, eager and (--compile) with
 xDiT's torch.compile setting.
 
-    torchrun --nproc-per-node P benchmarks/xdit_step.py --sizes 1024 2048 --compile --out OUT [--ref 'REF_{size}.pt']
-    python benchmarks/xdit_step.py --dry-run      # CPU: prints the plan and why xfuser does (not) import
+    torchrun --nproc-per-node P -m cocodiff.apps.xdit_peer --sizes 1024 2048 --compile --out OUT [--ref 'REF_{size}.pt']
+    python -m cocodiff.apps.xdit_peer --dry-run      # CPU: prints the plan and why xfuser does (not) import
+
+`cocodiff bench e2e --peers ... xdit [xdit-compile]` launches it after its own rows, at each P > 1, with the same
+weights, inputs and 1-GPU reference, and puts its rows beside the others. xfuser and its dependencies are not
+cocodiff dependencies: install them where it runs (e.g. the wheels of xfuser 0.7.0, yunchang, distvae).
 
 Route: the one xDiT's runner (`xfuser/runner.py`, `runner_models/flux.py`) takes for FLUX.1-dev without PipeFusion,
 less the text encoders, VAE and scheduler, which a transformer step does not use: `init_distributed_environment()`
