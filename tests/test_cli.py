@@ -153,10 +153,16 @@ def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
     assert rows[(2, "cocodiff")]["no_exchange_ms"] > 0 and "no_exchange_ms" not in rows[(1, "cocodiff")]
     assert (tmp_path / "e2e.md").read_text().startswith("# cocodiff bench e2e") and (tmp_path / "e2e.png").exists()
     assert (tmp_path / "e2e_breakdown.png").exists() and "exposed" in (tmp_path / "e2e.md").read_text()
-    argv = ["bench", "e2e", "--cpu", "--peers", "eager", "xdit", "--iters", "1", "--gpus", "1", "2"]
+    # xDiT asked for on CPU ranks: rows saying why; --routes: each preset once per route at P > 1
+    argv = ["bench", "e2e", "--cpu", "--peers", "eager", "xdit", "--iters", "1", "--routes", "flat", "tapa"]
     assert cli.main([*argv, "--out", str(tmp_path / "xdit")]) == 0
     rows = json.loads((tmp_path / "xdit" / "e2e.json").read_text())["rows"]
     assert [r["error"] for r in rows if r["engine"] == "xDiT"] == ["xDiT needs CUDA GPUs"] * 2
+    coco = {(r["P"], r["mode"]): r for r in rows if r["engine"] == "cocodiff"}
+    assert set(coco) == {(1, "flat"), (2, "flat@flat"), (2, "flat@tapa")}
+    assert coco[(2, "flat@tapa")]["config"] == "flat+tapa" and coco[(2, "flat@tapa")]["rel_err_vs_1gpu"] < 1e-5
+    assert cli.main(["bench", "e2e", "--cpu", "--routes", "copy_engine", "--out", str(tmp_path)]) == 2
+    assert "--routes copy_engine needs GPU ranks" in capsys.readouterr().err
     assert cli.main(["bench", "e2e", "--cpu", "--peers", "regional-compile", "--out", str(tmp_path)]) == 2
     assert "--peers must include eager" in capsys.readouterr().err
     # cocodiff's rows over an emulated slow tier (2 emulated nodes of 1 rank at P=2)

@@ -14,6 +14,13 @@ from .topology import parse_topology_spec
 ALL_TO_ALL_KINDS = ("flat", "tapa", "copy_engine")
 TAPA_PLANS = ("auto", "phases")
 PRESETS = ("flat", "tapa", "vfirst", "cocodiff", "fast")
+_PRESET_FIELDS = {  # ParallelConfig.preset; "v_major": True stands for VMajorConfig()'s defaults
+    "flat": dict(all_to_all="flat", v_first=False),
+    "tapa": dict(all_to_all="tapa", v_first=False),
+    "vfirst": dict(all_to_all="tapa", v_first=True),
+    "cocodiff": dict(all_to_all="tapa", v_first=True, v_major=True),
+    "fast": dict(all_to_all="flat", v_first=True, fuse_qk=True, compile_blocks=True, cuda_graph=True),
+}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -286,16 +293,12 @@ class ParallelConfig:
         `v_major=VMajorConfig(tiers="all")`), "fast" (GPU ranks: V-First, fuse_qk, compiled blocks and the step
         replayed as a CUDA graph over NCCL; the fastest exact configuration measured on one H200 host, within 1-3%
         of the copy-engine route, docs/benchmarks/2026-11-30-compiled). Keyword overrides replace preset fields."""
-        presets = {
-            "flat": dict(all_to_all="flat", v_first=False),
-            "tapa": dict(all_to_all="tapa", v_first=False),
-            "vfirst": dict(all_to_all="tapa", v_first=True),
-            "cocodiff": dict(all_to_all="tapa", v_first=True, v_major=VMajorConfig()),
-            "fast": dict(all_to_all="flat", v_first=True, fuse_qk=True, compile_blocks=True, cuda_graph=True),
-        }
-        if name not in presets:
+        if name not in _PRESET_FIELDS:
             raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
-        return cls(**{**presets[name], "preset_name": name, **overrides})
+        fields = dict(_PRESET_FIELDS[name])
+        if "v_major" in fields:
+            fields["v_major"] = VMajorConfig()
+        return cls(**{**fields, "preset_name": name, **overrides})
 
     @property
     def overlaps_output(self) -> bool:
@@ -310,6 +313,8 @@ class ParallelConfig:
     def label(self) -> str:
         """A short name for reports: the preset or the route, then every switch that is on."""
         parts = [self.preset_name or self.all_to_all]
+        if self.preset_name and self.all_to_all != _PRESET_FIELDS[self.preset_name]["all_to_all"]:
+            parts.append(self.all_to_all)  # a preset with another route
         if not self.preset_name:
             parts += ["vfirst"] * self.v_first + ["vmajor"] * (self.v_major is not None)
         if (self.ring_degree or 1) > 1:

@@ -44,6 +44,7 @@ XDIT_MODES = {
 }  # xDiT (xfuser): its FLUX.1 Ulysses route, cocodiff.apps.xdit_peer
 PEER_MODES = (*DIFFUSERS_MODES, *XDIT_MODES)
 DEFAULT_PEER_MODES = ("eager", "regional-compile")  # reduce-overhead's first call compiles for 1.5-2.5 min a shape
+ROUTES = ("flat", "tapa", "copy_engine")  # ParallelConfig.all_to_all
 MAX_PEER_ERR = 5e-2  # a peer row further than this from one GPU is listed but not used as the peer to beat
 
 
@@ -68,6 +69,13 @@ def add_parser(bsub, formatter_class=None) -> None:
         help="diffusers modes (reduce-overhead: torch.compile(mode='reduce-overhead'), its CUDA graphs; slow to "
         "start) and xDiT's (xdit, xdit-compile: xfuser's FLUX.1 Ulysses at each P > 1, in a launch of its own after "
         "the others; needs xfuser installed)",
+    )
+    p.add_argument(
+        "--routes",
+        nargs="+",
+        default=None,
+        choices=ROUTES,
+        help="at P > 1, each preset once per exchange route (e.g. flat copy_engine; default: the preset's own)",
     )
     p.add_argument("--steps", type=int, nargs="+", default=None, help="pipeline lengths (default: 28 50; CPU: 2)")
     p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
@@ -96,6 +104,7 @@ def run_e2e(args) -> int:
         families=args.families,
         sizes=args.sizes or ([1024] if cuda else [64]),
         presets=args.presets or (["flat", "fast"] if cuda else ["flat"]),
+        routes=args.routes,
         peers=args.peers,
         steps=args.steps or ([28, 50] if cuda else [2]),
         topology=args.topology,
@@ -108,6 +117,8 @@ def run_e2e(args) -> int:
     )
     if "eager" not in opts["peers"]:  # (xDiT modes are run apart, see _xdit_rows)
         raise UsageError("--peers must include eager: plain diffusers on one GPU is the reference of every row")
+    if not cuda and "copy_engine" in (opts["routes"] or []):
+        raise UsageError("--routes copy_engine needs GPU ranks on one host; on CPU ranks use flat or tapa")
     if not cuda and "fast" in opts["presets"]:
         raise UsageError("--presets fast needs GPU ranks (CUDA graphs); on CPU ranks use flat or vfirst")
     if cuda:
@@ -174,7 +185,7 @@ def _e2e_rank(opts: dict) -> list[dict]:
         (family, size, engine, mode)
         for family in opts["families"]
         for size in opts["sizes"]
-        for engine, modes in (("diffusers", _diffusers_modes(opts)), ("cocodiff", opts["presets"]))  # reference first
+        for engine, modes in (("diffusers", _diffusers_modes(opts)), ("cocodiff", _cocodiff_modes(opts, world)))
         for mode in modes
     ]
     bar = None
@@ -204,7 +215,15 @@ def _e2e_rank(opts: dict) -> list[dict]:
 
 
 def _diffusers_modes(opts: dict) -> list[str]:
-    return [m for m in opts["peers"] if m in DIFFUSERS_MODES]
+    return [m for m in opts["peers"] if m in DIFFUSERS_MODES]  # eager first: on one rank it is the reference
+
+
+def _cocodiff_modes(opts: dict, world: int) -> list[str]:
+    """cocodiff's rows: each preset, at P > 1 once per `--routes` entry ("preset@route"; on one rank every
+    exchange is a no-op, so the route changes nothing there)."""
+    if world == 1 or not opts.get("routes"):
+        return list(opts["presets"])
+    return [f"{p}@{r}" for p in opts["presets"] for r in opts["routes"]]
 
 
 # ---- xDiT: its own launch per rank count ------------------------------------------------------------------
@@ -286,8 +305,9 @@ def xdit_rows_from_report(result: dict, sizes, modes, world: int, returncode: in
     return out
 
 
-def _config(opts: dict, preset: str, world: int) -> ParallelConfig:
-    extra = {}
+def _config(opts: dict, mode: str, world: int) -> ParallelConfig:
+    preset, _, route = mode.partition("@")
+    extra = {"all_to_all": route} if route else {}
     if opts["topology"] is not None and world > 1:
         import math
 
