@@ -567,9 +567,11 @@ def _eager_recorder():
 
 
 def deleted_model_is_freed(world, cfg: dict, graphs: bool):
-    """Whether a parallelised model that ran two steps is freed as soon as its last reference goes (with the
-    cycle collector off): nothing of the engine may point back at it, or a deleted model's weights (and graph
-    pools) stay on the GPU until Python's collector happens to run."""
+    """Whether a parallelised model that ran a few steps, and its engine, are freed as soon as the model's last
+    reference goes (with the cycle collector off): [model alive, engine alive, any weight alive, engine alive
+    after a collection].
+    Nothing of ours may point back at them in a cycle, or a deleted model's weights, CUDA graphs and exchange
+    buffers stay on the GPU until Python's collector happens to run."""
     import gc
     import weakref
 
@@ -593,11 +595,14 @@ def deleted_model_is_freed(world, cfg: dict, graphs: bool):
         with torch.no_grad():
             for _ in range(3):  # V-Major: one exact step, then two that select
                 model(**inputs)
-        ref = weakref.ref(model)
+        refs = [weakref.ref(model), weakref.ref(model.cocodiff)]  # the engine holds the graphs and buffers
+        weights = [weakref.ref(p) for p in model.parameters()]
         del model
-        alive = ref() is not None
+        alive = [r() is not None for r in refs] + [any(w() is not None for w in weights)]
     finally:
         gc.enable()
+    gc.collect()
+    alive.append(refs[1]() is not None)
     dist.barrier(group)
     return alive
 

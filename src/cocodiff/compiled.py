@@ -22,6 +22,7 @@ Because the processors are opaque, a user's own `torch.compile(transformer)` or 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -68,4 +69,15 @@ def compile_blocks(model: nn.Module, plan, options: dict[str, Any] | None) -> in
     kwargs = {**DEFAULT_OPTIONS, **(options or {})}
     for m in blocks:
         m.compile(**kwargs)
+    # `nn.Module.compile` keeps the compiled `m._call_impl` on `m` itself: a reference cycle per block, so a
+    # deleted model's blocks (most of its weights) would stay allocated until Python's cycle collector runs.
+    # When the model goes, break those cycles (the blocks are then freed at once).
+    weakref.finalize(model, _forget_compiled, [weakref.ref(m) for m in blocks])
     return len(blocks)
+
+
+def _forget_compiled(blocks: list) -> None:
+    for ref in blocks:
+        m = ref()
+        if m is not None:
+            m.__dict__.pop("_compiled_call_impl", None)

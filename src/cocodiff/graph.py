@@ -83,6 +83,21 @@ def _changing_args(graphs: dict) -> list:
     return sorted(str(k) for k, values in seen.items() if len(values) > 1)
 
 
+def _weakly(fn: Callable) -> Callable[[], Callable | None]:
+    """A reference to `fn` that does not keep a bound method's object alive: the objects whose methods a
+    `StepGraphs` calls (the model whose `forward` it replaces, its engine, a `GraphedStep`) own it, and a strong
+    reference back would keep a deleted model's weights and graph pools on the GPU until Python's cycle
+    collector happens to run."""
+    return weakref.WeakMethod(fn) if inspect.ismethod(fn) else (lambda: fn)
+
+
+def _alive(ref: Callable[[], Callable | None]) -> Callable:
+    fn = ref()
+    if fn is None:
+        raise RuntimeError("cocodiff: the model these CUDA graphs replay has been deleted")
+    return fn
+
+
 class StepGraphs:
     """Captured CUDA graphs of `fn`, one per input signature; calling it replays (capturing on first sight).
 
@@ -108,24 +123,24 @@ class StepGraphs:
         key: Callable[[], Any] | None = None,
         preserve: Callable[[], Any] | None = None,
     ):
-        # a bound method is held weakly: its object (the model whose `forward` this replaces, or a
-        # `GraphedStep`) owns this switch, and a strong reference back would keep a deleted model's weights and
-        # graph pools on the GPU until Python's cycle collector happens to run
-        self._fn = weakref.WeakMethod(fn) if inspect.ismethod(fn) else (lambda: fn)
+        self._fn = _weakly(fn)
         self.warmup = warmup
         self.stats = stats
-        self._extra_key = key or (lambda: None)
-        self._preserve = preserve or contextlib.nullcontext
+        self._key = _weakly(key or (lambda: None))  # the engine's methods: the engine owns this switch
+        self._preserve_ref = _weakly(preserve or contextlib.nullcontext)
         self._graphs: dict[Any, _Captured] = {}
         self._pool = None
         self._warned = False
 
     @property
     def fn(self) -> Callable:
-        fn = self._fn()
-        if fn is None:
-            raise RuntimeError("cocodiff: the model these CUDA graphs replay has been deleted")
-        return fn
+        return _alive(self._fn)
+
+    def _extra_key(self):
+        return _alive(self._key)()
+
+    def _preserve(self):
+        return _alive(self._preserve_ref)()
 
     def clear(self) -> None:
         """Drop every captured graph (the next call per signature captures again).

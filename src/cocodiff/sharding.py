@@ -171,12 +171,16 @@ class PlanHooks:
         # the model owns these hooks: a strong reference back would make a cycle that keeps a deleted model's
         # weights on the GPU until Python's cycle collector happens to run
         self._model = weakref.ref(model)
+        self._engine = weakref.ref(engine)  # the engine owns these hooks (engine.hooks): the same, the other way
         self.plan = plan
-        self.engine = engine
         self.device = device
         self.handles: list = []
         self._checked = False
         self._install()
+
+    @property
+    def engine(self):
+        return self._engine()
 
     def remove(self) -> None:
         for h in self.handles:

@@ -39,6 +39,7 @@ would update the caches twice more, so `preserved()` snapshots and restores them
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +131,7 @@ class VMajor:
 
     def __init__(self, cfg: VMajorConfig, *, engine, layers: int):
         self.cfg = cfg
-        self.engine = engine
+        self._engine = weakref.ref(engine)  # the engine owns this (engine.vmajor): no reference cycle
         self.layers = layers
         # with a ring dimension V-Major selects what travels the ring's hops (they cross the slow tier; see
         # `ring.ring_attention_vmajor`) and the Ulysses exchanges stay exact
@@ -157,6 +158,11 @@ class VMajor:
         self._far_index: dict[torch.device, torch.Tensor] = {}
 
     # ---- per call ------------------------------------------------------------------------------------
+
+    @property
+    def engine(self):
+        return self._engine()
+
     def begin_call(self, call: CallInfo, signature: tuple, *, l_max: int, batch: int, elem: int) -> CallPlan:
         """Decide this call's plan (before any collective of the call; identical on every rank)."""
         if call.step is None or call.total_steps is None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import types
 import warnings
 
 import torch
@@ -18,7 +17,15 @@ from diffusers.models.transformers.transformer_flux import FluxAttention, FluxSi
 
 from ..layout import IMG, TXT
 from ..sharding import Gather, ModelPlan, Split, token_counts
-from .joint import JointAttnProcessor, norm_rope, plain_linear, refuse, refuse_attention_kwargs, require
+from .joint import (
+    JointAttnProcessor,
+    norm_rope,
+    plain_linear,
+    refuse,
+    refuse_attention_kwargs,
+    require,
+    use_forward,
+)
 
 
 def flux_qk(engine, img, txt, norm, added_norm, freqs):
@@ -52,7 +59,7 @@ def single_block_forward(
     (a GEMM of half the width may round differently). Installed per block; active with `overlap_output`."""
     processor = self.attn.processor
     if not isinstance(processor, JointAttnProcessor) or not processor.engine.config.overlaps_output:
-        return type(self).forward(
+        return FluxSingleTransformerBlock.forward(  # diffusers' own (this block's class is a subclass: use_forward)
             self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
         )
     text_seq_len = encoder_hidden_states.shape[1]
@@ -100,7 +107,7 @@ def _install(model, engine) -> None:
             if "forward" in m.__dict__:  # already wrapped (diffusers hooks: caching, offloading): keep theirs
                 wrapped += 1
                 continue
-            m.forward = types.MethodType(single_block_forward, m)
+            use_forward(m, single_block_forward)
     if wrapped:
         warnings.warn(
             f"cocodiff: {wrapped} FLUX single-stream blocks already have a wrapped forward (diffusers "

@@ -14,7 +14,6 @@ With `overlap_output` (on with V-First) the single blocks' MLP runs under the ex
 from __future__ import annotations
 
 import inspect
-import types
 import warnings
 
 import torch
@@ -31,7 +30,16 @@ from .. import fused_qk
 from ..compiled import opaque_to_compile
 from ..layout import IMG, TXT
 from ..sharding import Gather, ModelPlan, Split
-from .joint import JointAttnProcessor, diffusers_rms, matching, refuse_attention_kwargs, require, rotate, split_mlp
+from .joint import (
+    JointAttnProcessor,
+    diffusers_rms,
+    matching,
+    refuse_attention_kwargs,
+    require,
+    rotate,
+    split_mlp,
+    use_forward,
+)
 
 
 def hunyuan_qk(engine, img, txt, norm, added_norm, freqs):
@@ -108,7 +116,7 @@ def single_block_forward(
     of half the width may round differently). Installed per block; active with `overlap_output`."""
     processor = self.attn.processor
     if not isinstance(processor, HunyuanVideoAttnProcessor) or not processor.engine.config.overlaps_output:
-        return type(self).forward(
+        return HunyuanVideoSingleTransformerBlock.forward(  # diffusers' own (the block's class is use_forward's)
             self, hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb, *args, **kwargs
         )
     n_txt = encoder_hidden_states.shape[1]
@@ -189,7 +197,7 @@ def _install(model, engine) -> None:
             if "forward" in m.__dict__:  # already wrapped (diffusers hooks: caching, offloading): keep theirs
                 wrapped += 1
             else:
-                m.forward = types.MethodType(single_block_forward, m)
+                use_forward(m, single_block_forward)
     if wrapped:
         warnings.warn(
             f"cocodiff: {wrapped} HunyuanVideo single-stream blocks already have a wrapped forward (diffusers "

@@ -261,6 +261,22 @@ def norm_rope(engine, x, norm, rope_fn, freqs, *, added=None, added_norm=None, *
     return x
 
 
+_FORWARD_CLASSES: dict[tuple[type, Callable], type] = {}
+
+
+def use_forward(m: nn.Module, forward: Callable) -> None:
+    """Run `m` with `forward` (a function of `self`, e.g. a reordered copy of its class's forward) in place of its
+    class's. Done by giving `m` a subclass with that method, named as its class (diffusers' regional compile
+    finds blocks by class name): an instance attribute bound to `m` itself would make a reference cycle that
+    keeps a deleted model's weights allocated until Python's cycle collector runs."""
+    base = type(m)
+    cls = _FORWARD_CLASSES.get((base, forward))
+    if cls is None:
+        attrs = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__}
+        cls = _FORWARD_CLASSES[(base, forward)] = type(base.__name__, (base,), attrs)
+    m.__class__ = cls
+
+
 def matching(base: type, predicate: Callable[[nn.Module], bool], name: str) -> type:
     """A key for `ModelPlan.processors` that matches only the `base` modules for which `predicate` holds.
 
