@@ -38,13 +38,12 @@ from . import families as zoo
 from .launch import set_multi_gpu_env, spawn
 
 DIFFUSERS_MODES = ("eager", "regional-compile", "reduce-overhead")
-XDIT_MODES = {
-    "xdit": "eager",
-    "xdit-compile": "compile",
-}  # xDiT (xfuser): its FLUX.1 Ulysses route, cocodiff.apps.xdit_peer
+# xDiT (xfuser): its FLUX.1 Ulysses route (cocodiff.apps.xdit_peer), eager or with its torch.compile setting
+XDIT_MODES = {"xdit": "eager", "xdit-compile": "compile"}
 PEER_MODES = (*DIFFUSERS_MODES, *XDIT_MODES)
 DEFAULT_PEER_MODES = ("eager", "regional-compile")  # reduce-overhead's first call compiles for 1.5-2.5 min a shape
 ROUTES = ("flat", "tapa", "copy_engine")  # ParallelConfig.all_to_all
+ENGINE_COLORS = {"cocodiff": "#1f77b4", "diffusers": "#ff7f0e", "xDiT": "#2ca02c"}
 MAX_PEER_ERR = 5e-2  # a peer row further than this from one GPU is listed but not used as the peer to beat
 
 
@@ -482,7 +481,7 @@ def plot(result: dict, path: Path) -> None:
     axes = [axes] if len(keys) == 1 else axes
     for ax, (family, size) in zip(axes, keys):
         group = [r for r in rows if (r["family"], r["size"]) == (family, size)]
-        color = ["#1f77b4" if r["engine"] == "cocodiff" else "#ff7f0e" for r in group]
+        color = [ENGINE_COLORS.get(r["engine"], "#7f7f7f") for r in group]
         ax.barh(range(len(group)), [r["ms_per_step"] for r in group], color=color)
         ax.set_yticks(range(len(group)), [f"P={r['P']} {r.get('config', r['mode'])}" for r in group], fontsize=8)
         for i, r in enumerate(group):
@@ -491,7 +490,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("ms per transformer step (lower is better)")
         ax.set_title(f"{family} {size}x{size}")
     env = result["env"]
-    fig.suptitle(f"cocodiff (blue) and diffusers (orange), same run: {env['gpu']}, torch {env['torch']}", fontsize=9)
+    fig.suptitle(
+        f"cocodiff (blue), diffusers (orange), xDiT (green), same run: {env['gpu']}, torch {env['torch']}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
