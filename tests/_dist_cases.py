@@ -569,9 +569,8 @@ def _eager_recorder():
 def deleted_model_is_freed(world, cfg: dict, graphs: bool):
     """Whether a parallelised model that ran a few steps, and its engine, are freed as soon as the model's last
     reference goes (with the cycle collector off): [model alive, engine alive, any weight alive, engine alive
-    after a collection].
-    Nothing of ours may point back at them in a cycle, or a deleted model's weights, CUDA graphs and exchange
-    buffers stay on the GPU until Python's collector happens to run."""
+    after a collection]. Nothing of ours may point back at them in a cycle, or a deleted model's weights, CUDA
+    graphs and exchange buffers stay on the GPU until Python's collector happens to run."""
     import gc
     import weakref
 
