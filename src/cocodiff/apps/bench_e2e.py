@@ -17,8 +17,10 @@ Per row: ms per transformer step (CUDA events, warm-up excluded, median; the fir
 captures, timed apart), seconds per image of the family's diffusers pipeline (`--steps`, e.g. 28 and 50;
 prompt embeddings given, no text encoders, output latents: the VAE decode, identical for every engine, is
 left out), peak memory per GPU, relative error of the step's output against plain diffusers on one GPU.
-Rank 0 writes OUT/e2e.json (hardware, driver, versions), OUT/e2e.md (tables, ratios to the best one-GPU row
-and to the best peer row) and OUT/e2e.png; a progress bar shows the rows as they run.
+Each cocodiff row at P > 1 also times its no-exchange bound (every exchange a no-op). Rank 0 writes OUT/e2e.json
+(hardware, driver, versions), OUT/e2e.md (tables, ratios to the best one-GPU row and to the best peer row),
+OUT/e2e.png and OUT/e2e_breakdown.png (compute and exposed exchange per row); xDiT's logs and JSON go to
+OUT/xdit/. A progress bar shows the rows as they run.
 """
 
 from __future__ import annotations
