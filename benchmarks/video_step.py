@@ -56,6 +56,7 @@ CONFIGS = {
     "vfirst+fused": ("flat", True, True),
     "ce-vfirst+fused": ("copy_engine", True, True),  # one host: blocks moved by the copy engines
 }
+COMPILED = "vfirst+fused+compiled"  # --compiled at P > 1: a model of its own with compile_blocks=True
 
 
 class Bench:
@@ -192,6 +193,11 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["flat", "vfirst", "vfirst+fused"], help=", ".join(CONFIGS))
     ap.add_argument("--graph", action="store_true", help="also time the step replayed as a CUDA graph")
     ap.add_argument("--single-fused", action="store_true", help="1 GPU: also time cocodiff on 1 rank with fuse_qk")
+    ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time cocodiff with compiled blocks (V-First, fuse_qk, compile_blocks): on 1 rank and at P > 1",
+    )
     ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers' own Ulysses")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
@@ -209,12 +215,12 @@ def main() -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.dry_run:
         device = torch.device("cpu")
-        if world > 1 or args.single_fused:
+        if world > 1 or args.single_fused or args.compiled:
             dist.init_process_group("gloo")
     else:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        if world > 1 or args.single_fused:
+        if world > 1 or args.single_fused or args.compiled:
             dist.init_process_group("nccl", device_id=device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     bench = Bench(args, device, rank)
@@ -244,7 +250,10 @@ def main() -> None:
             "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
             "resolutions": {},
         }
-        configs = (["single"] + (["single+fused"] if args.single_fused else [])) if world == 1 else args.configs
+        if world == 1:
+            configs = ["single"] + ["single+fused"] * args.single_fused + ["single+compiled"] * args.compiled
+        else:
+            configs = args.configs + [COMPILED] * args.compiled
         eng = None
         if world > 1:
             parallelize(model, ParallelConfig())
@@ -253,13 +262,18 @@ def main() -> None:
         if "single+fused" in configs:  # the same weights through the engine on one rank
             fused_model = bench.build(family)
             parallelize(fused_model, ParallelConfig(v_first=True, fuse_qk=True))
+        compiled_model = None
+        if args.compiled:  # the same weights, the blocks compiled (on one rank: cocodiff's own one-GPU mode)
+            compiled_model = bench.build(family)
+            parallelize(compiled_model, ParallelConfig(v_first=True, fuse_qk=True, compile_blocks=True))
         copy_engine = None
         for res in args.resolutions:
             frames = frames_that_fit(bench, family, model, res, ref_dir)
             inputs, entry = video_inputs(bench, family, model, res, frames)
             ref_path = ref_dir / f"{family}_{res}_{frames}f.pt"
             for name in configs:
-                target = fused_model if name == "single+fused" else model
+                target = {"single+fused": fused_model, "single+compiled": compiled_model, COMPILED: compiled_model}
+                target = target.get(name, model)
                 if name in CONFIGS:
                     route, v_first, fused = CONFIGS[name]
                     if route == "copy_engine" and not bench.cuda:
@@ -302,7 +316,7 @@ def main() -> None:
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"{family}_P{world}{args.tag}.json").write_text(json.dumps(result, indent=1))
-        del model, fused_model
+        del model, fused_model, compiled_model
         if bench.cuda:
             release_memory()
     copy_engine = None  # its symmetric buffers are freed together, below

@@ -26,6 +26,15 @@ def test_round_trip_is_identity(pools, world):
         assert out[:world] == [True] * world, lengths
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_producer_written_send_buffers_match_the_packed_ones(pools, world):
+    pool = pools(4)
+    for lengths in LENGTHS[world]:
+        for heads in (world * 2, world * 2 - 1):  # even, and padded to a multiple of the degree
+            out = pool.run(cases.exchange_producer_paths, world, lengths, heads)
+            assert out[:world] == [True] * world, (lengths, heads)
+
+
 def test_row_messages_round_trip():
     # the tiered route's row messages: exact as they are, within fp8 rounding (3 mantissa bits: < 1/16 of each
     # head's largest value) with 8-bit rows; the carried indices survive both

@@ -44,11 +44,6 @@ def norm_cat_rope_reference(parts, eps: float, cos: torch.Tensor | None, sin: to
     return x if cos is None else _rope(x, cos, sin)
 
 
-@functools.cache
-def _compiled():
-    return torch.compile(norm_cat_rope_reference, dynamic=False, fullgraph=True)
-
-
 def fused_device(x: torch.Tensor) -> bool:
     """Where the compiled kernel runs (CUDA); CPU ranks keep the eager path."""
     return x.is_cuda
@@ -59,23 +54,19 @@ def fusable_norm(norm: nn.Module | None) -> bool:
     return type(norm) is nn.RMSNorm and not norm._forward_hooks and not norm._forward_pre_hooks and norm.eps is not None
 
 
-def norm_cat_rope(parts, norms, freqs):
+def norm_cat_rope(parts, norms, freqs, send=None):
     """Fused RMSNorm (one per part) + concatenation + RoPE of CUDA tensors.
 
     Args:
         parts: tensors `(B, L_i, H, D)` in local token order.
         norms: the `torch.nn.RMSNorm` of each part (`fusable_norm` must hold; one eps for all).
         freqs: None, or diffusers' real rotary tables `(cos, sin)`, each `(sum L_i, D)`.
+        send: the exchange's `SendSpec`: the result is written in its send layout (`run`).
     """
     eps = norms[0].eps
     cos, sin = (None, None) if freqs is None else freqs
     args = [(p, n.weight) for p, n in zip(parts, norms)]
-    return kernel()(args, eps, cos, sin)
-
-
-def kernel():
-    """The compiled `norm_cat_rope_reference` (tests may substitute the reference itself)."""
-    return _compiled()
+    return run(norm_cat_rope_reference, args, eps, cos, sin, send=send, heads=parts[0].shape[2])
 
 
 # ---- the video families' Q/K preparation (models/wan.py, models/hunyuan_video.py) ----------------------------
@@ -153,3 +144,28 @@ def compiled(fn):
     """`fn` compiled by inductor (static shapes, one graph), once per function, with the eager fallback of
     `_CompiledOrReference` (tests substitute `fn` itself)."""
     return _CompiledOrReference(fn)
+
+
+@functools.cache
+def _packing(fn):
+    """`fn` followed by `layout.pack_tokens`: `packed(*args, world, l_max)` returns `fn(*args)` in the seq->head
+    send layout; compiled, the kernel writes its result there directly (no pack copy after it)."""
+    from .layout import pack_tokens
+
+    def packed(*args):
+        *args, world, l_max = args
+        return pack_tokens(fn(*args), world, l_max)
+
+    packed.__name__ = packed.__qualname__ = f"{fn.__name__}_packed"
+    return packed
+
+
+def run(fn, *args, send=None, heads: int | None = None):
+    """`fn(*args)` (a Q/K `..._reference` returning `(B, L, H, D)`) by its compiled kernel. With `send` (the
+    exchange's `layout.SendSpec`, None on one rank) the kernel writes the exchange's send layout and the result
+    is `layout.SendBlocks` (`heads`: H)."""
+    if send is None:
+        return compiled(fn)(*args)
+    from .layout import SendBlocks
+
+    return SendBlocks(compiled(_packing(fn))(*args, send.world, send.l_max), heads)

@@ -20,9 +20,11 @@ to a multiple of P, H_LOCAL = H_PAD / P, D head dim, P ranks. No diffusers here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .exchange import BlockExchange, CommStats, Handle, RowPlan, all_gather_into
 
@@ -98,10 +100,89 @@ def local_heads(heads: int, world: int) -> int:
     return -(-heads // world)
 
 
-def pack_seq_to_head(x: torch.Tensor, layout: SeqLayout, exchange: BlockExchange) -> torch.Tensor:
+@dataclass(frozen=True)
+class SendBlocks:
+    """A seq->head send buffer `(P, L_MAX, B, H_LOCAL, D)` that its producer wrote in the exchange's layout (padding
+    rows and heads zero), so the exchange needs no pack copy: a fused Q/K kernel's output (`pack_tokens` is the
+    kernel's last step) or V's streams written side by side (`SendSpec.parts`). `heads`: the model's H (the
+    output exchange drops padding heads beyond it)."""
+
+    blocks: torch.Tensor
+    heads: int
+
+
+# a projection's result: `(B, L, H, D)`, or the send buffer its producer wrote in the exchange's layout
+Projected = torch.Tensor | SendBlocks
+
+
+def heads_of(x: Projected) -> int:
+    """H of a projection's result."""
+    return x.heads if isinstance(x, SendBlocks) else x.shape[2]
+
+
+def pack_tokens(x: torch.Tensor, world: int, l_max: int) -> torch.Tensor:
+    """`(B, L, H, D)` -> the seq->head send layout `(P, L_MAX, B, H_LOCAL, D)`, contiguous, padding rows and heads
+    zero. Plain torch: inside a compiled kernel inductor writes its result straight in this layout."""
+    B, L, H, D = x.shape
+    h_local = local_heads(H, world)
+    if h_local * world != H:
+        x = F.pad(x, (0, 0, 0, h_local * world - H))  # zero heads at the end
+    # (B, L, H_PAD, D) -> (B, L, P, H_LOCAL, D) -> (P, L, B, H_LOCAL, D)
+    blocks = x.reshape(B, L, world, h_local, D).permute(2, 1, 0, 3, 4)
+    if L != l_max:
+        blocks = F.pad(blocks, (0, 0, 0, 0, 0, 0, 0, l_max - L))  # padding rows at the end of each block
+    return blocks.contiguous()
+
+
+class SendSpec:
+    """What a seq->head exchange's send buffer looks like, handed to the producer of its tensor (`schedule.attend`),
+    which may then write the tensor in that layout directly and return `SendBlocks`, saving the pack copy.
+
+    Args:
+        layout: the layer's `SeqLayout`.
+        exchange: the route the tensor travels on (its `send_buffer` is where `parts` writes).
+    """
+
+    def __init__(self, layout: SeqLayout, exchange: BlockExchange):
+        self.layout = layout
+        self.exchange = exchange
+        self.world = layout.world
+        self.l_max = layout.l_max
+
+    def parts(self, parts: Sequence[torch.Tensor]) -> SendBlocks | torch.Tensor:
+        """The local tokens given as consecutive parts `(B, L_i, H, D)` (a joint attention's text and image
+        streams), each written into its rows of the route's send buffer: their concatenation is never made.
+        With padded heads (H not a multiple of P), the concatenation instead (rare: SD3.5-large at P > 2)."""
+        P, lay = self.world, self.layout
+        B, _, H, D = parts[0].shape
+        h_local = local_heads(H, P)
+        if h_local * P != H:
+            return torch.cat(list(parts), dim=1)
+        send = self.exchange.send_buffer((P, self.l_max, B, h_local, D), parts[0].dtype, parts[0].device)
+        off = 0
+        for p in parts:
+            n = p.shape[1]
+            # (B, n, H, D) -> (P, n, B, H_LOCAL, D): this part's rows of every block
+            send[:, off : off + n].copy_(p.reshape(B, n, P, h_local, D).permute(2, 1, 0, 3, 4))
+            off += n
+        if off != lay.local:
+            raise ValueError(f"seq->head: rank {lay.rank} holds {off} tokens, layout says {lay.local}")
+        if off != self.l_max:
+            send[:, off:].zero_()
+        return SendBlocks(send, H)
+
+
+def pack_seq_to_head(x: torch.Tensor | SendBlocks, layout: SeqLayout, exchange: BlockExchange) -> torch.Tensor:
     """The send buffer of a seq->head exchange: `(B, L, H, D)` -> `(P, L_MAX, B, H_LOCAL, D)`, block j holding
-    this rank's tokens for rank j's heads (padding rows and padding heads zero)."""
+    this rank's tokens for rank j's heads (padding rows and padding heads zero). `SendBlocks` are that already."""
     P = layout.world
+    if isinstance(x, SendBlocks):
+        if x.blocks.shape[:2] != (P, layout.l_max):
+            raise ValueError(
+                f"seq->head: producer wrote blocks of shape {tuple(x.blocks.shape)}, the layout needs "
+                f"({P}, {layout.l_max}, ...)"
+            )
+        return x.blocks
     B, L, H, D = x.shape
     if L != layout.local:
         raise ValueError(f"seq->head: rank {layout.rank} holds {L} tokens, layout says {layout.local}")
@@ -130,17 +211,19 @@ def unpack_heads(recv: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
 
 
 def start_seq_to_head(
-    x: torch.Tensor, layout: SeqLayout, exchange: BlockExchange, *, rows: RowPlan | None = None
+    x: torch.Tensor | SendBlocks, layout: SeqLayout, exchange: BlockExchange, *, rows: RowPlan | None = None
 ) -> Handle:
     """Start the seq->head exchange of one tensor.
 
     Args:
-        x: `(B, L, H, D)`, this rank's L tokens, all heads.
+        x: `(B, L, H, D)`, this rank's L tokens, all heads; or `SendBlocks` its producer wrote.
         rows: V-Major: only these rows of the far blocks travel (`exchange` must be a `TieredExchange`).
     Returns:
         a handle yielding `(B, H_LOCAL, S, D)`: all S tokens (source-rank order), this rank's heads.
     """
     if layout.world == 1:
+        if isinstance(x, SendBlocks):
+            raise ValueError("seq->head: SendBlocks on one rank (the schedule hands producers no SendSpec there)")
         exchange.stats.exchanges += 1
         return Handle([], x.permute(0, 2, 1, 3), None)  # one rank: nothing moves, no copy
     send = pack_seq_to_head(x, layout, exchange)
@@ -158,6 +241,9 @@ def pack_head_to_seq(o: torch.Tensor, layout: SeqLayout, exchange: BlockExchange
         raise ValueError(f"head->seq: got {S} tokens, layout says {layout.total}")
     # (B, H_LOCAL, S, D) -> (S, B, H_LOCAL, D)
     tokens = o.permute(2, 0, 1, 3)
+    if layout.uniform and not exchange.owns_send_buffers and tokens.is_contiguous():
+        # the attention wrote its output token-major (flash kernels do, for B == 1): that is the send buffer
+        return tokens.view(P, layout.l_max, B, h_local, D)
     send = exchange.send_buffer((P, layout.l_max, B, h_local, D), o.dtype, o.device)
     rows = send.view(P * layout.l_max, B, h_local, D)
     if layout.uniform:
@@ -169,15 +255,23 @@ def pack_head_to_seq(o: torch.Tensor, layout: SeqLayout, exchange: BlockExchange
     return send
 
 
-def unpack_tokens(recv: torch.Tensor, layout: SeqLayout, heads: int) -> torch.Tensor:
+def unpack_tokens(recv: torch.Tensor, layout: SeqLayout, heads: int, into: torch.Tensor | None = None) -> torch.Tensor:
     """A head->seq receive buffer `(P, L_MAX, B, H_LOCAL, D)` -> `(B, L, H, D)` (head order restored, padding
-    heads dropped)."""
+    heads dropped); with `into` `(B, L, H * D)` (e.g. a slice of the buffer the block concatenates into) written
+    there, and `into` returned."""
     P, l_max, B, h_local, D = recv.shape
     L = layout.local
     # block j = my tokens, head group j: (P, L, B, H_LOCAL, D) -> (B, L, P, H_LOCAL, D) -> (B, L, H_PAD, D)
-    mine = recv[:, :L] if L != l_max else recv
-    out = mine.permute(2, 1, 0, 3, 4).reshape(B, L, P * h_local, D)
-    return out if heads == P * h_local else out[:, :, :heads]
+    mine = (recv[:, :L] if L != l_max else recv).permute(2, 1, 0, 3, 4)
+    if into is not None and heads == P * h_local:
+        into.unflatten(-1, (P, h_local, D)).copy_(mine)  # the one copy the unpack makes, into its final place
+        return into
+    out = mine.reshape(B, L, P * h_local, D)
+    out = out if heads == P * h_local else out[:, :, :heads]
+    if into is not None:
+        into.unflatten(-1, (heads, D)).copy_(out)
+        return into
+    return out
 
 
 def start_head_to_seq(
@@ -187,6 +281,7 @@ def start_head_to_seq(
     *,
     heads: int | None = None,
     rows: RowPlan | None = None,
+    into: torch.Tensor | None = None,
 ) -> Handle:
     """Start the head->seq exchange of an attention output.
 
@@ -194,17 +289,22 @@ def start_head_to_seq(
         o: `(B, H_LOCAL, S, D)`, all tokens (source-rank order, as seq->head delivered them), this rank's heads.
         heads: H, the model's heads; padding heads beyond it are dropped (default: P * H_LOCAL, no padding).
         rows: V-Major: only these rows of the far blocks travel (`exchange` must be a `TieredExchange`).
+        into: `(B, L, H * D)` to write the result into (see `unpack_tokens`).
     Returns:
-        a handle yielding `(B, L, H, D)`: this rank's tokens, all heads (head order restored).
+        a handle yielding `(B, L, H, D)`: this rank's tokens, all heads (head order restored); with `into`, `into`.
     """
     if layout.world == 1:
         exchange.stats.exchanges += 1
-        return Handle([], o.permute(0, 2, 1, 3), None)  # one rank: (B, H, S, D) -> (B, S, H, D), a view
+        mine = o.permute(0, 2, 1, 3)  # one rank: (B, H, S, D) -> (B, S, H, D), a view
+        if into is not None:
+            into.unflatten(-1, mine.shape[2:]).copy_(mine)
+            mine = into
+        return Handle([], mine, None)
     send = pack_head_to_seq(o, layout, exchange)
     heads = heads or layout.world * o.shape[1]
 
     def post(recv: torch.Tensor) -> torch.Tensor:
-        return unpack_tokens(recv, layout, heads)
+        return unpack_tokens(recv, layout, heads, into)
 
     if rows is not None:
         return exchange.start(send, post, rows=rows)

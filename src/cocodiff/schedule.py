@@ -22,21 +22,24 @@ tensor travels (exactly, or V-Major's selected rows) is the `LayerExchange` the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .exchange import Handle
-from .layout import SeqLayout, start_head_to_seq, start_seq_to_head
+from .layout import Projected, SendSpec, SeqLayout, heads_of, start_head_to_seq, start_seq_to_head
 
 
 class LayerExchange(Protocol):
-    """How the four tensors of one attention layer travel. `start_v` is always called first."""
+    """How the four tensors of one attention layer travel. `start_v` is always called first. `exchange` is the
+    route V, Q and K are sent on (where a producer writing `SendBlocks` puts them)."""
 
-    def start_v(self, v: torch.Tensor) -> Handle: ...
-    def start_q(self, q: torch.Tensor) -> Handle: ...
-    def start_k(self, k: torch.Tensor) -> Handle: ...
-    def start_o(self, o: torch.Tensor) -> Handle: ...
+    exchange: Any
+
+    def start_v(self, v: Projected) -> Handle: ...
+    def start_q(self, q: Projected) -> Handle: ...
+    def start_k(self, k: Projected) -> Handle: ...
+    def start_o(self, o: torch.Tensor, into: torch.Tensor | None = None) -> Handle: ...
 
 
 class ExactLayerExchange:
@@ -48,7 +51,7 @@ class ExactLayerExchange:
         self.heads = 0
 
     def start_v(self, v):
-        self.heads = v.shape[2]
+        self.heads = heads_of(v)
         return start_seq_to_head(v, self.layout, self.exchange)
 
     def start_q(self, q):
@@ -56,21 +59,22 @@ class ExactLayerExchange:
 
     start_k = start_q
 
-    def start_o(self, o):
-        return start_head_to_seq(o, self.layout, self.exchange, heads=self.heads)
+    def start_o(self, o, into=None):
+        return start_head_to_seq(o, self.layout, self.exchange, heads=self.heads, into=into)
 
 
 def attend(
     engine,
     *,
     layer: str,
-    project_v: Callable[[], torch.Tensor],
-    project_q: Callable[[], torch.Tensor],
-    project_k: Callable[[], torch.Tensor],
+    project_v: Callable[[SendSpec | None], Projected],
+    project_q: Callable[[SendSpec | None], Projected],
+    project_k: Callable[[SendSpec | None], Projected],
     kinds: tuple[str, ...],
     key_mask: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     independent: Sequence[Callable[[], None]] = (),
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sharded attention of this rank's tokens in the configured order.
 
@@ -78,25 +82,30 @@ def attend(
         engine: the model's `UlyssesEngine`.
         layer: the attention module's name (its key for per-layer state such as V-Major's caches).
         project_v, project_q, project_k: return V / Q / K `(B, L, H, D)` for the local tokens (Q, K with norm
-            and RoPE applied).
+            and RoPE applied). Each is passed the exchange's `SendSpec` (None on one rank): a producer that can
+            write its result in the send layout (a fused kernel, streams written side by side) returns
+            `SendBlocks` and saves the exchange its pack copy.
         kinds: token kinds of the local sequence, in local order (for the per-rank lengths).
         key_mask: optional `(B, S)` bool key mask in exchange order (`engine.joint_key_mask`).
         out_dtype: dtype of the returned output (default: the attention's).
         independent: work of the block that needs no attention input or output, in order; with
             `overlap_output` the first item runs under the input exchanges and the rest under the output
             exchange, otherwise all of it after the attention.
+        into: `(B, L, H * D)` where the output is written (a slice of the buffer the block concatenates the
+            attention output into: the unpack's copy then puts it in place), returned.
     Returns:
         `(B, L, H * D)`: the attention output for the local tokens, all heads.
     """
     cfg = engine.config
     lay = engine.seq_layout(kinds)
     ex = engine.layer_exchange(layer, lay)
+    spec = SendSpec(lay, ex.exchange) if lay.world > 1 else None
     if cfg.v_first:
-        hv = ex.start_v(project_v())
-        hq = ex.start_q(project_q())
-        hk = ex.start_k(project_k())
+        hv = ex.start_v(project_v(spec))
+        hq = ex.start_q(project_q(spec))
+        hk = ex.start_k(project_k(spec))
     else:
-        q, k, v = project_q(), project_k(), project_v()
+        q, k, v = project_q(spec), project_k(spec), project_v(spec)
         hv = ex.start_v(v)
         hq = ex.start_q(q)
         hk = ex.start_k(k)
@@ -107,12 +116,17 @@ def attend(
     # (B, H_LOCAL, S, D) each; a wait only orders streams (no host synchronisation)
     out = engine.attention(hq.wait(), hk.wait(), hv.wait(), key_mask, kinds, layer)
     del hq, hk, hv
-    h = ex.start_o(out)
+    h = ex.start_o(out, into=into)
     del out
     for work in independent[1:] if overlap else ():
         work()
-    x = h.wait().flatten(2, 3)  # (B, L, H, D) -> (B, L, H * D)
+    x = h.wait()
     if not overlap:
         for work in independent:
             work()
+    if into is not None:
+        if x is not into:  # a layer exchange that does not unpack in place
+            into.copy_(x.flatten(2, 3))
+        return into
+    x = x.flatten(2, 3)  # (B, L, H, D) -> (B, L, H * D)
     return x if out_dtype is None else x.to(out_dtype)

@@ -46,7 +46,7 @@ import torch
 
 from .config import ParallelConfig, VMajorConfig
 from .exchange import RowPlan, TieredExchange, all_gather_into
-from .layout import SeqLayout, pack_head_to_seq, pack_seq_to_head, unpack_heads, unpack_tokens
+from .layout import SeqLayout, heads_of, pack_head_to_seq, pack_seq_to_head, unpack_heads, unpack_tokens
 from .memory import format_gb, free_bytes
 from .step import CallInfo
 from .topology import Topology, node_range
@@ -332,9 +332,13 @@ class _LayerExchange:
         self.v_handle.wait()  # the rows' indices came with V
         return self.v_plan.arrived_rows
 
-    def start_v(self, v: torch.Tensor):
+    @property
+    def exchange(self):
+        return self.vm.exchange
+
+    def start_v(self, v):
         ex, lay = self.vm.exchange, self.layout
-        self.heads = v.shape[2]
+        self.heads = heads_of(v)
         send = pack_seq_to_head(v, lay, ex)
         st = self.state = self.vm.state(self.layer, send)
         if self.k is None:
@@ -347,7 +351,7 @@ class _LayerExchange:
             far = self.vm.far_index(send.device)
             glob = (self._far_rows(rows) + far[:, None] * l_max).reshape(-1)
             st.ref.view(P * l_max, -1).index_copy_(0, glob, send.view(P * l_max, -1).index_select(0, glob))
-            plan = self.v_plan = RowPlan(send_rows=rows, recv=st.recv["v"], carry_rows=True, fp8_group=self._fp8(v))
+            plan = self.v_plan = RowPlan(send_rows=rows, recv=st.recv["v"], carry_rows=True, fp8_group=self._fp8(send))
         self.v_handle = ex.start(send, lambda recv: unpack_heads(recv, lay), rows=plan)
         return self.v_handle
 
@@ -358,7 +362,7 @@ class _LayerExchange:
         if self.k is None:
             plan = RowPlan(send_rows=None, recv=recv)
         else:
-            plan = RowPlan(send_rows=self.rows, recv=recv, recv_rows=self._arrived, fp8_group=self._fp8(x))
+            plan = RowPlan(send_rows=self.rows, recv=recv, recv_rows=self._arrived, fp8_group=self._fp8(send))
         return ex.start(send, lambda r: unpack_heads(r, lay), rows=plan)
 
     def start_q(self, q: torch.Tensor):
@@ -367,12 +371,12 @@ class _LayerExchange:
     def start_k(self, k: torch.Tensor):
         return self._start_qk(k, "k")
 
-    def start_o(self, o: torch.Tensor):
+    def start_o(self, o: torch.Tensor, into: torch.Tensor | None = None):
         lay, heads = self.layout, self.heads
         if not self.vm.cfg.output:
             from .layout import start_head_to_seq
 
-            return start_head_to_seq(o, lay, self.vm.engine.exchange, heads=heads)
+            return start_head_to_seq(o, lay, self.vm.engine.exchange, heads=heads, into=into)
         ex = self.vm.exchange
         send = pack_head_to_seq(o, lay, ex)
         recv = self.state.recv["o"]
@@ -383,4 +387,4 @@ class _LayerExchange:
             plan = RowPlan(
                 send_rows=self._arrived(), recv=recv, recv_rows=self._far_rows(self.rows), fp8_group=self._fp8(o)
             )
-        return ex.start(send, lambda r: unpack_tokens(r, lay, heads), rows=plan)
+        return ex.start(send, lambda r: unpack_tokens(r, lay, heads, into), rows=plan)

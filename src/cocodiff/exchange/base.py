@@ -165,6 +165,9 @@ class BlockExchange(ABC):
     """
 
     name: str = "exchange"
+    # True when `start` copies every send buffer into memory of its own unless it came from `send_buffer` (the
+    # copy engine's symmetric memory); otherwise any contiguous tensor is sent in place
+    owns_send_buffers: bool = False
 
     def __init__(self, *, topology: Topology, rank: int, stats: CommStats | None = None, sync: bool = False):
         self.topology = topology

@@ -54,6 +54,7 @@ class CopyEngineExchange(BlockExchange):
     """
 
     name = "copy_engine"
+    owns_send_buffers = True
 
     def __init__(
         self,

@@ -10,7 +10,6 @@ import inspect
 import warnings
 
 import torch
-import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxSingleTransformerBlock
@@ -19,8 +18,8 @@ from ..layout import IMG, TXT
 from ..sharding import Gather, ModelPlan, Split, token_counts
 from .joint import (
     JointAttnProcessor,
+    mlp_into,
     norm_rope,
-    plain_linear,
     refuse,
     refuse_attention_kwargs,
     require,
@@ -28,10 +27,12 @@ from .joint import (
 )
 
 
-def flux_qk(engine, img, txt, norm, added_norm, freqs):
+def flux_qk(engine, img, txt, norm, added_norm, freqs, send=None):
     """FLUX Q/K: per-stream RMSNorm, [text, image], RoPE over the joined local tokens (their global
     positions: the rotary tables were split with them); one fused kernel with `fuse_qk`."""
-    return norm_rope(engine, img, norm, apply_rotary_emb, freqs, added=txt, added_norm=added_norm, sequence_dim=1)
+    return norm_rope(
+        engine, img, norm, apply_rotary_emb, freqs, added=txt, added_norm=added_norm, send=send, sequence_dim=1
+    )
 
 
 def processor(engine, layer: str) -> JointAttnProcessor:
@@ -56,7 +57,9 @@ def single_block_forward(
     """diffusers' `FluxSingleTransformerBlock.forward` (0.42) with the MLP branch moved into the attention's
     shadow: its first half (output columns) runs while K's exchange is in flight, its second half while
     the attention output's is. Same values: GELU is elementwise, so the halves concatenated equal the whole
-    (a GEMM of half the width may round differently). Installed per block; active with `overlap_output`."""
+    (a GEMM of half the width may round differently). The attention output and the MLP branch are written
+    into `proj_out`'s input buffer where diffusers concatenates them (one pass over the block's widest
+    activation fewer). Installed per block; active with `overlap_output`."""
     processor = self.attn.processor
     if not isinstance(processor, JointAttnProcessor) or not processor.engine.config.overlaps_output:
         return FluxSingleTransformerBlock.forward(  # diffusers' own (this block's class is a subclass: use_forward)
@@ -66,23 +69,20 @@ def single_block_forward(
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-    mlp_parts = []
-    if plain_linear(self.proj_mlp):
-        w, b = self.proj_mlp.weight, self.proj_mlp.bias
-        half = w.shape[0] // 2
-
-        def mlp(lo, hi):
-            mlp_parts.append(self.act_mlp(F.linear(norm_hidden_states, w[lo:hi], None if b is None else b[lo:hi])))
-
-        independent = (lambda: mlp(0, half), lambda: mlp(half, w.shape[0]))
-    else:  # LoRA-wrapped or hooked: called whole, under the output exchange
-        independent = (lambda: None, lambda: mlp_parts.append(self.act_mlp(self.proj_mlp(norm_hidden_states))))
+    # proj_out's input [attention output, MLP branch] is written in place by both (no concatenation copy); the
+    # attention is pre-only (no output projection), so its output is what goes there
+    attn_dim = self.attn.inner_dim
+    buf = norm_hidden_states.new_empty(*norm_hidden_states.shape[:2], attn_dim + self.mlp_hidden_dim)
+    independent = mlp_into(self.proj_mlp, self.act_mlp, norm_hidden_states, buf[..., attn_dim:])
     # as diffusers' FluxAttention.forward: keyword arguments the processor does not take are dropped
     extra = {k: v for k, v in (joint_attention_kwargs or {}).items() if k == "attention_mask"}
+    into = buf[..., :attn_dim] if getattr(self.attn, "to_out", None) is None else None
     attn_output = processor(
-        self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb, independent=independent, **extra
+        self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb, independent=independent, into=into, **extra
     )
-    hidden_states = torch.cat([attn_output, *mlp_parts], dim=2)
+    if into is None:
+        buf[..., :attn_dim].copy_(attn_output)
+    hidden_states = buf
     gate = gate.unsqueeze(1)
     hidden_states = gate * self.proj_out(hidden_states)
     hidden_states = residual + hidden_states

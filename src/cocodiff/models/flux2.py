@@ -51,12 +51,12 @@ class Flux2SingleUlyssesProcessor:
                 state["fused"] = attn.to_qkv_mlp_proj(hidden_states)
             return state["fused"]
 
-        def project(i, norm=None):
+        def project(send, i, norm=None):
             lo, hi = i * inner, (i + 1) * inner
             x = (rows(lo, hi) if sliced else fused()[..., lo:hi]).unflatten(-1, (-1, d))
             if norm is None:  # V
                 return x
-            return norm_rope(self.engine, x, norm, apply_rotary_emb, image_rotary_emb, sequence_dim=1)
+            return norm_rope(self.engine, x, norm, apply_rotary_emb, image_rotary_emb, send=send, sequence_dim=1)
 
         # SwiGLU's gate half runs while K's exchange is in flight, its other half while the output's is
         mlp_lo, mlp_hi = 3 * inner, w.shape[0]
@@ -72,24 +72,26 @@ class Flux2SingleUlyssesProcessor:
         def gate():
             state["gate"] = attn.mlp_act_fn.gate_fn(rows(mlp_lo, mid))
 
-        def up():
-            state["mlp"] = state["gate"] * rows(mid, mlp_hi)  # Flux2SwiGLU: silu(x[..., :half]) * x[..., half:]
+        # to_out's input [attention output, MLP branch] is written in place by both (no concatenation copy)
+        buf = hidden_states.new_empty(*hidden_states.shape[:2], inner + attn.mlp_hidden_dim)
 
-        out = attend(
+        def up():  # Flux2SwiGLU: silu(x[..., :half]) * x[..., half:]
+            torch.mul(state["gate"], rows(mid, mlp_hi), out=buf[..., inner:])
+
+        attend(  # writes the attention output into buf[..., :inner]
             self.engine,
             layer=self.layer,
-            project_v=lambda: project(2),
-            project_q=lambda: project(0, attn.norm_q),
-            project_k=lambda: project(1, attn.norm_k),
+            project_v=lambda send: project(send, 2),
+            project_q=lambda send: project(send, 0, attn.norm_q),
+            project_k=lambda send: project(send, 1, attn.norm_k),
             kinds=(TXT, IMG),
             out_dtype=hidden_states.dtype,
             independent=(gate, up) if split_mlp else (),
+            into=buf[..., :inner],
         )
-        if split_mlp:
-            mlp = state["mlp"]
-        else:
-            mlp = attn.mlp_act_fn(rows(mlp_lo, mlp_hi) if sliced else fused()[..., mlp_lo:])
-        return attn.to_out(torch.cat([out, mlp], dim=-1))
+        if not split_mlp:
+            buf[..., inner:].copy_(attn.mlp_act_fn(rows(mlp_lo, mlp_hi) if sliced else fused()[..., mlp_lo:]))
+        return attn.to_out(buf)
 
 
 def _check_call(bound):

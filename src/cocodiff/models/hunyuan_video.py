@@ -42,7 +42,7 @@ from .joint import (
 )
 
 
-def hunyuan_qk(engine, img, txt, norm, added_norm, freqs):
+def hunyuan_qk(engine, img, txt, norm, added_norm, freqs, send=None):
     """HunyuanVideo Q/K: per-stream RMSNorm, RoPE on the video tokens only, then [video, text]; one
     compiled kernel with `fuse_qk` on CUDA."""
     if (
@@ -55,7 +55,8 @@ def hunyuan_qk(engine, img, txt, norm, added_norm, freqs):
         and (txt is None or (diffusers_rms(added_norm) and added_norm.eps == norm.eps))
     ):
         w_txt = None if txt is None else added_norm.weight
-        return fused_qk.compiled(fused_qk.norm_rope_cat_reference)(img, txt, norm.weight, w_txt, norm.eps, *freqs)
+        args = (img, txt, norm.weight, w_txt, norm.eps, *freqs)
+        return fused_qk.run(fused_qk.norm_rope_cat_reference, *args, send=send, heads=img.shape[2])
     img = img if norm is None else norm(img)
     if freqs is not None:
         img = rotate(apply_rotary_emb, img, freqs, sequence_dim=1)

@@ -22,8 +22,9 @@ from ..compiled import opaque_to_compile
 from ..layout import IMG, TXT
 from ..schedule import attend
 
-# qk(engine, img, txt, norm, added_norm, image_rotary_emb) -> Q or K `(B, L, H, D)` in local token order
-QK = Callable[[Any, torch.Tensor, "torch.Tensor | None", Any, Any, Any], torch.Tensor]
+# qk(engine, img, txt, norm, added_norm, image_rotary_emb, send=None) -> Q or K `(B, L, H, D)` in local token
+# order; given the exchange's `SendSpec` as `send`, a fused kernel returns it as `SendBlocks` (schedule.attend)
+QK = Callable[..., Any]
 
 
 def diffusers_rms(norm) -> bool:
@@ -57,12 +58,12 @@ def norms_then_concat(text_first: bool) -> QK:
     """Q/K of a family without RoPE (SD3): each stream's norm, then the streams joined in local order; with
     `fuse_qk` on CUDA and diffusers RMSNorms (SD3.5) one compiled kernel."""
 
-    def qk(engine, img, txt, norm, added_norm, freqs):
+    def qk(engine, img, txt, norm, added_norm, freqs, send=None):
         if fuse_streams(engine, img, txt, norm, added_norm):
             first, second = (txt, img) if text_first else (img, txt)
             w_first, w_second = (added_norm, norm) if text_first else (norm, added_norm)
-            kernel = fused_qk.compiled(fused_qk.norms_cat_reference)
-            return kernel(first, second, w_first.weight, w_second.weight, norm.eps)
+            args = (first, second, w_first.weight, w_second.weight, norm.eps)
+            return fused_qk.run(fused_qk.norms_cat_reference, *args, send=send, heads=img.shape[2])
         img = img if norm is None else norm(img)
         if txt is None:
             return img
@@ -118,7 +119,10 @@ class JointAttnProcessor:
         image_rotary_emb=None,
         encoder_hidden_states_mask=None,
         independent: Sequence[Callable[[], None]] = (),
+        into: torch.Tensor | None = None,
     ):
+        """diffusers' processor call; `independent` and `into` (where the attention output is written, before any
+        output projection) as `schedule.attend`'s, passed by the reordered single-block forwards."""
         if attention_mask is not None:
             raise ValueError(
                 f"cocodiff: {type(attn).__name__} attention_mask is not supported under sequence parallelism"
@@ -135,14 +139,16 @@ class JointAttnProcessor:
         def heads(x):
             return x.unflatten(-1, (H, -1))  # (B, L, H * D) -> (B, L, H, D)
 
-        def project(proj, added_proj, norms=None):
+        def project(send, proj, added_proj, norms=None):
             img = heads(proj(hidden_states))
             txt = heads(added_proj(encoder_hidden_states)) if joint else None
             if norms is not None:  # Q or K: norms and RoPE as the family does them
-                return self.qk(self.engine, img, txt, norms[0], norms[1], image_rotary_emb)
+                return self.qk(self.engine, img, txt, norms[0], norms[1], image_rotary_emb, send=send)
             if txt is None:
                 return img
-            return torch.cat([txt, img] if self.text_first else [img, txt], dim=1)
+            parts = [txt, img] if self.text_first else [img, txt]
+            # V: the streams written side by side into the send buffer (no concatenation), on one rank joined
+            return torch.cat(parts, dim=1) if send is None else send.parts(parts)
 
         def added(name):
             if not joint:
@@ -156,13 +162,14 @@ class JointAttnProcessor:
         out = attend(
             self.engine,
             layer=self.layer,
-            project_v=lambda: project(attn.to_v, added("add_v_proj")),
-            project_q=lambda: project(attn.to_q, added("add_q_proj"), (attn.norm_q, added("norm_added_q"))),
-            project_k=lambda: project(attn.to_k, added("add_k_proj"), (attn.norm_k, added("norm_added_k"))),
+            project_v=lambda send: project(send, attn.to_v, added("add_v_proj")),
+            project_q=lambda send: project(send, attn.to_q, added("add_q_proj"), (attn.norm_q, added("norm_added_q"))),
+            project_k=lambda send: project(send, attn.to_k, added("add_k_proj"), (attn.norm_k, added("norm_added_k"))),
             kinds=kinds,
             key_mask=key_mask,
             out_dtype=hidden_states.dtype,
             independent=independent,
+            into=into,
         )
         if not joint:
             return _out(attn, out)
@@ -241,10 +248,11 @@ def plain_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
 
 
-def norm_rope(engine, x, norm, rope_fn, freqs, *, added=None, added_norm=None, **rope_kwargs):
+def norm_rope(engine, x, norm, rope_fn, freqs, *, added=None, added_norm=None, send=None, **rope_kwargs):
     """Q or K of a FLUX-style attention: `norm(x)` (and `added_norm(added)` for the text stream, put first),
     concatenated along the tokens, then RoPE (`rope_fn(..., freqs)`) when `freqs` is given. With
-    `fuse_qk` on CUDA and plain `torch.nn.RMSNorm`s, one fused kernel (`cocodiff.fused_qk`) does it all."""
+    `fuse_qk` on CUDA and plain `torch.nn.RMSNorm`s, one fused kernel (`cocodiff.fused_qk`) does it all,
+    writing the exchange's send layout when given its `SendSpec` (`send`)."""
     parts = [x] if added is None else [added, x]
     norms = [norm] if added is None else [added_norm, norm]
     if (
@@ -254,7 +262,7 @@ def norm_rope(engine, x, norm, rope_fn, freqs, *, added=None, added_norm=None, *
         and all(fused_qk.fusable_norm(n) and n.eps == norm.eps for n in norms)
         and (freqs is None or (isinstance(freqs, tuple) and len(freqs) == 2))
     ):
-        return fused_qk.norm_cat_rope(parts, norms, freqs)
+        return fused_qk.norm_cat_rope(parts, norms, freqs, send=send)
     x = torch.cat([n(p) for p, n in zip(parts, norms)], dim=1) if len(parts) > 1 else norm(x)
     if freqs is not None:
         x = rotate(rope_fn, x, freqs, **rope_kwargs)
@@ -304,5 +312,32 @@ def split_mlp(proj: nn.Module, act, x: torch.Tensor, parts: list) -> tuple[Calla
 
     def piece(lo: int, hi: int) -> None:
         parts.append(act(F.linear(x, w[lo:hi], None if b is None else b[lo:hi])))
+
+    return (lambda: piece(0, half), lambda: piece(half, w.shape[0]))
+
+
+def mlp_into(proj: nn.Module, act, x: torch.Tensor, out: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """A single-stream block's MLP input branch `act(proj(x))` as the schedule's `independent` work, written into
+    `out` (its columns of the buffer the block would concatenate it into): with a plain `nn.Linear` two halves of
+    its output columns (the first under the input exchanges, the second under the output's; `act` must be
+    elementwise), otherwise (LoRA-wrapped or hooked) the layer called whole, under the output exchange. A bare
+    `nn.GELU` writes its result in place; another activation's result is copied there."""
+    if type(act) is nn.GELU and not act._forward_hooks and not act._forward_pre_hooks:
+
+        def activate(y, dst):
+            torch._C._nn.gelu(y, approximate=act.approximate, out=dst)
+
+    else:
+
+        def activate(y, dst):
+            dst.copy_(act(y))
+
+    if not plain_linear(proj):
+        return (lambda: None, lambda: activate(proj(x), out))
+    w, b = proj.weight, proj.bias
+    half = w.shape[0] // 2
+
+    def piece(lo: int, hi: int) -> None:
+        activate(F.linear(x, w[lo:hi], None if b is None else b[lo:hi]), out[..., lo:hi])
 
     return (lambda: piece(0, half), lambda: piece(half, w.shape[0]))

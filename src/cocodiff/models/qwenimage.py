@@ -17,13 +17,13 @@ from ..sharding import Gather, ModelPlan, Split, token_counts
 from .joint import JointAttnProcessor, fuse_streams, refuse, refuse_attention_kwargs, rotate
 
 
-def qwen_qk(engine, img, txt, norm, added_norm, freqs):
+def qwen_qk(engine, img, txt, norm, added_norm, freqs, send=None):
     """Qwen-Image Q/K: per-stream RMSNorm and complex RoPE (each stream its own table), then [text, image]; with
     `fuse_qk` on CUDA one compiled kernel (`fused_qk.qwen_qk_reference`)."""
     if freqs is not None and fuse_streams(engine, img, txt, norm, added_norm):
         img_freqs, txt_freqs = (torch.view_as_real(f) for f in freqs)
-        kernel = fused_qk.compiled(fused_qk.qwen_qk_reference)
-        return kernel(img, txt, norm.weight, added_norm.weight, norm.eps, img_freqs, txt_freqs)
+        args = (img, txt, norm.weight, added_norm.weight, norm.eps, img_freqs, txt_freqs)
+        return fused_qk.run(fused_qk.qwen_qk_reference, *args, send=send, heads=img.shape[2])
     img, txt = norm(img), added_norm(txt)
     if freqs is not None:
         img_freqs, txt_freqs = freqs

@@ -51,20 +51,21 @@ class WanSelfAttnProcessor:
             )
         H = attn.heads
 
-        def project_qk(proj, norm):
+        def project_qk(send, proj, norm):
             x = proj(hidden_states)  # (B, L, H * D)
             if self.engine.config.fuse_qk and fused_qk.fused_device(x) and x.numel() and fused_qk.fusable_norm(norm):
                 cos, sin = (t[0, :, 0] for t in rotary_emb) if rotary_emb is not None else (None, None)
-                return fused_qk.compiled(fused_qk.heads_norm_rope_reference)(x, norm.weight, norm.eps, H, cos, sin)
+                args = (x, norm.weight, norm.eps, H, cos, sin)
+                return fused_qk.run(fused_qk.heads_norm_rope_reference, *args, send=send, heads=H)
             x = norm(x).unflatten(2, (H, -1))  # (B, L, H * D) -> (B, L, H, D)
             return x if rotary_emb is None else rotate(apply_wan_rope, x, *rotary_emb)
 
         out = attend(
             self.engine,
             layer=self.layer,
-            project_v=lambda: attn.to_v(hidden_states).unflatten(2, (H, -1)),
-            project_q=lambda: project_qk(attn.to_q, attn.norm_q),
-            project_k=lambda: project_qk(attn.to_k, attn.norm_k),
+            project_v=lambda send: attn.to_v(hidden_states).unflatten(2, (H, -1)),
+            project_q=lambda send: project_qk(send, attn.to_q, attn.norm_q),
+            project_k=lambda send: project_qk(send, attn.to_k, attn.norm_k),
             kinds=(IMG,),
             out_dtype=hidden_states.dtype,
         )
