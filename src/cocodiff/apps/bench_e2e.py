@@ -125,15 +125,16 @@ def run_e2e(args) -> int:
     if cuda:
         set_multi_gpu_env()
     Path(args.out, "ref").mkdir(parents=True, exist_ok=True)
-    rows = []
+    # read before any row runs (a failure here must not cost the run); the JSON is rewritten after every P, so
+    # the rows measured so far survive a later failure
+    result = {"command": "cocodiff bench e2e", "env": _environment(cuda), "options": opts, "rows": []}
+    out = Path(args.out)
     for world in counts:
         # a peer's first call may compile for minutes while the other ranks wait at the row's barrier
         backend = "nccl" if cuda else "gloo"
-        rows += spawn(_e2e_rank, world, opts, backend=backend, timeout_s=7200, collective_timeout_s=1800)[0]
-        rows += _xdit_rows(opts, world)
-    result = {"command": "cocodiff bench e2e", "env": _environment(cuda), "options": opts, "rows": rows}
-    out = Path(args.out)
-    (out / "e2e.json").write_text(json.dumps(result, indent=1))
+        result["rows"] += spawn(_e2e_rank, world, opts, backend=backend, timeout_s=7200, collective_timeout_s=1800)[0]
+        result["rows"] += _xdit_rows(opts, world)
+        (out / "e2e.json").write_text(json.dumps(result, indent=1))
     text = report(result)
     (out / "e2e.md").write_text(text)
     plot(result, out / "e2e.png")
@@ -164,11 +165,11 @@ def _environment(cuda: bool) -> dict:
             env["driver"] = out.stdout.strip().splitlines()[0]
         except (OSError, IndexError):
             env["driver"] = None
-    try:
-        import xfuser
+    from importlib.metadata import PackageNotFoundError, version
 
-        env["xfuser"] = xfuser.__version__
-    except ImportError:
+    try:
+        env["xfuser"] = version("xfuser")  # xfuser 0.7.0 has no __version__
+    except PackageNotFoundError:
         env["xfuser"] = None
     return env
 
