@@ -50,6 +50,9 @@ INPUTS = {
     "usp_2gpu": "2026-11-30-usp/usp_flux_P2.json",
     "e2e_1024": "2026-11-30-e2e/flux_sd3_1024/e2e.json",
     "e2e_2048": "2026-11-30-e2e/flux_2048/e2e.json",
+    # the same command after the exchanges' pack copies were saved (later code than every fit above)
+    "e2e_1024_copies": "2026-11-30-pack-copies/flux_1024/e2e.json",
+    "e2e_2048_copies": "2026-11-30-pack-copies/flux_2048/e2e.json",
 }
 MODELS = {  # attention layers, heads x head dim, text tokens, heads
     "FLUX.1": dict(layers=57, inner=3072, text=512, heads=24),
@@ -280,6 +283,18 @@ def main() -> None:
         ("FLUX.1 `fast` P=2 NVLink 1024^2 (bench e2e)", e2e_row(e1, 2, "fast")["ms_per_step"], fast_predict(2, "1024")),
         ("FLUX.1 `fast` P=2 NVLink 2048^2 (bench e2e)", e2e_row(e2, 2, "fast")["ms_per_step"], fast_predict(2, "2048")),
     ]
+    # runs of later code (pack copies saved), against the model calibrated on the code before
+    for size in ("1024", "2048"):
+        row = e2e_row(load(f"e2e_{size}_copies"), 2, "fast" if size == "1024" else "fast@flat")  # (2048: --routes)
+        later = "bench e2e after the pack-copy change"
+        checks += [
+            (
+                f"FLUX.1 `fast` P=2 no-exchange bound {size}^2 ({later})",
+                row["no_exchange_ms"],
+                compute_ms(fast_coef, 2, S[size]),
+            ),
+            (f"FLUX.1 `fast` P=2 NVLink {size}^2 ({later})", row["ms_per_step"], fast_predict(2, size)),
+        ]
     check_rows = [
         {"what": w, "measured_ms": m, "predicted_ms": p, "error_pct": 100 * (p - m) / m} for w, m, p in checks
     ]
