@@ -18,6 +18,7 @@ from ..layout import IMG, TXT
 from ..sharding import Gather, ModelPlan, Split, token_counts
 from .joint import (
     JointAttnProcessor,
+    has_output_projection,
     mlp_into,
     norm_rope,
     refuse,
@@ -76,7 +77,7 @@ def single_block_forward(
     independent = mlp_into(self.proj_mlp, self.act_mlp, norm_hidden_states, buf[..., attn_dim:])
     # as diffusers' FluxAttention.forward: keyword arguments the processor does not take are dropped
     extra = {k: v for k, v in (joint_attention_kwargs or {}).items() if k == "attention_mask"}
-    into = buf[..., :attn_dim] if getattr(self.attn, "to_out", None) is None else None
+    into = None if has_output_projection(self.attn) else buf[..., :attn_dim]
     attn_output = processor(
         self.attn, norm_hidden_states, image_rotary_emb=image_rotary_emb, independent=independent, into=into, **extra
     )

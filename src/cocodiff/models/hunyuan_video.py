@@ -33,11 +33,12 @@ from ..sharding import Gather, ModelPlan, Split
 from .joint import (
     JointAttnProcessor,
     diffusers_rms,
+    has_output_projection,
     matching,
+    mlp_into,
     refuse_attention_kwargs,
     require,
     rotate,
-    split_mlp,
     use_forward,
 )
 
@@ -82,6 +83,7 @@ class HunyuanVideoAttnProcessor(JointAttnProcessor):
         attention_mask=None,
         image_rotary_emb=None,
         independent=(),
+        into=None,
     ):
         txt_mask = None
         if attention_mask is not None:
@@ -100,6 +102,7 @@ class HunyuanVideoAttnProcessor(JointAttnProcessor):
             image_rotary_emb=image_rotary_emb,
             encoder_hidden_states_mask=txt_mask,
             independent=independent,
+            into=into,
         )
 
 
@@ -124,8 +127,12 @@ def single_block_forward(
     hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
     residual = hidden_states
     norm_hidden_states, gate = self.norm(hidden_states, emb=temb)
-    mlp_parts = []
-    independent = split_mlp(self.proj_mlp, self.act_mlp, norm_hidden_states, mlp_parts)
+    # proj_out's input [attention output, MLP branch] is written in place by both (no concatenations); the
+    # attention's local token order [video, text] is the block's
+    attn_dim = self.attn.inner_dim
+    buf = norm_hidden_states.new_empty(*norm_hidden_states.shape[:2], self.proj_out.in_features)
+    independent = mlp_into(self.proj_mlp, self.act_mlp, norm_hidden_states, buf[..., attn_dim:])
+    into = None if has_output_projection(self.attn) else buf[..., :attn_dim]
     attn_output, context_attn_output = processor(
         self.attn,
         norm_hidden_states[:, :-n_txt],
@@ -133,10 +140,11 @@ def single_block_forward(
         attention_mask=attention_mask,
         image_rotary_emb=image_rotary_emb,
         independent=independent,
+        into=into,
     )
-    attn_output = torch.cat([attn_output, context_attn_output], dim=1)
-    hidden_states = torch.cat([attn_output, *mlp_parts], dim=2)
-    hidden_states = gate.unsqueeze(1) * self.proj_out(hidden_states) + residual
+    if into is None:
+        buf[..., :attn_dim].copy_(torch.cat([attn_output, context_attn_output], dim=1))
+    hidden_states = gate.unsqueeze(1) * self.proj_out(buf) + residual
     return hidden_states[:, :-n_txt], hidden_states[:, -n_txt:]
 
 

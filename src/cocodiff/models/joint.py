@@ -181,7 +181,10 @@ class JointAttnProcessor:
             img_out, txt_out = out.split_with_sizes([n_img, n_txt], dim=1)
         if not getattr(attn, "context_pre_only", False) and getattr(attn, "to_add_out", None) is not None:
             txt_out = attn.to_add_out(txt_out.contiguous())
-        return _out(attn, img_out.contiguous()), txt_out
+        # (with `into` and no output projection the caller reads `into` itself: no contiguous copy of a part)
+        return _out(
+            attn, img_out if into is not None and not has_output_projection(attn) else img_out.contiguous()
+        ), txt_out
 
 
 # the image stream's module standing in for each text-stream module under `shared_projections`
@@ -192,6 +195,11 @@ _SHARED = {
     "norm_added_q": "norm_q",
     "norm_added_k": "norm_k",
 }
+
+
+def has_output_projection(attn) -> bool:
+    """Whether the attention projects its output (`to_out`): pre-only attentions have none, or an empty list."""
+    return bool(getattr(attn, "to_out", None))
 
 
 def _out(attn, x: torch.Tensor) -> torch.Tensor:
@@ -298,22 +306,6 @@ def matching(base: type, predicate: Callable[[nn.Module], bool], name: str) -> t
             return isinstance(obj, base) and predicate(obj)
 
     return _Matching(name, (), {"__doc__": f"{base.__name__} modules selected by {predicate.__name__}"})
-
-
-def split_mlp(proj: nn.Module, act, x: torch.Tensor, parts: list) -> tuple[Callable[[], None], Callable[[], None]]:
-    """A single-stream block's MLP input branch `act(proj(x))` as the schedule's `independent` work, each
-    piece appended to `parts`: with a plain `nn.Linear` two halves of its output columns (the first runs under
-    the input exchanges, the second under the output's; `act` must be elementwise); otherwise (LoRA-wrapped or
-    hooked) the layer called whole, under the output exchange."""
-    if not plain_linear(proj):
-        return (lambda: None, lambda: parts.append(act(proj(x))))
-    w, b = proj.weight, proj.bias
-    half = w.shape[0] // 2
-
-    def piece(lo: int, hi: int) -> None:
-        parts.append(act(F.linear(x, w[lo:hi], None if b is None else b[lo:hi])))
-
-    return (lambda: piece(0, half), lambda: piece(half, w.shape[0]))
 
 
 def mlp_into(proj: nn.Module, act, x: torch.Tensor, out: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
