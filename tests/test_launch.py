@@ -163,6 +163,9 @@ def test_ctrl_c_stops_every_rank_without_a_traceback(tmp_path):
         stdout=subprocess.DEVNULL,
         text=True,
         start_new_session=True,  # its own process group, as a shell gives a foreground job
+        # as a terminal's foreground job: Ctrl-C not ignored (a shell without job control starts background jobs,
+        # e.g. a runner's `... &`, with SIGINT ignored, and every child inherits that)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True)
