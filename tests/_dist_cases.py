@@ -71,7 +71,16 @@ def exchange_producer_paths(world, lengths, H, B=1, D=3, seed=2):
     a kernel's result in the send layout (`pack_tokens`, as `fused_qk.run` returns it), streams written side
     by side (`SendSpec.parts`), an attention output that is token-major in memory (sent in place, when the
     layout is uniform) and an output unpacked into a slice of a wider buffer (`into`)."""
-    from cocodiff.layout import SendBlocks, SendSpec, pack_head_to_seq, pack_seq_to_head, pack_tokens
+    from cocodiff.layout import (
+        ChunkedOutput,
+        SendBlocks,
+        SendSpec,
+        pack_head_to_seq,
+        pack_seq_to_head,
+        pack_tokens,
+        start_head_to_seq_chunk,
+        start_seq_to_head_chunks,
+    )
 
     setup = _exchange_setup(world, lengths, B, H, D, seed)
     if setup is None:
@@ -97,6 +106,23 @@ def exchange_producer_paths(world, lengths, H, B=1, D=3, seed=2):
     got = start_head_to_seq(o, lay, exchange, heads=H, into=into).wait()
     assert got is into and torch.equal(into, local.flatten(2, 3))
     assert wide[..., :2].isnan().all() and wide[..., 2 + H * D :].isnan().all()  # nothing written beside it
+    # head groups (`head_chunks`): one send buffer per group of this rank's heads, written by the kernel or packed;
+    # each group's exchange delivers its heads, and the groups' outputs land where one exchange puts them
+    h_local = ref.shape[1]
+    chunks = h_local
+    grouped = pack_tokens(local, world, lay.l_max, chunks)
+    assert torch.equal(grouped, pack_seq_to_head(local, lay, exchange, chunks))
+    for x in (local, SendBlocks(grouped, H, chunks)):
+        parts = [h.wait() for h in start_seq_to_head_chunks(x, lay, exchange, chunks)]
+        assert torch.equal(torch.cat(parts, dim=1), ref)
+    for into in (None, wide[..., 2 : 2 + H * D]):
+        wide.fill_(float("nan"))
+        out = ChunkedOutput(lay, o, batch=B, h_local=h_local, head_dim=D, heads=H, chunks=chunks, into=into)
+        for h in [start_head_to_seq_chunk(o[:, i : i + 1].contiguous(), lay, exchange, out, i) for i in range(chunks)]:
+            h.wait()
+        got = out.result()
+        assert torch.equal(got, local.flatten(2, 3)) and (into is None or got is into)
+        assert wide[..., :2].isnan().all() and wide[..., 2 + H * D :].isnan().all()
     return True
 
 
@@ -1133,3 +1159,41 @@ def qwen_text_mask_paths(world, v_first):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)
         out.append(((got - ref).abs().max().item(), par.cocodiff.text_masked))
     return out
+
+
+def head_groups_match(family, world, heads, chunks, fuse=False, video=False):
+    """`head_chunks`: K's exchange, the attention and the output's exchange in groups of each rank's heads give
+    the one-group output bit for bit, and the single-process output; returns (max diff vs one process, exchanges
+    per call with one group, with `chunks`). With `fuse` the fused Q/K path is forced on (its uncompiled reference
+    stands in for the CUDA kernel), so K's send buffer is written per group by the kernel's packing step."""
+    from cocodiff import fused_qk as kernels
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    if video:
+        model = zoo.build_model(family, "tiny", seed=0, num_attention_heads=heads)
+        inputs = zoo.make_video_inputs(family, model, frames=3, rows=3, cols=5, n_txt=7, batch=2, seed=7)
+    else:
+        model = zoo.build_model(family, "tiny", seed=0, **heads_config(family, heads, 8))
+        inputs = zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=2, seed=7)
+    outs, exchanges = [], []
+    saved = kernels.fused_device, kernels.compiled
+    if fuse:
+        kernels.fused_device, kernels.compiled = (lambda x: True), (lambda fn: fn)
+    try:
+        for n in (1, chunks):
+            par = copy.deepcopy(model)
+            cfg = cocodiff.ParallelConfig(v_first=True, fuse_qk=fuse, head_chunks=n)
+            cocodiff.parallelize(par, cfg, group=group)
+            with torch.no_grad():
+                outs.append(par(**inputs).sample)
+            exchanges.append(par.cocodiff.step_stats.exchanges)
+        with torch.no_grad():
+            ref = model(**inputs).sample
+    finally:
+        kernels.fused_device, kernels.compiled = saved
+    assert torch.equal(outs[0], outs[1]), "head groups changed the output"
+    torch.testing.assert_close(outs[1], ref, rtol=1e-4, atol=2e-5)
+    return (outs[1] - ref).abs().max().item(), exchanges[0], exchanges[1]

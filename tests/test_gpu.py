@@ -463,3 +463,61 @@ def _ring_vmajor_graphs_equal_eager():
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_ring_vmajor_graph_replay_equals_eager():
     assert spawn(_ring_vmajor_graphs_equal_eager, 2, backend="nccl", timeout_s=300) == [0, 1]
+
+
+def _head_groups_on_gpus():
+    """`head_chunks` on NCCL with V-First, the fused Q/K kernels writing K's send buffer per head group and the
+    step captured as a CUDA graph (the `fast` preset less the compiled blocks, which change nothing here and take
+    minutes to compile), every family: equal to one GPU, and to the same step with one group (the groups'
+    attention is the same per-head computation)."""
+    import copy
+
+    import torch.distributed as dist
+
+    import cocodiff
+    from cocodiff.apps import families as zoo
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    errors = {}
+    for family in zoo.FAMILIES + zoo.VIDEO_FAMILIES:
+        torch._dynamo.reset()
+        ref = zoo.build_model(family, "tiny", device=dev, seed=0)
+        if family in zoo.VIDEO_FAMILIES:
+            case = dict(frames=2, rows=3, cols=5, n_txt=7, batch=2, device=dev)
+            a, b = (zoo.make_video_inputs(family, ref, **case, seed=s) for s in (1, 2))
+        else:
+            masked = family == "qwenimage"
+            a, b = (
+                zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=s, text_mask=masked)
+                for s in (1, 2)
+            )
+        with torch.no_grad():
+            want = [ref(**x).sample for x in (a, b)]
+        got = {}
+        for groups in (1, 3):
+            model = copy.deepcopy(ref)
+            cfg = cocodiff.ParallelConfig(v_first=True, fuse_qk=True, cuda_graph=True, head_chunks=groups)
+            cocodiff.parallelize(model, cfg)
+            with torch.no_grad():
+                got[groups] = [model(**x).sample for x in (a, b, a)]  # capture, replays
+            exchanges = model.cocodiff.step_stats.exchanges
+            if groups == 1:
+                one = exchanges
+            elif not exchanges > one:
+                errors[f"{family}: groups did not run"] = (one, exchanges)
+            del model
+        for g, w in zip(got[3], want + want[:1]):
+            err = ((g - w).norm() / w.norm()).item()
+            if not err < 1e-4:
+                errors[family] = err
+        for g, w in zip(got[3], got[1]):
+            err = ((g - w).norm() / w.norm()).item()
+            if not err < 1e-5:
+                errors[f"{family} vs one group"] = err
+    assert not errors, errors
+    return dist.get_rank()
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+def test_head_groups_in_the_fast_step_equal_one_gpu():
+    assert spawn(_head_groups_on_gpus, 2, backend="nccl", timeout_s=540) == [0, 1]

@@ -82,3 +82,23 @@ def test_qwen_padded_text_drops_masked_keys_when_rows_agree(pools, v_first):
     out = pools(3).run(cases.qwen_text_mask_paths, 3, v_first)[0]
     assert [masked for _, masked in out] == [2, 3, None]
     assert max(d for d, _ in out) < 2e-5
+
+
+# (family, ranks, heads, groups): each rank's heads split into groups; 10 heads over 4 ranks are padded to 12, 3 per
+# rank (the last rank holds 1 real and 2 zero heads), one head per group
+HEAD_GROUP_CASES = [
+    ("flux", 2, 8, 2),
+    ("flux", 4, 10, 3),
+    ("sd3", 2, 8, 4),
+    ("qwenimage", 2, 8, 2),
+    ("flux2", 2, 8, 2),
+]
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["eager_qk", "fused_qk"])
+@pytest.mark.parametrize("family,world,heads,groups", HEAD_GROUP_CASES)
+def test_head_groups_equal_one_group_and_single_process(pools, family, world, heads, groups, fuse):
+    diff, one, grouped = pools(4).run(cases.head_groups_match, family, world, heads, groups, fuse)[0]
+    assert diff < 2e-5
+    # the groups ran: every attention layer without independent work starts 2 * (groups - 1) more exchanges
+    assert grouped > one and (grouped - one) % (2 * (groups - 1)) == 0, (one, grouped)

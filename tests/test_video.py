@@ -213,3 +213,11 @@ def _video_fused_qk_close(family):
 @pytest.mark.parametrize("family", zoo.VIDEO_FAMILIES)
 def test_fused_qk_kernel_close_to_eager_path(family):
     assert spawn(_video_fused_qk_close, 2, family, backend="nccl", timeout_s=300) == [0, 1]
+
+
+@pytest.mark.parametrize("family", zoo.VIDEO_FAMILIES)
+def test_head_groups_equal_one_group_and_single_process(pools, family):
+    # 12 heads over 2 ranks: 6 per rank in 3 groups of 2
+    diff, one, grouped = pools(4).run(cases.head_groups_match, family, 2, 12, 3, False, True)[0]
+    assert diff < 2e-5
+    assert grouped > one and (grouped - one) % 4 == 0, (one, grouped)

@@ -141,6 +141,13 @@ class ParallelConfig:
         fuse_qk: on CUDA, every family: Q/K RMSNorm, the stream concatenation and RoPE in one
             `torch.compile`d kernel per shape (`cocodiff.fused_qk`) instead of diffusers' chain of eager kernels.
             Same math; agrees with the eager path to bf16 rounding. The first call per shape compiles (seconds).
+        head_chunks: with `v_first`, in attention layers that have no independent work to hide their exchanges
+            under (FLUX.1 / FLUX.2 double-stream blocks, SD3, Qwen-Image, the video families): K's exchange, the
+            attention and the output's exchange run in this many groups of this rank's heads, so each group's
+            attention runs while the next group's K and the previous group's output travel; only the first K
+            group and the last output group stay exposed. Exact: attention is computed per head, so the groups
+            give the same values as one call. Reduced to the largest divisor of the rank's heads that is not
+            larger; 1 (default) is one group. Exact NCCL routes only (not the copy engine, V-Major or a ring).
         compile_blocks: compile every transformer block's compute (modulation, norms, gates, residuals, MLPs)
             with `torch.compile` (inductor), once per input shape, while the sharded attention (exchanges, V-First,
             copy engine, V-Major) runs outside the compiled pieces (`cocodiff.compiled`). Composes with
@@ -182,6 +189,7 @@ class ParallelConfig:
     v_first: bool = False
     overlap_output: bool | None = None
     fuse_qk: bool = False
+    head_chunks: int = 1
     compile_blocks: bool = False
     compile_options: dict | None = field(default=None, hash=False)
     cuda_graph: bool = False
@@ -219,6 +227,8 @@ class ParallelConfig:
         for name in ("fuse_qk", "cuda_graph", "compile_blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ParallelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.head_chunks, int) or isinstance(self.head_chunks, bool) or self.head_chunks < 1:
+            raise ValueError(f"ParallelConfig.head_chunks={self.head_chunks!r} must be an integer >= 1")
         self._check_compile_options()
         if self.overlap_output is not None and not isinstance(self.overlap_output, bool):
             raise TypeError(f"ParallelConfig.overlap_output must be None or a bool, got {self.overlap_output!r}")
@@ -319,6 +329,8 @@ class ParallelConfig:
             parts += ["vfirst"] * self.v_first + ["vmajor"] * (self.v_major is not None)
         if (self.ring_degree or 1) > 1:
             parts += [f"ring{self.ring_degree}" + "-inner" * (self.ring_placement == "ring_inner")]
+        if self.head_chunks > 1:
+            parts.append(f"chunks{self.head_chunks}")
         parts += ["fuse_qk"] * self.fuse_qk + ["compiled"] * self.compile_blocks + ["cuda_graph"] * self.cuda_graph
         parts += ["emulated"] * (self.emulate_slow_tier is not None)
         return "+".join(parts)

@@ -148,13 +148,13 @@ def compiled(fn):
 
 @functools.cache
 def _packing(fn):
-    """`fn` followed by `layout.pack_tokens`: `packed(*args, world, l_max)` returns `fn(*args)` in the seq->head
+    """`fn` followed by `layout.pack_tokens`: `packed(*args, world, l_max, chunks)` returns `fn(*args)` in the seq->head
     send layout; compiled, the kernel writes its result there directly (no pack copy after it)."""
     from .layout import pack_tokens
 
     def packed(*args):
-        *args, world, l_max = args
-        return pack_tokens(fn(*args), world, l_max)
+        *args, world, l_max, chunks = args
+        return pack_tokens(fn(*args), world, l_max, chunks)
 
     packed.__name__ = packed.__qualname__ = f"{fn.__name__}_packed"
     return packed
@@ -168,4 +168,4 @@ def run(fn, *args, send=None, heads: int | None = None):
         return compiled(fn)(*args)
     from .layout import SendBlocks
 
-    return SendBlocks(compiled(_packing(fn))(*args, send.world, send.l_max), heads)
+    return SendBlocks(compiled(_packing(fn))(*args, send.world, send.l_max, send.chunks), heads, send.chunks)

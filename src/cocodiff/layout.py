@@ -105,10 +105,12 @@ class SendBlocks:
     """A seq->head send buffer `(P, L_MAX, B, H_LOCAL, D)` that its producer wrote in the exchange's layout (padding
     rows and heads zero), so the exchange needs no pack copy: a fused Q/K kernel's output (`pack_tokens` is the
     kernel's last step) or V's streams written side by side (`SendSpec.parts`). `heads`: the model's H (the
-    output exchange drops padding heads beyond it)."""
+    output exchange drops padding heads beyond it). With `chunks` > 1 (`ParallelConfig.head_chunks`) the buffer
+    is `(CHUNKS, P, L_MAX, B, H_LOCAL / CHUNKS, D)`: one contiguous send buffer per group of this rank's heads."""
 
     blocks: torch.Tensor
     heads: int
+    chunks: int = 1
 
 
 # a projection's result: `(B, L, H, D)`, or the send buffer its producer wrote in the exchange's layout
@@ -120,18 +122,22 @@ def heads_of(x: Projected) -> int:
     return x.heads if isinstance(x, SendBlocks) else x.shape[2]
 
 
-def pack_tokens(x: torch.Tensor, world: int, l_max: int) -> torch.Tensor:
+def pack_tokens(x: torch.Tensor, world: int, l_max: int, chunks: int = 1) -> torch.Tensor:
     """`(B, L, H, D)` -> the seq->head send layout `(P, L_MAX, B, H_LOCAL, D)`, contiguous, padding rows and heads
-    zero. Plain torch: inside a compiled kernel inductor writes its result straight in this layout."""
+    zero; with `chunks` > 1, `(CHUNKS, P, L_MAX, B, H_LOCAL / CHUNKS, D)` (one send buffer per head group, see
+    `SendBlocks`). Plain torch: inside a compiled kernel inductor writes its result straight in this layout."""
     B, L, H, D = x.shape
     h_local = local_heads(H, world)
+    if h_local % chunks:
+        raise ValueError(f"seq->head: {h_local} heads per rank do not split into {chunks} equal groups")
     if h_local * world != H:
         x = F.pad(x, (0, 0, 0, h_local * world - H))  # zero heads at the end
-    # (B, L, H_PAD, D) -> (B, L, P, H_LOCAL, D) -> (P, L, B, H_LOCAL, D)
-    blocks = x.reshape(B, L, world, h_local, D).permute(2, 1, 0, 3, 4)
+    # (B, L, H_PAD, D) -> (B, L, P, C, H_LOCAL / C, D) -> (C, P, L, B, H_LOCAL / C, D)
+    blocks = x.reshape(B, L, world, chunks, h_local // chunks, D).permute(3, 2, 1, 0, 4, 5)
     if L != l_max:
         blocks = F.pad(blocks, (0, 0, 0, 0, 0, 0, 0, l_max - L))  # padding rows at the end of each block
-    return blocks.contiguous()
+    blocks = blocks.contiguous()
+    return blocks[0] if chunks == 1 else blocks
 
 
 class SendSpec:
@@ -141,13 +147,15 @@ class SendSpec:
     Args:
         layout: the layer's `SeqLayout`.
         exchange: the route the tensor travels on (its `send_buffer` is where `parts` writes).
+        chunks: head groups the send buffer is split into (`ParallelConfig.head_chunks`; K's exchange only).
     """
 
-    def __init__(self, layout: SeqLayout, exchange: BlockExchange):
+    def __init__(self, layout: SeqLayout, exchange: BlockExchange, chunks: int = 1):
         self.layout = layout
         self.exchange = exchange
         self.world = layout.world
         self.l_max = layout.l_max
+        self.chunks = chunks  # head groups of the send buffer (`SendBlocks`)
 
     def parts(self, parts: Sequence[torch.Tensor]) -> SendBlocks | torch.Tensor:
         """The local tokens given as consecutive parts `(B, L_i, H, D)` (a joint attention's text and image
@@ -156,7 +164,7 @@ class SendSpec:
         P, lay = self.world, self.layout
         B, _, H, D = parts[0].shape
         h_local = local_heads(H, P)
-        if h_local * P != H:
+        if h_local * P != H or self.chunks != 1:
             return torch.cat(list(parts), dim=1)
         send = self.exchange.send_buffer((P, self.l_max, B, h_local, D), parts[0].dtype, parts[0].device)
         off = 0
@@ -172,20 +180,26 @@ class SendSpec:
         return SendBlocks(send, H)
 
 
-def pack_seq_to_head(x: torch.Tensor | SendBlocks, layout: SeqLayout, exchange: BlockExchange) -> torch.Tensor:
+def pack_seq_to_head(
+    x: torch.Tensor | SendBlocks, layout: SeqLayout, exchange: BlockExchange, chunks: int = 1
+) -> torch.Tensor:
     """The send buffer of a seq->head exchange: `(B, L, H, D)` -> `(P, L_MAX, B, H_LOCAL, D)`, block j holding
-    this rank's tokens for rank j's heads (padding rows and padding heads zero). `SendBlocks` are that already."""
+    this rank's tokens for rank j's heads (padding rows and padding heads zero); with `chunks` > 1 one such
+    buffer per head group, `(CHUNKS, P, L_MAX, B, H_LOCAL / CHUNKS, D)`. `SendBlocks` are that already."""
     P = layout.world
     if isinstance(x, SendBlocks):
-        if x.blocks.shape[:2] != (P, layout.l_max):
+        lead = (P, layout.l_max) if x.chunks == 1 else (x.chunks, P, layout.l_max)
+        if x.blocks.shape[: len(lead)] != lead:
             raise ValueError(
                 f"seq->head: producer wrote blocks of shape {tuple(x.blocks.shape)}, the layout needs "
-                f"({P}, {layout.l_max}, ...)"
+                f"({', '.join(map(str, lead))}, ...)"
             )
         return x.blocks
     B, L, H, D = x.shape
     if L != layout.local:
         raise ValueError(f"seq->head: rank {layout.rank} holds {L} tokens, layout says {layout.local}")
+    if chunks > 1:
+        return pack_tokens(x, P, layout.l_max, chunks)  # (CHUNKS, P, L_MAX, B, H_LOCAL / CHUNKS, D)
     h_local = local_heads(H, P)
     if h_local * P != H:
         # (B, L, H, D) -> (B, L, H_PAD, D): zero heads at the end
@@ -230,6 +244,21 @@ def start_seq_to_head(
     if rows is not None:
         return exchange.start(send, lambda recv: unpack_heads(recv, layout), rows=rows)
     return exchange.start(send, lambda recv: unpack_heads(recv, layout))
+
+
+def start_seq_to_head_chunks(
+    x: torch.Tensor | SendBlocks, layout: SeqLayout, exchange: BlockExchange, chunks: int
+) -> list[Handle]:
+    """Start the seq->head exchange of one tensor as `chunks` exchanges, one per group of this rank's heads
+    (`ParallelConfig.head_chunks`): handle i yields `(B, H_LOCAL / CHUNKS, S, D)`, heads
+    `[i * H_LOCAL / CHUNKS, (i + 1) * H_LOCAL / CHUNKS)` of this rank's. The groups start in order on the route,
+    so the first arrives first."""
+    if layout.world == 1 or chunks == 1:
+        return [start_seq_to_head(x, layout, exchange)]
+    if isinstance(x, SendBlocks) and x.chunks != chunks:
+        raise ValueError(f"seq->head: producer wrote {x.chunks} head groups, the schedule needs {chunks}")
+    send = pack_seq_to_head(x, layout, exchange, chunks)
+    return [exchange.start(send[i], lambda recv: unpack_heads(recv, layout)) for i in range(chunks)]
 
 
 def pack_head_to_seq(o: torch.Tensor, layout: SeqLayout, exchange: BlockExchange) -> torch.Tensor:
@@ -308,6 +337,61 @@ def start_head_to_seq(
 
     if rows is not None:
         return exchange.start(send, post, rows=rows)
+    return exchange.start(send, post)
+
+
+class ChunkedOutput:
+    """Where the head->seq exchanges of an attention output split into head groups (`start_head_to_seq_chunk`)
+    put their rows: `(B, L, H * D)`, the caller's `into` when given and no padding heads, else a buffer of the
+    padded width whose real heads `result()` returns (and copies into `into`).
+
+    Args:
+        layout: the layer's `SeqLayout`.
+        like: a tensor of the output's dtype and device.
+        batch, h_local, head_dim: the output's B, H_LOCAL (padded) and D.
+        heads: H, the model's heads.
+        chunks: head groups per rank.
+        into: `(B, L, H * D)` the caller wants the output in, or None.
+    """
+
+    def __init__(self, layout, like, *, batch, h_local, head_dim, heads, chunks, into=None):
+        P, L = layout.world, layout.local
+        self.heads, self.head_dim, self.into = heads, head_dim, into
+        self.padded = P * h_local != heads
+        if into is not None and not self.padded:
+            self.buffer = into
+        else:
+            self.buffer = like.new_empty(batch, L, P * h_local * head_dim)
+        # (B, L, P, CHUNKS, H_LOCAL / CHUNKS, D): chunk i of rank j's heads at [:, :, j, i]
+        self.slots = self.buffer.unflatten(-1, (P, chunks, h_local // chunks, head_dim))
+
+    def write(self, recv: torch.Tensor, layout: SeqLayout, chunk: int) -> None:
+        """A head->seq receive buffer `(P, L_MAX, B, H_LOCAL / CHUNKS, D)` of head group `chunk` into place."""
+        L = layout.local
+        # block j = my tokens, head group `chunk` of rank j: (P, L, B, Hc, D) -> (B, L, P, Hc, D)
+        self.slots[:, :, :, chunk].copy_((recv[:, :L] if L != recv.shape[1] else recv).permute(2, 1, 0, 3, 4))
+
+    def result(self) -> torch.Tensor:
+        """`(B, L, H * D)`, padding heads dropped (in `into` when given)."""
+        if not self.padded:
+            return self.buffer
+        real = self.buffer[..., : self.heads * self.head_dim]
+        if self.into is None:
+            return real
+        self.into.copy_(real)
+        return self.into
+
+
+def start_head_to_seq_chunk(
+    o: torch.Tensor, layout: SeqLayout, exchange: BlockExchange, out: ChunkedOutput, chunk: int
+) -> Handle:
+    """Start the head->seq exchange of head group `chunk` of an attention output `(B, H_LOCAL / CHUNKS, S, D)`;
+    its `wait()` writes the rows into `out` (`ChunkedOutput`)."""
+    send = pack_head_to_seq(o, layout, exchange)
+
+    def post(recv: torch.Tensor) -> None:
+        out.write(recv, layout, chunk)
+
     return exchange.start(send, post)
 
 

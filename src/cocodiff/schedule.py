@@ -11,6 +11,9 @@ Orders:
   the order of the starts changes nothing else).
 - V-First (`v_first`): project V and start its exchange, then Q (norm, RoPE) and start its exchange, then K;
   each transfer runs under the projections that follow it. Exact: the same operations, reordered.
+- head groups (`head_chunks`, with V-First, in layers without such work: double-stream blocks, SD3, Qwen-Image,
+  the video families): K's exchange, the attention and the output's exchange in groups of the rank's heads, so
+  group i's attention runs while group i + 1's K and group i - 1's output travel. Exact (attention is per head).
 - output overlap (`overlap_output`, default with V-First): work of the block that needs no attention output
   (FLUX's single-block MLP) runs while exchanges are in flight: its first part after the input exchanges
   started (under K's), the rest after the output exchange started.
@@ -27,7 +30,18 @@ from typing import Any, Protocol
 import torch
 
 from .exchange import Handle
-from .layout import Projected, SendSpec, SeqLayout, heads_of, start_head_to_seq, start_seq_to_head
+from .layout import (
+    ChunkedOutput,
+    Projected,
+    SendSpec,
+    SeqLayout,
+    heads_of,
+    local_heads,
+    start_head_to_seq,
+    start_head_to_seq_chunk,
+    start_seq_to_head,
+    start_seq_to_head_chunks,
+)
 
 
 class LayerExchange(Protocol):
@@ -101,8 +115,16 @@ def attend(
     ex = engine.layer_exchange(layer, lay)
     spec = SendSpec(lay, ex.exchange) if lay.world > 1 else None
     if cfg.v_first:
-        hv = ex.start_v(project_v(spec))
+        v = project_v(spec)
+        heads = heads_of(v)
+        hv = ex.start_v(v)
+        del v
         hq = ex.start_q(project_q(spec))
+        chunks = head_chunks(engine, ex, lay, heads, independent)
+        if chunks > 1:
+            return _attend_in_head_groups(
+                engine, ex, lay, hq, hv, project_k, chunks, heads, kinds, key_mask, into, out_dtype, layer
+            )
         hk = ex.start_k(project_k(spec))
     else:
         q, k, v = project_q(spec), project_k(spec), project_v(spec)
@@ -130,3 +152,42 @@ def attend(
         return into
     x = x.flatten(2, 3)  # (B, L, H, D) -> (B, L, H * D)
     return x if out_dtype is None else x.to(out_dtype)
+
+
+def head_chunks(engine, ex, layout: SeqLayout, heads: int, independent: Sequence[Callable[[], None]]) -> int:
+    """How many head groups this layer's K exchange, attention and output exchange run in
+    (`ParallelConfig.head_chunks`): 1 where the layer has independent work to hide its exchanges under, on one
+    rank, with a ring, V-Major or a route that copies into buffers of its own; else the largest divisor of the
+    rank's heads that is not larger than the configured count."""
+    want = engine.config.head_chunks
+    if want <= 1 or layout.world == 1 or len(independent) > 0 or engine.ring is not None:
+        return 1
+    if not isinstance(ex, ExactLayerExchange) or any(r.owns_send_buffers for r in ex.exchange.routes()):
+        return 1
+    h_local = local_heads(heads, layout.world)
+    return max(d for d in range(1, min(want, h_local) + 1) if h_local % d == 0)
+
+
+def _attend_in_head_groups(
+    engine, ex, lay, hq, hv, project_k, chunks, heads, kinds, key_mask, into, out_dtype, layer
+) -> torch.Tensor:
+    """The rest of `attend` with K's exchange, the attention and the output's exchange in `chunks` groups of
+    this rank's heads: group i's attention runs while group i + 1's K and group i - 1's output travel. Exact:
+    attention is computed per head, so the groups give one call's values."""
+    # K written (by a fused kernel) or packed as one send buffer per head group, each its own exchange
+    hks = start_seq_to_head_chunks(project_k(SendSpec(lay, ex.exchange, chunks)), lay, ex.exchange, chunks)
+    q, v = hq.wait(), hv.wait()  # (B, H_LOCAL, S, D)
+    B, h_local, _, D = q.shape
+    group = h_local // chunks
+    out = ChunkedOutput(lay, q, batch=B, h_local=h_local, head_dim=D, heads=heads, chunks=chunks, into=into)
+    hos = []
+    for i, hk in enumerate(hks):
+        sl = slice(i * group, (i + 1) * group)
+        o = engine.attention(q[:, sl], hk.wait(), v[:, sl], key_mask, kinds, layer)
+        hos.append(start_head_to_seq_chunk(o, lay, ex.exchange, out, i))
+        del o
+    del q, v, hks
+    for h in hos:
+        h.wait()
+    x = out.result()
+    return x if into is not None or out_dtype is None else x.to(out_dtype)
