@@ -154,20 +154,33 @@ def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
     assert (tmp_path / "e2e.md").read_text().startswith("# cocodiff bench e2e") and (tmp_path / "e2e.png").exists()
     assert (tmp_path / "e2e_breakdown.png").exists() and "exposed" in (tmp_path / "e2e.md").read_text()
     # xDiT asked for on CPU ranks: rows saying why; --routes: each preset once per route at P > 1
+    # and --head-chunks: each once per value
     argv = ["bench", "e2e", "--cpu", "--peers", "eager", "xdit", "--iters", "1", "--routes", "flat", "tapa"]
-    assert cli.main([*argv, "--out", str(tmp_path / "xdit")]) == 0
+    assert cli.main([*argv, "--presets", "vfirst", "--head-chunks", "1", "2", "--out", str(tmp_path / "xdit")]) == 0
     rows = json.loads((tmp_path / "xdit" / "e2e.json").read_text())["rows"]
     assert [r["error"] for r in rows if r["engine"] == "xDiT"] == ["xDiT needs CUDA GPUs"] * 2
     coco = {(r["P"], r["mode"]): r for r in rows if r["engine"] == "cocodiff"}
-    assert set(coco) == {(1, "flat"), (2, "flat@flat"), (2, "flat@tapa")}
-    assert coco[(2, "flat@tapa")]["config"] == "flat+tapa" and coco[(2, "flat@tapa")]["rel_err_vs_1gpu"] < 1e-5
+    assert set(coco) == {(1, "vfirst")} | {(2, f"vfirst@{r}/hc{n}") for r in ("flat", "tapa") for n in (1, 2)}
+    row = coco[(2, "vfirst@flat/hc2")]
+    assert row["config"] == "vfirst+flat+chunks2" and row["rel_err_vs_1gpu"] < 1e-5
+    assert coco[(2, "vfirst@tapa/hc1")]["config"] == "vfirst" and coco[(2, "vfirst@tapa/hc1")]["rel_err_vs_1gpu"] < 1e-5
+    assert cli.main(["bench", "e2e", "--cpu", "--head-chunks", "0", "--out", str(tmp_path)]) == 2
+    assert "--head-chunks [0]" in capsys.readouterr().err
     assert cli.main(["bench", "e2e", "--cpu", "--routes", "copy_engine", "--out", str(tmp_path)]) == 2
     assert "--routes copy_engine needs GPU ranks" in capsys.readouterr().err
     assert cli.main(["bench", "e2e", "--cpu", "--peers", "regional-compile", "--out", str(tmp_path)]) == 2
     assert "--peers must include eager" in capsys.readouterr().err
-    # cocodiff's rows over an emulated slow tier (2 emulated nodes of 1 rank at P=2)
+    # cocodiff's rows over an emulated slow tier (2 emulated nodes of 1 rank at P=2), exact and with V-Major (lossy:
+    # its steps are timed over a generation, past its exact warm-up, and its whole-run error is reported)
     argv = ["bench", "e2e", "--cpu", "--peers", "eager", "--topology", "2x1", "--emulate", "--iters", "1"]
+    argv += ["--presets", "flat", "cocodiff", "--steps", "6"]
     assert cli.main([*argv, "--out", str(tmp_path / "emulated")]) == 0
     rows = json.loads((tmp_path / "emulated" / "e2e.json").read_text())["rows"]
-    emulated = [r for r in rows if r["P"] == 2 and r["engine"] == "cocodiff"]
-    assert emulated and "emulated" in emulated[0]["config"] and emulated[0]["rel_err_vs_1gpu"] < 1e-5
+    emulated = {r["mode"]: r for r in rows if r["P"] == 2 and r["engine"] == "cocodiff"}
+    assert "emulated" in emulated["flat"]["config"] and emulated["flat"]["rel_err_vs_1gpu"] < 1e-5
+    assert emulated["flat"]["rel_err_run_6_vs_1gpu"] < 1e-5  # exact: the whole run too
+    vm = emulated["cocodiff"]
+    assert "error" not in vm, vm
+    assert vm["timed_steps"] == "5-6" and len(vm["ms_per_step_all"]) == 6 and 0 < vm["rel_err_run_6_vs_1gpu"] < 0.5
+    assert "V-Major needs at least 2 ranks" in [r for r in rows if r["P"] == 1 and r["mode"] == "cocodiff"][0]["error"]
+    assert "6-step run" in (tmp_path / "emulated" / "e2e.md").read_text()

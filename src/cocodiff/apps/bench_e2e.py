@@ -14,9 +14,10 @@ on a fresh full-size model with random weights (bf16; tiny fp32 configs on CPU r
   same weights, inputs and reference; transformer step only. Any other case is a row saying why.
 
 Per row: ms per transformer step (CUDA events, warm-up excluded, median; the first call, which compiles and
-captures, timed apart), seconds per image of the family's diffusers pipeline (`--steps`, e.g. 28 and 50;
-prompt embeddings given, no text encoders, output latents: the VAE decode, identical for every engine, is
-left out), peak memory per GPU, relative error of the step's output against plain diffusers on one GPU.
+captures, timed apart; a lossy V-Major row times one generation's steps, see `_generation_steps`), seconds per
+image of the family's diffusers pipeline (`--steps`, e.g. 28 and 50; prompt embeddings given, no text encoders,
+output latents: the VAE decode, identical for every engine, is left out), peak memory per GPU, relative error of
+the step's output and of each pipeline run's latents against plain diffusers on one GPU.
 Each cocodiff row at P > 1 also times its no-exchange bound (every exchange a no-op). Rank 0 writes OUT/e2e.json
 (hardware, driver, versions), OUT/e2e.md (tables, ratios to the best one-GPU row and to the best peer row),
 OUT/e2e.png and OUT/e2e_breakdown.png (compute and exposed exchange per row); xDiT's logs and JSON go to
@@ -78,6 +79,13 @@ def add_parser(bsub, formatter_class=None) -> None:
         choices=ROUTES,
         help="at P > 1, each preset once per exchange route (e.g. flat copy_engine; default: the preset's own)",
     )
+    p.add_argument(
+        "--head-chunks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="at P > 1, each cocodiff row once per value of ParallelConfig.head_chunks (default: the preset's own)",
+    )
     p.add_argument("--steps", type=int, nargs="+", default=None, help="pipeline lengths (default: 28 50; CPU: 2)")
     p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
     p.add_argument("--emulate", action="store_true", help="cocodiff rows over an emulated slow outer tier")
@@ -99,6 +107,8 @@ def run_e2e(args) -> int:
         raise UsageError(f"--gpus {counts}: give increasing rank counts starting with 1 (it writes the reference)")
     if cuda and counts[-1] > gpus:
         raise UsageError(f"--gpus {counts[-1]}: only {gpus} GPUs here")
+    if args.head_chunks is not None and min(args.head_chunks) < 1:
+        raise UsageError(f"--head-chunks {args.head_chunks}: give integers >= 1")
     if args.emulate and args.topology is None:
         raise UsageError("--emulate needs --topology, e.g. 2x1 (2 emulated nodes of 1 GPU)")
     opts = dict(
@@ -106,6 +116,7 @@ def run_e2e(args) -> int:
         sizes=args.sizes or ([1024] if cuda else [64]),
         presets=args.presets or (["flat", "fast"] if cuda else ["flat"]),
         routes=args.routes,
+        head_chunks=args.head_chunks,
         peers=args.peers,
         steps=args.steps or ([28, 50] if cuda else [2]),
         topology=args.topology,
@@ -222,10 +233,12 @@ def _diffusers_modes(opts: dict) -> list[str]:
 
 def _cocodiff_modes(opts: dict, world: int) -> list[str]:
     """cocodiff's rows: each preset, at P > 1 once per `--routes` entry ("preset@route"; on one rank every
-    exchange is a no-op, so the route changes nothing there)."""
-    if world == 1 or not opts.get("routes"):
+    exchange is a no-op, so the route changes nothing there) and per `--head-chunks` value ("preset/hcN")."""
+    if world == 1:
         return list(opts["presets"])
-    return [f"{p}@{r}" for p in opts["presets"] for r in opts["routes"]]
+    modes = [f"{p}@{r}" for p in opts["presets"] for r in opts["routes"]] if opts.get("routes") else opts["presets"]
+    chunks = opts.get("head_chunks")
+    return [f"{m}/hc{n}" for m in modes for n in chunks] if chunks else list(modes)
 
 
 # ---- xDiT: its own launch per rank count ------------------------------------------------------------------
@@ -308,8 +321,11 @@ def xdit_rows_from_report(result: dict, sizes, modes, world: int, returncode: in
 
 
 def _config(opts: dict, mode: str, world: int) -> ParallelConfig:
+    mode, _, chunks = mode.partition("/hc")
     preset, _, route = mode.partition("@")
     extra = {"all_to_all": route} if route else {}
+    if chunks:
+        extra["head_chunks"] = int(chunks)
     if opts["topology"] is not None and world > 1:
         import math
 
@@ -354,14 +370,18 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    step()
-    if cuda:
-        torch.cuda.synchronize(device)
-    info["first_call_s"] = time.perf_counter() - t0
-    times = time_ms(step, warmup=opts["warmup"], iters=opts["iters"], cuda=cuda)
-    out = step().float().cpu()
-    info.update(ms_per_step=statistics.median(times), ms_per_step_all=times)
+    lossy = engine == "cocodiff" and cfg.v_major is not None
+    if lossy:
+        out = _generation_steps(model, inputs, opts, info)
+    else:
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        info["first_call_s"] = time.perf_counter() - t0
+        times = time_ms(step, warmup=opts["warmup"], iters=opts["iters"], cuda=cuda)
+        out = step().float().cpu()
+        info.update(ms_per_step=statistics.median(times), ms_per_step_all=times)
     if engine == "cocodiff" and world > 1 and cfg.v_major is None and (cfg.ring_degree or 1) == 1:
         info["no_exchange_ms"] = _no_exchange_ms(model, step, opts)
     ref = Path(opts["out"], "ref", f"{family}_{size}.pt")
@@ -370,10 +390,13 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
             torch.save(out, ref)
     elif ref.exists():
         info["rel_err_vs_1gpu"] = rel_err(out, torch.load(ref))
-    pipe, kwargs = zoo.pipeline_around(
-        family, model, height=size, width=size, steps=2, n_txt=n_txt
-    )  # the pipeline's own warm-up: its shapes (CFG batch, text length) may differ from the step's
+    # the pipeline's own warm-up run: its shapes (CFG batch, text length) may differ from the step's; a V-Major row's
+    # is a run of the shortest length (its exact warm-up steps must fit in the run)
+    warm = min(opts["steps"]) if lossy else 2
+    pipe, kwargs = zoo.pipeline_around(family, model, height=size, width=size, steps=warm, n_txt=n_txt)
     pipe.set_progress_bar_config(disable=True)
+    if engine == "cocodiff":
+        model.cocodiff.steps.follow(pipe.scheduler)  # V-Major's step and run length come from the scheduler
     with torch.no_grad():
         pipe(**kwargs, generator=torch.Generator().manual_seed(0))
         for steps in opts["steps"]:
@@ -381,13 +404,57 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
             if cuda:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+            latents = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
             if cuda:
                 torch.cuda.synchronize(device)
             info[f"s_per_image_{steps}"] = time.perf_counter() - t0
+            # the whole run's output against one GPU's: what a lossy mode's error adds up to over the steps
+            ref_run = Path(opts["out"], "ref", f"{family}_{size}_run{steps}.pt")
+            latents = latents.float().cpu()
+            if world == 1 and engine == "diffusers" and mode == "eager":
+                if dist.get_rank() == 0:
+                    torch.save(latents, ref_run)
+            elif ref_run.exists():
+                info[f"rel_err_run_{steps}_vs_1gpu"] = rel_err(latents, torch.load(ref_run))
     if cuda:
         info["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     return info
+
+
+def _generation_steps(model, inputs: dict, opts: dict, info: dict) -> torch.Tensor:
+    """A lossy (V-Major) row's step time: its steps reuse what earlier steps of the same generation sent, so one
+    call repeated is not a step. Runs a generation of `--steps`' first length with falling timesteps (the step
+    context marks steps by them) and times every call; ms per step is the median over the steps after V-Major's
+    exact warm-up (`ms_per_step_all` has them all, the warm-up first). Returns the last step's output."""
+    eng = model.cocodiff
+    n = opts["steps"][0]
+    cuda = opts["cuda"]
+    t = inputs["timestep"]
+    times, out = [], None
+    for generation in range(2):  # the first compiles and warms up; the second is timed
+        eng.steps.begin_generation(total_steps=n)
+        t0 = time.perf_counter()
+        for i in range(n):
+            call = {**inputs, "timestep": torch.full_like(t, 1.0 - i / n)}
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            c0 = time.perf_counter()
+            with torch.no_grad():
+                out = model(**call, return_dict=False)[0]
+            if cuda:
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                ms = (time.perf_counter() - c0) * 1e3
+            if generation == 1:
+                times.append(ms)
+        if generation == 0:
+            info["first_call_s"] = time.perf_counter() - t0  # the whole first generation, compiles included
+    skip = min(eng.config.v_major.warmup_steps, n - 1)
+    info.update(ms_per_step=statistics.median(times[skip:]), ms_per_step_all=times, timed_steps=f"{skip + 1}-{n}")
+    return out.float().cpu()
 
 
 def _no_exchange_ms(model, step, opts) -> float:
@@ -429,7 +496,7 @@ def report(result: dict) -> str:
                 "| P | engine | mode | ms/step | no-exchange bound ms (exposed) | vs best 1 GPU "
                 + "| vs best peer at P | "
                 + " | ".join(f"s/image, {s} steps" for s in steps)
-                + " | peak GiB | rel. error vs 1 GPU | first call (s) |",
+                + f" | peak GiB | rel. error vs 1 GPU: step / {steps[0]}-step run | first call (s) |",
                 "|---" * (10 + len(steps)) + "|",
             ]
             for r in group:
@@ -455,7 +522,8 @@ def report(result: dict) -> str:
                     vs_peer,
                     *(f"{r[f's_per_image_{s}']:.2f}" if f"s_per_image_{s}" in r else "" for s in steps),
                     f"{r['peak_mem_GiB']:.1f}" if "peak_mem_GiB" in r else "",
-                    "" if err is None else f"{err:.1e}",
+                    ("" if err is None else f"{err:.1e}")
+                    + (f" / {r[run_err]:.1e}" if (run_err := f"rel_err_run_{steps[0]}_vs_1gpu") in r else ""),
                     f"{r['first_call_s']:.1f}" if "first_call_s" in r else "",
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
@@ -464,7 +532,9 @@ def report(result: dict) -> str:
         "No-exchange bound: the same cocodiff step with every exchange a no-op (no byte moves, wrong output), timed",
         "the same way; in brackets the row's time minus it, the exchange its schedule leaves exposed. Best peer: the",
         f"fastest diffusers or xDiT row at the same P whose output is within {MAX_PEER_ERR:.0e} of one GPU (others are",
-        "listed, not used). xDiT rows time the transformer step only (no pipeline run).",
+        "listed, not used). xDiT rows time the transformer step only (no pipeline run). Errors: the step's output, and",
+        "the whole pipeline run's latents, against plain diffusers on one GPU. Lossy (V-Major) rows: ms/step is the",
+        "median over one generation's steps after V-Major's exact warm-up steps (every step in the JSON).",
         "",
     ]
     return "\n".join(lines)
