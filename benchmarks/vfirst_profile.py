@@ -154,6 +154,54 @@ def hidden_by_block(events: list[dict], n_double: int = 19) -> dict:
     }
 
 
+def compute_stream_gaps(events: list[dict], n_double: int = 19) -> dict:
+    """When no compute kernel runs during the step, and which all-to-all was in flight then. Compute is the union
+    of the non-NCCL kernels over every stream (a replayed CUDA graph spreads its kernels over streams of its own, so
+    no single stream is "the" compute stream); an idle interval is charged to the NCCL kernel running during it
+    (double/single block, V/Q/K/O as in `hidden_by_block`; the first all-to-all and the output gather apart), or
+    to none: kernel-boundary, launch or host gaps."""
+    kernels = sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"])
+    nccl = [e for e in kernels if "nccl" in e["name"].lower()]
+    comp = [e for e in kernels if "nccl" not in e["name"].lower()]
+    if not comp:
+        return {}
+    layers = len(nccl) // 4
+    label = {}
+    for i, e in enumerate(nccl):
+        if i == 0:
+            label[id(e)] = "first exchange"
+        elif i < 4 * layers:
+            label[id(e)] = f"{'double' if i // 4 < n_double else 'single'} {'VQKO'[i % 4]}"
+        else:
+            label[id(e)] = "output gather"
+    busy: list[list[float]] = []
+    for e in comp:
+        a, b = e["ts"], e["ts"] + e["dur"]
+        if busy and a <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], b)
+        else:
+            busy.append([a, b])
+    by: dict = {}
+    for (_, end), (start, _) in zip(busy, busy[1:]):
+        during = [n for n in nccl if n["ts"] < start and n["ts"] + n["dur"] > end]
+        key = label[id(during[-1])] if during else "none (kernel boundaries, launches)"
+        r = by.setdefault(key, {"gaps": 0, "idle_us": 0.0})
+        r["gaps"] += 1
+        r["idle_us"] += start - end
+    nccl_us: dict = {}
+    for n in nccl:
+        nccl_us[label[id(n)]] = nccl_us.get(label[id(n)], 0.0) + n["dur"]
+    span = busy[-1][1] - busy[0][0]
+    compute = sum(b - a for a, b in busy)
+    return {
+        "span_us": span,
+        "compute_us": compute,
+        "idle_us": span - compute,
+        "idle_by_exchange_in_flight": dict(sorted(by.items(), key=lambda kv: -kv[1]["idle_us"])),
+        "nccl_kernel_us": nccl_us,
+    }
+
+
 def _covered(e: dict, kernels: list[dict]) -> float:
     """Microseconds of NCCL kernel `e` that overlap non-NCCL kernels (on any other stream)."""
     a, b = e["ts"], e["ts"] + e["dur"]
@@ -222,7 +270,14 @@ def main() -> None:
     ap.add_argument("--fuse-qk", action="store_true", help="ParallelConfig(fuse_qk=True)")
     ap.add_argument("--all-to-all", default="flat", choices=["flat", "copy_engine"])
     ap.add_argument("--skip-eq2", action="store_true")
+    ap.add_argument(
+        "--preset",
+        default=None,
+        help="profile ParallelConfig.preset(NAME) instead (e.g. fast: compiled blocks, replayed as a CUDA graph)",
+    )
     args = ap.parse_args()
+    if args.preset is not None:
+        args.graph = ParallelConfig.preset(args.preset).cuda_graph
     set_multi_gpu_env()
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
@@ -236,7 +291,10 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     model = zoo.build_model("flux", "full", dtype=torch.bfloat16, device=device, seed=0)
-    config = ParallelConfig(v_first=True, fuse_qk=args.fuse_qk, all_to_all=args.all_to_all, cuda_graph=args.graph)
+    if args.preset is not None:
+        config = ParallelConfig.preset(args.preset, all_to_all=args.all_to_all)
+    else:
+        config = ParallelConfig(v_first=True, fuse_qk=args.fuse_qk, all_to_all=args.all_to_all, cuda_graph=args.graph)
     parallelize(model, config)
     rows, cols = zoo.image_tokens("flux", model, args.size, args.size)
     inputs = zoo.make_inputs("flux", model, rows=rows, cols=cols, n_txt=512, device=device, dtype=torch.bfloat16)
@@ -250,11 +308,13 @@ def main() -> None:
             for _ in range(3):  # the first call captures, the others replay
                 model(**inputs)
             torch.cuda.synchronize()
+            step_ms = statistics.median(time_ms(lambda: model(**inputs), warmup=2, iters=7))
             dist.barrier()
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 model(**inputs)
                 torch.cuda.synchronize()
         else:
+            step_ms = statistics.median(time_ms(lambda: model(**inputs), warmup=2, iters=7))
             with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                 model(**inputs)
                 torch.cuda.synchronize()
@@ -267,13 +327,17 @@ def main() -> None:
             {
                 "P": world,
                 "size": args.size,
-                "config": f"{args.all_to_all}+vfirst{'+fuse_qk' if args.fuse_qk else ''}, "
+                "config": f"preset {args.preset} ({args.all_to_all})"
+                if args.preset
+                else f"{args.all_to_all}+vfirst{'+fuse_qk' if args.fuse_qk else ''}, "
                 f"{'cuda_graph=True (replay)' if args.graph else 'eager'}",
                 "gpu": torch.cuda.get_device_name(device),
                 "torch": torch.__version__,
+                "step_ms_median_of_7": step_ms,
+                "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
             }
         )
-        tag = "graph" if args.graph else "eager"
+        tag = (args.preset or ("graph" if args.graph else "eager")) + f"_{args.size}"
         plot_layer(events, out / f"vfirst_layer_timeline_{tag}.png", title=tag)
         kern = [e for e in events if e.get("cat") == "kernel"]
         with gzip.open(out / f"trace_rank0_kernels_{tag}.json.gz", "wt") as f:
@@ -281,6 +345,9 @@ def main() -> None:
         trace.unlink()
         (out / f"vfirst_overlap_{tag}.json").write_text(json.dumps(summary, indent=1))
         (out / f"hidden_by_block_{tag}.json").write_text(json.dumps(hidden_by_block(events), indent=1))
+        gaps = compute_stream_gaps(events)
+        (out / f"compute_gaps_{tag}.json").write_text(json.dumps(gaps, indent=1))
+        print(json.dumps({"hidden_by_block": hidden_by_block(events), "compute_gaps": gaps}, indent=1))
         if eq2:
             (out / "equation2.json").write_text(json.dumps({"P": world, "rows": eq2}, indent=1))
         print(json.dumps(summary, indent=1))
