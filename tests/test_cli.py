@@ -173,14 +173,16 @@ def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
     # cocodiff's rows over an emulated slow tier (2 emulated nodes of 1 rank at P=2), exact and with V-Major (lossy:
     # its steps are timed over a generation, past its exact warm-up, and its whole-run error is reported)
     argv = ["bench", "e2e", "--cpu", "--peers", "eager", "--topology", "2x1", "--emulate", "--iters", "1"]
-    argv += ["--presets", "flat", "cocodiff", "--steps", "6"]
+    argv += ["--presets", "vfirst", "cocodiff", "--v-major", "--steps", "6"]
     assert cli.main([*argv, "--out", str(tmp_path / "emulated")]) == 0
     rows = json.loads((tmp_path / "emulated" / "e2e.json").read_text())["rows"]
     emulated = {r["mode"]: r for r in rows if r["P"] == 2 and r["engine"] == "cocodiff"}
-    assert "emulated" in emulated["flat"]["config"] and emulated["flat"]["rel_err_vs_1gpu"] < 1e-5
-    assert emulated["flat"]["rel_err_run_6_vs_1gpu"] < 1e-5  # exact: the whole run too
-    vm = emulated["cocodiff"]
-    assert "error" not in vm, vm
-    assert vm["timed_steps"] == "5-6" and len(vm["ms_per_step_all"]) == 6 and 0 < vm["rel_err_run_6_vs_1gpu"] < 0.5
+    assert set(emulated) == {"vfirst", "vfirst+vmajor", "cocodiff"}  # --v-major: each row also with V-Major
+    assert "emulated" in emulated["vfirst"]["config"] and emulated["vfirst"]["rel_err_vs_1gpu"] < 1e-5
+    assert emulated["vfirst"]["rel_err_run_6_vs_1gpu"] < 1e-5  # exact: the whole run too
+    assert emulated["vfirst+vmajor"]["config"] == "vfirst+vmajor+emulated"
+    for vm in (emulated["cocodiff"], emulated["vfirst+vmajor"]):
+        assert "error" not in vm, vm
+        assert vm["timed_steps"] == "5-6" and len(vm["ms_per_step_all"]) == 6 and 0 < vm["rel_err_run_6_vs_1gpu"] < 0.5
     assert "V-Major needs at least 2 ranks" in [r for r in rows if r["P"] == 1 and r["mode"] == "cocodiff"][0]["error"]
     assert "6-step run" in (tmp_path / "emulated" / "e2e.md").read_text()

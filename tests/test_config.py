@@ -61,6 +61,12 @@ def test_presets_and_refused_combinations():
     fast = ParallelConfig.preset("fast")
     assert fast.v_first and fast.fuse_qk and fast.compile_blocks and fast.cuda_graph and fast.all_to_all == "flat"
     assert fast.label == "fast+fuse_qk+compiled+cuda_graph"
+    # a preset given V-Major or head groups as overrides says so in its label
+    assert ParallelConfig.preset("fast", v_major=VMajorConfig(), head_chunks=2).label == (
+        "fast+vmajor+chunks2+fuse_qk+compiled+cuda_graph"
+    )
+    with pytest.raises(ValueError, match="head_chunks=0"):
+        ParallelConfig(head_chunks=0)
     with pytest.raises(ValueError, match="unknown preset"):
         ParallelConfig.preset("turbo")
 

@@ -326,7 +326,9 @@ class ParallelConfig:
         if self.preset_name and self.all_to_all != _PRESET_FIELDS[self.preset_name]["all_to_all"]:
             parts.append(self.all_to_all)  # a preset with another route
         if not self.preset_name:
-            parts += ["vfirst"] * self.v_first + ["vmajor"] * (self.v_major is not None)
+            parts += ["vfirst"] * self.v_first
+        if self.v_major is not None and "v_major" not in _PRESET_FIELDS.get(self.preset_name, {}):
+            parts.append("vmajor")  # (also a preset given V-Major as an override)
         if (self.ring_degree or 1) > 1:
             parts += [f"ring{self.ring_degree}" + "-inner" * (self.ring_placement == "ring_inner")]
         if self.head_chunks > 1:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..config import PRESETS, ParallelConfig, SlowTierEmulation
+from ..config import PRESETS, ParallelConfig, SlowTierEmulation, VMajorConfig
 from ..timing import rel_err, release_memory, time_ms
 from . import families as zoo
 from .launch import set_multi_gpu_env, spawn
@@ -86,6 +86,12 @@ def add_parser(bsub, formatter_class=None) -> None:
         default=None,
         help="at P > 1, each cocodiff row once per value of ParallelConfig.head_chunks (default: the preset's own)",
     )
+    p.add_argument(
+        "--v-major",
+        action="store_true",
+        help="at P > 1, each cocodiff row also with V-Major (VMajorConfig() defaults; lossy), e.g. fast+vmajor: the "
+        "compiled, graph-replayed step selecting what crosses the slow tier",
+    )
     p.add_argument("--steps", type=int, nargs="+", default=None, help="pipeline lengths (default: 28 50; CPU: 2)")
     p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
     p.add_argument("--emulate", action="store_true", help="cocodiff rows over an emulated slow outer tier")
@@ -117,6 +123,7 @@ def run_e2e(args) -> int:
         presets=args.presets or (["flat", "fast"] if cuda else ["flat"]),
         routes=args.routes,
         head_chunks=args.head_chunks,
+        v_major=args.v_major,
         peers=args.peers,
         steps=args.steps or ([28, 50] if cuda else [2]),
         topology=args.topology,
@@ -233,12 +240,16 @@ def _diffusers_modes(opts: dict) -> list[str]:
 
 def _cocodiff_modes(opts: dict, world: int) -> list[str]:
     """cocodiff's rows: each preset, at P > 1 once per `--routes` entry ("preset@route"; on one rank every
-    exchange is a no-op, so the route changes nothing there) and per `--head-chunks` value ("preset/hcN")."""
+    exchange is a no-op, so the route changes nothing there), per `--head-chunks` value ("preset/hcN") and, with
+    `--v-major`, also with V-Major ("...+vmajor")."""
     if world == 1:
         return list(opts["presets"])
     modes = [f"{p}@{r}" for p in opts["presets"] for r in opts["routes"]] if opts.get("routes") else opts["presets"]
     chunks = opts.get("head_chunks")
-    return [f"{m}/hc{n}" for m in modes for n in chunks] if chunks else list(modes)
+    modes = [f"{m}/hc{n}" for m in modes for n in chunks] if chunks else list(modes)
+    if opts.get("v_major"):  # each row also with V-Major, unless its preset has it already
+        modes = [v for m in modes for v in ([m] if m.startswith("cocodiff") else [m, f"{m}+vmajor"])]
+    return modes
 
 
 # ---- xDiT: its own launch per rank count ------------------------------------------------------------------
@@ -321,9 +332,12 @@ def xdit_rows_from_report(result: dict, sizes, modes, world: int, returncode: in
 
 
 def _config(opts: dict, mode: str, world: int) -> ParallelConfig:
-    mode, _, chunks = mode.partition("/hc")
+    vmajor = mode.endswith("+vmajor")
+    mode, _, chunks = mode.removesuffix("+vmajor").partition("/hc")
     preset, _, route = mode.partition("@")
     extra = {"all_to_all": route} if route else {}
+    if vmajor:
+        extra["v_major"] = VMajorConfig()
     if chunks:
         extra["head_chunks"] = int(chunks)
     if opts["topology"] is not None and world > 1:
