@@ -340,6 +340,26 @@ def test_vmajor_graph_replay_equals_eager(fp8):
     assert spawn(_vmajor_graphs_equal_eager, 2, fp8, backend="nccl", timeout_s=300) == [0, 1]
 
 
+def _tiny_family_on_gpu(family: str, dev):
+    """A tiny model of the family on `dev`, two inputs (batch 2; Qwen-Image with a padded text mask) and its
+    one-GPU outputs for them."""
+    from cocodiff.apps import families as zoo
+
+    ref = zoo.build_model(family, "tiny", device=dev, seed=0)
+    if family in zoo.VIDEO_FAMILIES:
+        case = dict(frames=2, rows=3, cols=5, n_txt=7, batch=2, device=dev)
+        inputs = [zoo.make_video_inputs(family, ref, **case, seed=s) for s in (1, 2)]
+    else:
+        masked = family == "qwenimage"
+        inputs = [
+            zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=s, text_mask=masked)
+            for s in (1, 2)
+        ]
+    with torch.no_grad():
+        want = [ref(**x).sample for x in inputs]
+    return ref, inputs, want
+
+
 def _compiled_blocks_on_gpus():
     """compile_blocks (inductor's Triton kernels) inside the fastest one-host configuration (copy engine, V-First,
     fuse_qk, the step captured as a CUDA graph), every family, image and video: equal to one GPU; a new step
@@ -359,18 +379,7 @@ def _compiled_blocks_on_gpus():
     errors, traced = {}, {}
     for family in zoo.FAMILIES + zoo.VIDEO_FAMILIES:
         torch._dynamo.reset()
-        ref = zoo.build_model(family, "tiny", device=dev, seed=0)
-        if family in zoo.VIDEO_FAMILIES:
-            case = dict(frames=2, rows=3, cols=5, n_txt=7, batch=2, device=dev)
-            a, b = (zoo.make_video_inputs(family, ref, **case, seed=s) for s in (1, 2))
-        else:
-            masked = family == "qwenimage"
-            a, b = (
-                zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=s, text_mask=masked)
-                for s in (1, 2)
-            )
-        with torch.no_grad():
-            want = [ref(**x).sample for x in (a, b)]
+        ref, (a, b), want = _tiny_family_on_gpu(family, dev)
         model = copy.deepcopy(ref)
         cocodiff.parallelize(model, cfg)
         with torch.no_grad():
@@ -481,18 +490,7 @@ def _head_groups_on_gpus():
     errors = {}
     for family in zoo.FAMILIES + zoo.VIDEO_FAMILIES:
         torch._dynamo.reset()
-        ref = zoo.build_model(family, "tiny", device=dev, seed=0)
-        if family in zoo.VIDEO_FAMILIES:
-            case = dict(frames=2, rows=3, cols=5, n_txt=7, batch=2, device=dev)
-            a, b = (zoo.make_video_inputs(family, ref, **case, seed=s) for s in (1, 2))
-        else:
-            masked = family == "qwenimage"
-            a, b = (
-                zoo.make_inputs(family, ref, rows=6, cols=5, n_txt=7, batch=2, device=dev, seed=s, text_mask=masked)
-                for s in (1, 2)
-            )
-        with torch.no_grad():
-            want = [ref(**x).sample for x in (a, b)]
+        ref, (a, b), want = _tiny_family_on_gpu(family, dev)
         got = {}
         for groups in (1, 3):
             model = copy.deepcopy(ref)
