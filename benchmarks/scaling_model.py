@@ -53,6 +53,11 @@ INPUTS = {
     # the same command after the exchanges' pack copies were saved (later code than every fit above)
     "e2e_1024_copies": "2026-11-30-pack-copies/flux_1024/e2e.json",
     "e2e_2048_copies": "2026-11-30-pack-copies/flux_2048/e2e.json",
+    # later still (head groups, off by default): one group is the same step; the emulated run has a 1-CTA slow link
+    "e2e_1024_groups": "2026-11-30-head-groups/flux_1024/e2e.json",
+    "e2e_2048_groups": "2026-11-30-head-groups/flux_2048/e2e.json",
+    "e2e_emulated_groups": "2026-11-30-head-groups/emulated_head_groups/e2e.json",
+    "e2e_emulated_vmajor": "2026-11-30-head-groups/emulated_vmajor/e2e.json",
 }
 MODELS = {  # attention layers, heads x head dim, text tokens, heads
     "FLUX.1": dict(layers=57, inner=3072, text=512, heads=24),
@@ -295,6 +300,27 @@ def main() -> None:
             ),
             (f"FLUX.1 `fast` P=2 NVLink {size}^2 ({later})", row["ms_per_step"], fast_predict(2, size)),
         ]
+    later = "bench e2e, head-groups session"
+    for size in ("1024", "2048"):
+        row = e2e_row(load(f"e2e_{size}_groups"), 2, "fast/hc1")
+        checks += [
+            (
+                f"FLUX.1 `fast` P=2 no-exchange bound {size}^2 ({later})",
+                row["no_exchange_ms"],
+                compute_ms(fast_coef, 2, S[size]),
+            ),
+            (f"FLUX.1 `fast` P=2 NVLink {size}^2 ({later})", row["ms_per_step"], fast_predict(2, size)),
+        ]
+    # the emulated slow tier with one CTA: the link the vmajor_speed run measured at that cap (19.1 GB/s per rank)
+    beta_1cta = runs[("vfirst+fused", 1)]["link_GBps_per_rank"] * 1e9
+    for key, mode in (("e2e_emulated_groups", "fast/hc1"), ("e2e_emulated_vmajor", "fast")):
+        checks.append(
+            (
+                f"FLUX.1 `fast` P=2, 2 emulated nodes (1 CTA), 1024^2 ({later}, {mode})",
+                e2e_row(load(key), 2, mode)["ms_per_step"],
+                fast_predict(2, "1024", G=1, beta_slow=beta_1cta),
+            )
+        )
     check_rows = [
         {"what": w, "measured_ms": m, "predicted_ms": p, "error_pct": 100 * (p - m) / m} for w, m, p in checks
     ]
