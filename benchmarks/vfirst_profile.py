@@ -275,13 +275,21 @@ def main() -> None:
         default=None,
         help="profile ParallelConfig.preset(NAME) instead (e.g. fast: compiled blocks, replayed as a CUDA graph)",
     )
+    ap.add_argument(
+        "--nccl-high-priority",
+        action="store_true",
+        help="the process group's NCCL stream at high priority (ProcessGroupNCCL.Options(is_high_priority_stream))",
+    )
     args = ap.parse_args()
     if args.preset is not None:
         args.graph = ParallelConfig.preset(args.preset).cuda_graph
     set_multi_gpu_env()
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    pg_options = None
+    if args.nccl_high_priority:  # NCCL's kernels on a high-priority stream: their CTAs go first when SMs free up
+        pg_options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local), pg_options=pg_options)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", local)
     out = Path(args.out)
@@ -335,6 +343,7 @@ def main() -> None:
                 "torch": torch.__version__,
                 "step_ms_median_of_7": step_ms,
                 "nccl_env": {k: v for k, v in os.environ.items() if k.startswith("NCCL_")},
+                "nccl_high_priority_stream": args.nccl_high_priority,
             }
         )
         tag = (args.preset or ("graph" if args.graph else "eager")) + f"_{args.size}"
