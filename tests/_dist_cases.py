@@ -839,8 +839,8 @@ def video_fused_qk_path(family, world, case):
 def hunyuan_single_block_overlap(world):
     """HunyuanVideo's single blocks under `overlap_output`: the MLP activation runs while exchanges are in flight
     (first half under V/Q/K's, second under the output's), without it with none in flight; both equal the single
-    process, also when `proj_mlp` is hooked (then called whole). Returns {overlap: [exchanges in flight at each
-    activation]}."""
+    process, also when `proj_mlp` is hooked (then called whole) and when the attention projects its output. Returns
+    {(variant, overlap): [exchanges in flight at each activation]}."""
     from cocodiff import exchange as comm
 
     group = subgroup(world)
@@ -851,6 +851,12 @@ def hunyuan_single_block_overlap(world):
     hooked = copy.deepcopy(model)
     for block in hooked.single_transformer_blocks:
         block.proj_mlp.register_forward_hook(lambda m, a, out: out * 1.5 + 0.25)
+    # single-block attentions given an output projection (diffusers' processor applies one when present): the
+    # attention output then comes back projected and is copied into proj_out's input by the block
+    projected = copy.deepcopy(model)
+    for block in projected.single_transformer_blocks:
+        dim = block.attn.inner_dim
+        block.attn.to_out = torch.nn.ModuleList([torch.nn.Linear(dim, dim), torch.nn.Dropout(0.0)])
     inputs = zoo.make_video_inputs("hunyuanvideo", model, frames=2, rows=3, cols=5, n_txt=5, batch=2, text_mask=True)
     waited = [0]
     original_wait = comm.Handle.wait
@@ -862,7 +868,7 @@ def hunyuan_single_block_overlap(world):
     res = {}
     comm.Handle.wait = counting_wait
     try:
-        for single in (model, hooked):
+        for name, single in (("plain", model), ("hooked", hooked), ("projected", projected)):
             par = copy.deepcopy(single)
             cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
             eng, block, seen = par.cocodiff, par.single_transformer_blocks[0], {}
@@ -876,7 +882,7 @@ def hunyuan_single_block_overlap(world):
                     eng.set_schedule(overlap_output=overlap)
                     out = par(**inputs).sample
                     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
-                    res[(single is hooked, overlap)] = seen["act"]
+                    res[(name, overlap)] = seen["act"]
     finally:
         comm.Handle.wait = original_wait
     return res

@@ -73,8 +73,9 @@ def test_fused_qk_path_equals_single_process(pools, family):
 
 def test_hunyuan_single_block_mlp_runs_under_the_exchanges(pools):
     for in_flight in pools(4).run(cases.hunyuan_single_block_overlap, 2)[:2]:
-        assert in_flight[(False, False)] == [0] and in_flight[(False, True)] == [3, 1]
-        assert in_flight[(True, False)] == [0] and in_flight[(True, True)] == [1]  # hooked: whole, under O's
+        for plain in ("plain", "projected"):
+            assert in_flight[(plain, False)] == [0] and in_flight[(plain, True)] == [3, 1]
+        assert in_flight[("hooked", False)] == [0] and in_flight[("hooked", True)] == [1]  # whole, under O's
 
 
 def test_copied_single_block_forward_is_current():

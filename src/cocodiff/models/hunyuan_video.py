@@ -142,8 +142,9 @@ def single_block_forward(
         independent=independent,
         into=into,
     )
-    if into is None:
-        buf[..., :attn_dim].copy_(torch.cat([attn_output, context_attn_output], dim=1))
+    if into is None:  # each stream's projected output into its rows (no concatenation first)
+        buf[:, :-n_txt, :attn_dim].copy_(attn_output)
+        buf[:, -n_txt:, :attn_dim].copy_(context_attn_output)
     hidden_states = gate.unsqueeze(1) * self.proj_out(buf) + residual
     return hidden_states[:, :-n_txt], hidden_states[:, -n_txt:]
 
