@@ -65,6 +65,12 @@ def test_presets_and_refused_combinations():
     assert ParallelConfig.preset("fast", v_major=VMajorConfig(), head_chunks=2).label == (
         "fast+vmajor+chunks2+fuse_qk+compiled+cuda_graph"
     )
+    # and V-Major's settings that differ from the defaults (rows of one report must not read alike)
+    assert ParallelConfig.preset("fast", v_major=VMajorConfig(fp8=True)).label.startswith("fast+vmajor(fp8)+")
+    fixed = VMajorConfig(schedule="fixed", cache_ratio_start=0.9, memory_budget_gb=4.0)
+    assert ParallelConfig.preset("cocodiff", v_major=fixed).label == (
+        "cocodiff+vmajor(schedule=fixed,cache_ratio_start=0.9)"
+    )
     with pytest.raises(ValueError, match="head_chunks=0"):
         ParallelConfig(head_chunks=0)
     with pytest.raises(ValueError, match="unknown preset"):

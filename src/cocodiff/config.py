@@ -6,7 +6,7 @@ when it is written, not inside a forward pass or a collective. Presets name the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 from .topology import parse_topology_spec
@@ -98,6 +98,17 @@ class VMajorConfig:
                 raise TypeError(f"VMajorConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise ValueError(f"VMajorConfig.memory_budget_gb={self.memory_budget_gb!r} must be > 0 or None")
+
+    @property
+    def label(self) -> str:
+        """ "vmajor", then what differs from the defaults (e.g. "vmajor(fp8)", "vmajor(schedule=fixed,
+        cache_ratio_start=0.9)"), for reports. The memory budget changes no result and is left out."""
+        changed = [
+            f.name if isinstance(v, bool) and v else f"{f.name}={v}"
+            for f in fields(self)
+            if f.name != "memory_budget_gb" and (v := getattr(self, f.name)) != f.default
+        ]
+        return "vmajor" + (f"({','.join(changed)})" if changed else "")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -327,8 +338,10 @@ class ParallelConfig:
             parts.append(self.all_to_all)  # a preset with another route
         if not self.preset_name:
             parts += ["vfirst"] * self.v_first
-        if self.v_major is not None and "v_major" not in _PRESET_FIELDS.get(self.preset_name, {}):
-            parts.append("vmajor")  # (also a preset given V-Major as an override)
+        if self.v_major is not None and (
+            "v_major" not in _PRESET_FIELDS.get(self.preset_name, {}) or self.v_major != VMajorConfig()
+        ):
+            parts.append(self.v_major.label)  # (also a preset given V-Major, or other V-Major settings, as an override)
         if (self.ring_degree or 1) > 1:
             parts += [f"ring{self.ring_degree}" + "-inner" * (self.ring_placement == "ring_inner")]
         if self.head_chunks > 1:
