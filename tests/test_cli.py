@@ -173,17 +173,26 @@ def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
     # cocodiff's rows over an emulated slow tier (2 emulated nodes of 1 rank at P=2), exact and with V-Major (lossy:
     # its steps are timed over a generation, past its exact warm-up, and its whole-run error is reported)
     argv = ["bench", "e2e", "--cpu", "--peers", "eager", "--topology", "2x1", "--emulate", "--iters", "1"]
-    argv += ["--presets", "vfirst", "cocodiff", "--v-major", "--steps", "6"]
+    argv += ["--presets", "vfirst", "cocodiff", "--v-major", "default", "fixed0.9", "--steps", "6"]
     assert cli.main([*argv, "--out", str(tmp_path / "emulated")]) == 0
     rows = json.loads((tmp_path / "emulated" / "e2e.json").read_text())["rows"]
     emulated = {r["mode"]: r for r in rows if r["P"] == 2 and r["engine"] == "cocodiff"}
-    assert set(emulated) == {"vfirst", "vfirst+vmajor", "cocodiff"}  # --v-major: each row also with V-Major
+    # --v-major VARIANT...: each row also with V-Major, once per variant
+    assert set(emulated) == {"vfirst", "vfirst+vmajor", "vfirst+vmajor-fixed0.9", "cocodiff"}
     assert "emulated" in emulated["vfirst"]["config"] and emulated["vfirst"]["rel_err_vs_1gpu"] < 1e-5
     assert emulated["vfirst"]["rel_err_run_6_vs_1gpu"] < 1e-5  # exact: the whole run too
     assert emulated["vfirst+vmajor"]["config"] == "vfirst+vmajor+emulated"
-    for vm in (emulated["cocodiff"], emulated["vfirst+vmajor"]):
+    # bytes per tier: an exact step sends every token over the slow tier; V-Major's generation (4 full warm-up
+    # steps, a selective one, a full last one) sends less, and a fixed 0.9 ratio less than the default's 0.5
+    full = emulated["vfirst"]["bytes_per_step_by_tier"]
+    assert emulated["vfirst"]["tiers"][-1] == "node" and full[-1] > 0, emulated["vfirst"]
+    left = {m: emulated[m]["slow_tier_bytes_left"] for m in ("cocodiff", "vfirst+vmajor", "vfirst+vmajor-fixed0.9")}
+    assert left["vfirst+vmajor-fixed0.9"] < left["vfirst+vmajor"] == left["cocodiff"] < 1, left
+    assert emulated["vfirst+vmajor"]["bytes_generation_by_tier"][-1] == round(6 * full[-1] * left["vfirst+vmajor"])
+    for vm in (emulated["cocodiff"], emulated["vfirst+vmajor"], emulated["vfirst+vmajor-fixed0.9"]):
         assert "error" not in vm, vm
         assert vm["timed_steps"] == "5-6" and len(vm["ms_per_step_all"]) == 6 and 0 < vm["rel_err_run_6_vs_1gpu"] < 0.5
         assert "rel_err_vs_1gpu" not in vm  # no step error for a lossy row: its run's error stands for it
+    assert "of the slow-tier bytes)" in (tmp_path / "emulated" / "e2e.md").read_text()
     assert "V-Major needs at least 2 ranks" in [r for r in rows if r["P"] == 1 and r["mode"] == "cocodiff"][0]["error"]
     assert "6-step run" in (tmp_path / "emulated" / "e2e.md").read_text()

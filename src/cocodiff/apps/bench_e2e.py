@@ -46,6 +46,13 @@ XDIT_MODES = {"xdit": "eager", "xdit-compile": "compile"}
 PEER_MODES = (*DIFFUSERS_MODES, *XDIT_MODES)
 DEFAULT_PEER_MODES = ("eager", "regional-compile")  # reduce-overhead's first call compiles for 1.5-2.5 min a shape
 ROUTES = ("flat", "tapa", "copy_engine")  # ParallelConfig.all_to_all
+# --v-major VARIANT: VMajorConfig fields of the rows "...+vmajor" (default) and "...+vmajor-VARIANT"
+VMAJOR_VARIANTS = {
+    "default": {},
+    "fp8": {"fp8": True},
+    "fixed0.9": {"schedule": "fixed", "cache_ratio_start": 0.9},
+    "fixed0.9-fp8": {"schedule": "fixed", "cache_ratio_start": 0.9, "fp8": True},
+}
 ENGINE_COLORS = {"cocodiff": "#1f77b4", "diffusers": "#ff7f0e", "xDiT": "#2ca02c"}
 MAX_PEER_ERR = 5e-2  # a peer row further than this from one GPU is listed but not used as the peer to beat
 
@@ -88,9 +95,14 @@ def add_parser(bsub, formatter_class=None) -> None:
     )
     p.add_argument(
         "--v-major",
-        action="store_true",
-        help="at P > 1, each cocodiff row also with V-Major (VMajorConfig() defaults; lossy), e.g. fast+vmajor: the "
-        "compiled, graph-replayed step selecting what crosses the slow tier",
+        nargs="*",
+        default=None,
+        choices=list(VMAJOR_VARIANTS),
+        metavar="VARIANT",
+        help="at P > 1, each cocodiff row also with V-Major (lossy), once per variant: default (VMajorConfig()'s "
+        "defaults, row 'fast+vmajor': the compiled, graph-replayed step selecting what crosses the slow tier), fp8 "
+        "(the selected rows as e4m3, 'fast+vmajor-fp8'), fixed0.9, fixed0.9-fp8 (a fixed cache ratio of 0.9); "
+        "no variant named: default",
     )
     p.add_argument("--steps", type=int, nargs="+", default=None, help="pipeline lengths (default: 28 50; CPU: 2)")
     p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
@@ -123,7 +135,7 @@ def run_e2e(args) -> int:
         presets=args.presets or (["flat", "fast"] if cuda else ["flat"]),
         routes=args.routes,
         head_chunks=args.head_chunks,
-        v_major=args.v_major,
+        v_major=None if args.v_major is None else list(dict.fromkeys(args.v_major or ["default"])),
         peers=args.peers,
         steps=args.steps or ([28, 50] if cuda else [2]),
         topology=args.topology,
@@ -241,14 +253,15 @@ def _diffusers_modes(opts: dict) -> list[str]:
 def _cocodiff_modes(opts: dict, world: int) -> list[str]:
     """cocodiff's rows: each preset, at P > 1 once per `--routes` entry ("preset@route"; on one rank every
     exchange is a no-op, so the route changes nothing there), per `--head-chunks` value ("preset/hcN") and, with
-    `--v-major`, also with V-Major ("...+vmajor")."""
+    `--v-major`, also with V-Major, once per variant ("...+vmajor", "...+vmajor-fp8")."""
     if world == 1:
         return list(opts["presets"])
     modes = [f"{p}@{r}" for p in opts["presets"] for r in opts["routes"]] if opts.get("routes") else opts["presets"]
     chunks = opts.get("head_chunks")
     modes = [f"{m}/hc{n}" for m in modes for n in chunks] if chunks else list(modes)
     if opts.get("v_major"):  # each row also with V-Major, unless its preset has it already
-        modes = [v for m in modes for v in ([m] if m.startswith("cocodiff") else [m, f"{m}+vmajor"])]
+        tags = ["+vmajor" + ("" if v == "default" else f"-{v}") for v in opts["v_major"]]
+        modes = [v for m in modes for v in ([m] if m.startswith("cocodiff") else [m] + [m + t for t in tags])]
     return modes
 
 
@@ -332,12 +345,12 @@ def xdit_rows_from_report(result: dict, sizes, modes, world: int, returncode: in
 
 
 def _config(opts: dict, mode: str, world: int) -> ParallelConfig:
-    vmajor = mode.endswith("+vmajor")
-    mode, _, chunks = mode.removesuffix("+vmajor").partition("/hc")
+    mode, vmajor, variant = mode.partition("+vmajor")
+    mode, _, chunks = mode.partition("/hc")
     preset, _, route = mode.partition("@")
     extra = {"all_to_all": route} if route else {}
     if vmajor:
-        extra["v_major"] = VMajorConfig()
+        extra["v_major"] = VMajorConfig(**VMAJOR_VARIANTS[variant.removeprefix("-") or "default"])
     if chunks:
         extra["head_chunks"] = int(chunks)
     if opts["topology"] is not None and world > 1:
@@ -397,6 +410,9 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
         times = time_ms(step, warmup=opts["warmup"], iters=opts["iters"], cuda=cuda)
         out = step().float().cpu()
         info.update(ms_per_step=statistics.median(times), ms_per_step_all=times)
+        if engine == "cocodiff" and world > 1:  # what one step sends per tier (the last tier is the slowest)
+            stats = model.cocodiff.step_stats
+            info.update(tiers=list(stats.tier_names), bytes_per_step_by_tier=list(stats.bytes_by_tier))
     if engine == "cocodiff" and world > 1 and cfg.v_major is None and (cfg.ring_degree or 1) == 1:
         info["no_exchange_ms"] = _no_exchange_ms(model, step, opts)
     ref = Path(opts["out"], "ref", f"{family}_{size}.pt")
@@ -436,7 +452,7 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
     return info
 
 
-def _generation_steps(model, inputs: dict, opts: dict, info: dict) -> torch.Tensor:
+def _generation_steps(model, inputs: dict, opts: dict, info: dict) -> None:
     """A lossy (V-Major) row's step time: its steps reuse what earlier steps of the same generation sent, so one
     call repeated is not a step. Runs a generation of `--steps`' first length with falling timesteps that end at
     the inputs' own (the step context marks steps by them) and times every call; ms per step is the median over
@@ -448,7 +464,7 @@ def _generation_steps(model, inputs: dict, opts: dict, info: dict) -> torch.Tens
     cuda = opts["cuda"]
     t = inputs["timestep"]
     spacing = max(abs(float(t.flatten()[0])), 1.0) * 0.02  # distinct in bf16 at either timestep scale (1 or 1000)
-    times = []
+    times, sent = [], []
     for generation in range(2):  # the first compiles and warms up; the second is timed
         eng.steps.begin_generation(total_steps=n)
         t0 = time.perf_counter()
@@ -468,10 +484,19 @@ def _generation_steps(model, inputs: dict, opts: dict, info: dict) -> torch.Tens
                 ms = (time.perf_counter() - c0) * 1e3
             if generation == 1:
                 times.append(ms)
+                sent.append(list(eng.step_stats.bytes_by_tier))
         if generation == 0:
             info["first_call_s"] = time.perf_counter() - t0  # the whole first generation, compiles included
     skip = min(eng.config.v_major.warmup_steps, n - 1)
     info.update(ms_per_step=statistics.median(times[skip:]), ms_per_step_all=times, timed_steps=f"{skip + 1}-{n}")
+    # bytes per tier over the generation, and the slowest tier's against n steps that send every token (the
+    # largest call: a warm-up or final full step)
+    full = max(b[-1] for b in sent)
+    info.update(
+        tiers=list(eng.step_stats.tier_names),
+        bytes_generation_by_tier=[sum(col) for col in zip(*sent)],
+        slow_tier_bytes_left=sum(b[-1] for b in sent) / (n * full) if full else None,
+    )
 
 
 def _no_exchange_ms(model, step, opts) -> float:
@@ -530,7 +555,8 @@ def report(result: dict) -> str:
                 cells = [
                     str(r["P"]),
                     r["engine"],
-                    r.get("config", r["mode"]),
+                    r.get("config", r["mode"])
+                    + (f" ({left:.2f} of the slow-tier bytes)" if (left := r.get("slow_tier_bytes_left")) else ""),
                     f"{r['ms_per_step']:.1f}",
                     f"{r['no_exchange_ms']:.1f} ({r['ms_per_step'] - r['no_exchange_ms']:+.1f})"
                     if "no_exchange_ms" in r
@@ -551,7 +577,8 @@ def report(result: dict) -> str:
         f"fastest diffusers or xDiT row at the same P whose output is within {MAX_PEER_ERR:.0e} of one GPU (others are",
         "listed, not used). xDiT rows time the transformer step only (no pipeline run). Errors: the step's output, and",
         "the whole pipeline run's latents, against plain diffusers on one GPU. Lossy (V-Major) rows: ms/step is the",
-        "median over one generation's steps after V-Major's exact warm-up steps (every step in the JSON).",
+        "median over one generation's steps after V-Major's exact warm-up steps (every step in the JSON); in brackets",
+        f"after the mode, the slowest tier's bytes over that {steps[0]}-step generation against as many full steps.",
         "",
     ]
     return "\n".join(lines)
