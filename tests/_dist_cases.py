@@ -1013,7 +1013,8 @@ def compiled_blocks_match(family, world, cfg_kwargs, cases, video=False, user_co
     inductor without its code generation) equals the single-process model; repeating a case with new values
     (as a denoising step does) traces nothing new. With `user_compile`, the blocks are compiled by diffusers'
     own `compile_repeated_blocks` after `parallelize` instead. Returns (blocks compiled, max differences,
-    graphs traced by the first calls, graphs traced by the repeats)."""
+    graphs traced by the first calls, graphs traced by the repeats, the names of the block pieces compiled inside
+    our attention processors: `compiled.compiled_piece`)."""
     from torch._dynamo.utils import counters
 
     group = subgroup(world)
@@ -1050,7 +1051,8 @@ def compiled_blocks_match(family, world, cfg_kwargs, cases, video=False, user_co
     first = counters["stats"]["unique_graphs"] - start
     diffs += [compare(make(case, seed=100 + i)) for i, case in enumerate(cases)]
     repeats = counters["stats"]["unique_graphs"] - start - first
-    return blocks, diffs, first, repeats
+    pieces = sorted(fn.__name__ for fn in getattr(par.cocodiff, "_compiled_pieces", {}))
+    return blocks, diffs, first, repeats, pieces
 
 
 def inductor_blocks_match(world):

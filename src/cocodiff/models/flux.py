@@ -74,7 +74,7 @@ def single_block_forward(
     # attention is pre-only (no output projection), so its output is what goes there
     attn_dim = self.attn.inner_dim
     buf = norm_hidden_states.new_empty(*norm_hidden_states.shape[:2], attn_dim + self.mlp_hidden_dim)
-    independent = mlp_into(self.proj_mlp, self.act_mlp, norm_hidden_states, buf[..., attn_dim:])
+    independent = mlp_into(self.proj_mlp, self.act_mlp, norm_hidden_states, buf[..., attn_dim:], processor.engine)
     # as diffusers' FluxAttention.forward: keyword arguments the processor does not take are dropped
     extra = {k: v for k, v in (joint_attention_kwargs or {}).items() if k == "attention_mask"}
     into = None if has_output_projection(self.attn) else buf[..., :attn_dim]

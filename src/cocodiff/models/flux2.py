@@ -15,13 +15,19 @@ from diffusers.models.transformers.transformer_flux2 import (
     Flux2ParallelSelfAttention,
     Flux2SwiGLU,
 )
+from torch import nn
 
-from ..compiled import opaque_to_compile
+from ..compiled import compiled_piece, opaque_to_compile
 from ..layout import IMG, TXT
 from ..schedule import attend
 from ..sharding import Gather, ModelPlan, Split, token_counts
 from .flux import processor as double_stream_processor
 from .joint import norm_rope, plain_linear, refuse_attention_kwargs, require
+
+
+def swiglu_into(gate: torch.Tensor, up: torch.Tensor, dst: torch.Tensor) -> None:
+    """`dst = silu(gate) * up` (Flux2SwiGLU's halves): compiled (`compiled_piece`), one kernel writing `dst`."""
+    dst.copy_(F.silu(gate) * up)
 
 
 class Flux2SingleUlyssesProcessor:
@@ -68,15 +74,21 @@ class Flux2SingleUlyssesProcessor:
             and not attn.mlp_act_fn._forward_pre_hooks
         )
         mid = mlp_lo + (mlp_hi - mlp_lo) // 2
+        # with compiled blocks, silu(gate) * up is one compiled kernel writing the buffer (eager: two kernels)
+        fuse = cfg.compile_blocks and type(attn.mlp_act_fn.gate_fn) is nn.SiLU
 
         def gate():
-            state["gate"] = attn.mlp_act_fn.gate_fn(rows(mlp_lo, mid))
+            g = rows(mlp_lo, mid)
+            state["gate"] = g if fuse else attn.mlp_act_fn.gate_fn(g)
 
         # to_out's input [attention output, MLP branch] is written in place by both (no concatenation copy)
         buf = hidden_states.new_empty(*hidden_states.shape[:2], inner + attn.mlp_hidden_dim)
 
         def up():  # Flux2SwiGLU: silu(x[..., :half]) * x[..., half:]
-            torch.mul(state["gate"], rows(mid, mlp_hi), out=buf[..., inner:])
+            if fuse:
+                compiled_piece(self.engine, swiglu_into)(state["gate"], rows(mid, mlp_hi), buf[..., inner:])
+            else:
+                torch.mul(state["gate"], rows(mid, mlp_hi), out=buf[..., inner:])
 
         attend(  # writes the attention output into buf[..., :inner]
             self.engine,

@@ -131,7 +131,7 @@ def single_block_forward(
     # attention's local token order [video, text] is the block's
     attn_dim = self.attn.inner_dim
     buf = norm_hidden_states.new_empty(*norm_hidden_states.shape[:2], self.proj_out.in_features)
-    independent = mlp_into(self.proj_mlp, self.act_mlp, norm_hidden_states, buf[..., attn_dim:])
+    independent = mlp_into(self.proj_mlp, self.act_mlp, norm_hidden_states, buf[..., attn_dim:], processor.engine)
     into = None if has_output_projection(self.attn) else buf[..., :attn_dim]
     attn_output, context_attn_output = processor(
         self.attn,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fused_qk
-from ..compiled import opaque_to_compile
+from ..compiled import compiled_piece, opaque_to_compile
 from ..layout import IMG, TXT
 from ..schedule import attend
 
@@ -308,16 +308,30 @@ def matching(base: type, predicate: Callable[[nn.Module], bool], name: str) -> t
     return _Matching(name, (), {"__doc__": f"{base.__name__} modules selected by {predicate.__name__}"})
 
 
-def mlp_into(proj: nn.Module, act, x: torch.Tensor, out: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+def gelu_into(y: torch.Tensor, dst: torch.Tensor, approximate: str) -> None:
+    """`dst = gelu(y)`: compiled (`compiled_piece`), one kernel reading `y` and writing `dst` in place."""
+    dst.copy_(F.gelu(y, approximate=approximate))
+
+
+def mlp_into(
+    proj: nn.Module, act, x: torch.Tensor, out: torch.Tensor, engine=None
+) -> tuple[Callable[[], None], Callable[[], None]]:
     """A single-stream block's MLP input branch `act(proj(x))` as the schedule's `independent` work, written into
     `out` (its columns of the buffer the block would concatenate it into): with a plain `nn.Linear` two halves of
     its output columns (the first under the input exchanges, the second under the output's; `act` must be
     elementwise), otherwise (LoRA-wrapped or hooked) the layer called whole, under the output exchange. A bare
-    `nn.GELU` writes its result in place; another activation's result is copied there."""
+    `nn.GELU` writes its result in place, compiled when `engine` compiles blocks (`compiled_piece`: this runs
+    inside the attention processor, outside the block's compiled pieces); another activation's result is copied
+    there."""
     if type(act) is nn.GELU and not act._forward_hooks and not act._forward_pre_hooks:
+        # (the closures run inside the opaque processor: the compiled piece is looked up there, not while a
+        # compiled block's forward is traced)
 
         def activate(y, dst):
-            torch._C._nn.gelu(y, approximate=act.approximate, out=dst)
+            if engine is not None and engine.config.compile_blocks:
+                compiled_piece(engine, gelu_into)(y, dst, act.approximate)
+            else:
+                torch._C._nn.gelu(y, approximate=act.approximate, out=dst)
 
     else:
 
