@@ -58,6 +58,9 @@ INPUTS = {
     "e2e_2048_groups": "2026-11-30-head-groups/flux_2048/e2e.json",
     "e2e_emulated_groups": "2026-11-30-head-groups/emulated_head_groups/e2e.json",
     "e2e_emulated_vmajor": "2026-11-30-head-groups/emulated_vmajor/e2e.json",
+    # compiled single-stream activations (later code again): NVLink rows and the emulated one-CTA tier
+    "e2e_pieces": "2026-11-30-compiled-pieces/flux/e2e.json",
+    "e2e_emulated_1cta": "2026-11-30-compiled-pieces/emulated_1cta/e2e.json",
 }
 MODELS = {  # attention layers, heads x head dim, text tokens, heads
     "FLUX.1": dict(layers=57, inner=3072, text=512, heads=24),
@@ -152,9 +155,13 @@ def fit_flux_compute() -> tuple[np.ndarray, list[dict]]:
     return coef, used
 
 
-def e2e_row(d: dict, P: int, mode: str, family: str = "flux") -> dict:
-    """The `bench e2e` row of cocodiff's `mode` preset at P ranks."""
-    return next(r for r in d["rows"] if (r["P"], r["engine"], r["mode"], r["family"]) == (P, "cocodiff", mode, family))
+def e2e_row(d: dict, P: int, mode: str, family: str = "flux", size: int | None = None) -> dict:
+    """The `bench e2e` row of cocodiff's `mode` preset at P ranks (of image size `size` when the run has several)."""
+    return next(
+        r
+        for r in d["rows"]
+        if (r["P"], r["engine"], r["mode"], r["family"]) == (P, "cocodiff", mode, family) and size in (None, r["size"])
+    )
 
 
 def fit_fast_compute() -> tuple[np.ndarray, list[dict]]:
@@ -321,6 +328,28 @@ def main() -> None:
                 fast_predict(2, "1024", G=1, beta_slow=beta_1cta),
             )
         )
+    later = "bench e2e, compiled-pieces session"
+    for size in ("1024", "2048"):
+        row = e2e_row(load("e2e_pieces"), 2, "fast", size=int(size))
+        checks += [
+            (
+                f"FLUX.1 `fast` P=2 no-exchange bound {size}^2 ({later}, compiled activations)",
+                row["no_exchange_ms"],
+                compute_ms(fast_coef, 2, S[size]),
+            ),
+            (
+                f"FLUX.1 `fast` P=2 NVLink {size}^2 ({later}, compiled activations)",
+                row["ms_per_step"],
+                fast_predict(2, size),
+            ),
+        ]
+    checks.append(
+        (
+            f"FLUX.1 `fast` P=2, 2 emulated nodes (1 CTA), 1024^2 ({later}, before the activations were compiled)",
+            e2e_row(load("e2e_emulated_1cta"), 2, "fast")["ms_per_step"],
+            fast_predict(2, "1024", G=1, beta_slow=beta_1cta),
+        )
+    )
     check_rows = [
         {"what": w, "measured_ms": m, "predicted_ms": p, "error_pct": 100 * (p - m) / m} for w, m, p in checks
     ]
