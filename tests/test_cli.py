@@ -99,6 +99,21 @@ def test_rank_count_follows_the_heads_and_the_gpus(monkeypatch):
     assert (ranks, cuda) == (2, False) and "CPU ranks" in note
 
 
+def test_presets_on_gpu_and_cpu_ranks():
+    def config(preset, cuda, **flags):
+        args = SimpleNamespace(preset=preset, topology="2x2", v_first=False, **flags)
+        return cli.config_from_args(args, cuda=cuda)
+
+    assert config("auto", True).preset_name == "fast" and config("auto", False).preset_name == "flat"
+    # V-Major on GPU ranks runs with fast's switches (eagerly it measured slower than the exact fast preset)
+    gpu, cpu = config("cocodiff", True), config("cocodiff", False)
+    assert gpu.v_major is not None and gpu.fuse_qk and gpu.compile_blocks and gpu.cuda_graph
+    assert gpu.label == "cocodiff+fuse_qk+compiled+cuda_graph" and gpu.topology == "2x2"
+    assert cpu.v_major is not None and not (cpu.fuse_qk or cpu.compile_blocks or cpu.cuda_graph)
+    assert not config("vfirst", True).cuda_graph  # the other named presets stay as they are
+    assert config("cocodiff", True, all_to_all="flat").all_to_all == "flat"  # flags still apply on top
+
+
 def test_help_shows_defaults_and_choices(capsys):
     for argv in (["generate", "--help"], ["demo", "--help"], ["bench", "a2a", "--help"]):
         assert cli.main(argv) == 0

@@ -78,7 +78,10 @@ def add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = Fals
         default="auto" if engine_options else "flat",
         choices=(("auto",) if engine_options else ()) + PRESETS,
         help="ParallelConfig preset"
-        + (": auto = fast on GPU ranks (V-First, fuse_qk, compiled blocks, CUDA graph), flat on CPU ranks")
+        + (
+            ": auto = fast on GPU ranks (V-First, fuse_qk, compiled blocks, CUDA graph), flat on CPU ranks; "
+            "cocodiff (V-Major) on GPU ranks also takes fast's fuse_qk, compiled blocks and CUDA graph"
+        )
         * engine_options,
     )
     p.add_argument("--v-first", action="store_true", help="project V first and overlap its exchange")
@@ -186,7 +189,13 @@ def config_from_args(args, *, cuda: bool = False) -> ParallelConfig:
         preset = "fast" if cuda else "flat"
     elif not cuda and preset == "fast":
         raise ValueError("--preset fast needs GPU ranks (CUDA graphs); this run uses CPU ranks: use --preset flat")
-    cfg = ParallelConfig.preset(preset, topology=args.topology)
+    gpu_switches = {}
+    if cuda and preset == "cocodiff":
+        # V-Major eagerly launches its selection's many small kernels from the host: on 2 H200 over a 19 GB/s
+        # emulated link the eager preset took 289.9 ms a step, with these switches 97.5 (exact `fast`: 145.0;
+        # docs/benchmarks/2026-11-30-compiled-pieces)
+        gpu_switches = dict(fuse_qk=True, compile_blocks=True, cuda_graph=True)
+    cfg = ParallelConfig.preset(preset, topology=args.topology, **gpu_switches)
     changes = {}
     if args.v_first:
         changes["v_first"] = True
