@@ -311,9 +311,12 @@ class ParallelConfig:
     def preset(cls, name: str, **overrides) -> ParallelConfig:
         """Named configurations: "flat" (paper baseline), "tapa", "vfirst" (TAPA + V-First), "cocodiff"
         (TAPA + V-First + V-Major with `VMajorConfig()`'s defaults: lossy, needs a topology of two tiers or
-        `v_major=VMajorConfig(tiers="all")`), "fast" (GPU ranks: V-First, fuse_qk, compiled blocks and the step
-        replayed as a CUDA graph over NCCL; the fastest exact configuration measured on one H200 host, within 1-3%
-        of the copy-engine route, docs/benchmarks/2026-11-30-compiled). Keyword overrides replace preset fields."""
+        `v_major=VMajorConfig(tiers="all")`; on GPU ranks give it fast's `fuse_qk`, `compile_blocks` and
+        `cuda_graph` too, as the CLI does: eagerly, V-Major's selection is many small kernels launched from the
+        host, docs/benchmarks/2026-11-30-compiled-pieces), "fast" (GPU ranks: V-First, fuse_qk, compiled blocks
+        and the step replayed as a CUDA graph over NCCL; the fastest exact configuration measured on one H200
+        host, within 1-3% of the copy-engine route, docs/benchmarks/2026-11-30-compiled). Keyword overrides
+        replace preset fields."""
         if name not in _PRESET_FIELDS:
             raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS}")
         fields = dict(_PRESET_FIELDS[name])
