@@ -192,8 +192,8 @@ def config_from_args(args, *, cuda: bool = False) -> ParallelConfig:
     gpu_switches = {}
     if cuda and preset == "cocodiff":
         # V-Major eagerly launches its selection's many small kernels from the host: on 2 H200 over a 19 GB/s
-        # emulated link the eager preset took 289.9 ms a step, with these switches 97.5 (exact `fast`: 145.0;
-        # docs/benchmarks/2026-11-30-compiled-pieces)
+        # emulated link, in one launch, eager flat + V-Major took 165.3 ms a step and fast + V-Major 97.5 (exact
+        # `fast` 145.0, eager flat 189.9; docs/benchmarks/2026-11-30-compiled-pieces)
         gpu_switches = dict(fuse_qk=True, compile_blocks=True, cuda_graph=True)
     cfg = ParallelConfig.preset(preset, topology=args.topology, **gpu_switches)
     changes = {}
