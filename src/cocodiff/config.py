@@ -101,8 +101,8 @@ class VMajorConfig:
 
     @property
     def label(self) -> str:
-        """ "vmajor", then what differs from the defaults (e.g. "vmajor(fp8)", "vmajor(schedule=fixed,
-        cache_ratio_start=0.9)"), for reports. The memory budget changes no result and is left out."""
+        """The name reports give these settings: "vmajor", then what differs from the defaults (e.g. "vmajor(fp8)",
+        "vmajor(schedule=fixed,cache_ratio_start=0.9)"). The memory budget changes no result and is left out."""
         changed = [
             f.name if isinstance(v, bool) and v else f"{f.name}={v}"
             for f in fields(self)
