@@ -74,3 +74,29 @@ def test_compile_options_are_checked():
 def test_inductor_blocks_equal_single_process(pools):
     # inductor's own code generation (C++ on CPU ranks; the GPU tests run its Triton kernels)
     assert pools(4).run(cases.inductor_blocks_match, 2)[0] < 2e-5
+
+
+def test_compiled_pieces_outlive_the_recompile_limit():
+    # a process that serves many shapes (resolutions, batch sizes) passes TorchDynamo's recompile limit: a piece
+    # then runs eagerly, with the same values, instead of failing inside the attention under the exchanges
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+
+    from cocodiff.compiled import compiled_piece
+    from cocodiff.models.joint import gelu_into
+
+    torch._dynamo.reset()
+    cfg = ParallelConfig(compile_blocks=True, compile_options={"backend": "aot_eager"})
+    engine = SimpleNamespace(config=cfg)
+    piece = compiled_piece(engine, gelu_into)
+    assert piece is not gelu_into and compiled_piece(engine, gelu_into) is piece  # compiled once per engine
+    assert compiled_piece(SimpleNamespace(config=ParallelConfig()), gelu_into) is gelu_into  # no compile_blocks
+    limit = torch._dynamo.config.recompile_limit
+    for n in range(1, limit + 4):
+        y = torch.randn(2, n, 6)
+        out = torch.empty(2, n, 12)[..., 3:9]  # a strided slice, as the block's buffer columns
+        piece(y, out, "tanh")
+        torch.testing.assert_close(out, F.gelu(y, approximate="tanh"))
+    torch._dynamo.reset()

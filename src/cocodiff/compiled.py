@@ -84,16 +84,16 @@ def _forget_compiled(blocks: list) -> None:
 
 
 def compiled_piece(engine, fn):
-    """`fn` compiled with the blocks' options (`fullgraph`, once per shape) when the engine compiles blocks, else
-    `fn` itself. For elementwise block compute that runs inside our attention processors, which are opaque to
-    TorchDynamo: the single-stream blocks' MLP activation, run in two halves under the exchanges. Eager, it is
-    one unfused kernel per half that reads and writes the block's widest activation (FLUX.1 at 2048^2 on one
-    H200: 30 ms a step against diffusers' compiled block, docs/benchmarks/2026-11-30-compiled-pieces)."""
+    """`fn` compiled with the blocks' options (once per shape) when the engine compiles blocks, else `fn` itself.
+    For elementwise block compute that runs inside our attention processors, which are opaque to TorchDynamo:
+    the single-stream blocks' MLP activation, run in two halves under the exchanges. Eager, it is one unfused
+    kernel per half that reads and writes the block's widest activation (FLUX.1 at 2048^2 on one H200: 76
+    kernels, about 25 ms a step, docs/benchmarks/2026-11-30-compiled-pieces). Not `fullgraph`, as the blocks:
+    past TorchDynamo's recompile limit (many shapes in one process) a piece runs eagerly instead of failing."""
     if engine is None or not engine.config.compile_blocks:
         return fn
     cache = engine.__dict__.setdefault("_compiled_pieces", {})
     piece = cache.get(fn)
     if piece is None:
-        kwargs = {**DEFAULT_OPTIONS, **(engine.config.compile_options or {}), "fullgraph": True}
-        piece = cache[fn] = torch.compile(fn, **kwargs)
+        piece = cache[fn] = torch.compile(fn, **{**DEFAULT_OPTIONS, **(engine.config.compile_options or {})})
     return piece
