@@ -75,7 +75,13 @@ class Flux2SingleUlyssesProcessor:
         )
         mid = mlp_lo + (mlp_hi - mlp_lo) // 2
         # with compiled blocks, silu(gate) * up is one compiled kernel writing the buffer (eager: two kernels)
-        fuse = cfg.compile_blocks and type(attn.mlp_act_fn.gate_fn) is nn.SiLU
+        gate_fn = getattr(attn.mlp_act_fn, "gate_fn", None) if split_mlp else None
+        fuse = (
+            cfg.compile_blocks
+            and type(gate_fn) is nn.SiLU
+            and not gate_fn._forward_hooks
+            and not gate_fn._forward_pre_hooks
+        )
 
         def gate():
             g = rows(mlp_lo, mid)
