@@ -71,6 +71,7 @@ def test_presets_and_refused_combinations():
     assert ParallelConfig.preset("cocodiff", v_major=fixed).label == (
         "cocodiff+vmajor(schedule=fixed,cache_ratio_start=0.9)"
     )
+    assert ParallelConfig.preset("cocodiff", v_major=VMajorConfig(memory_budget_gb=4.0)).label == "cocodiff"
     with pytest.raises(ValueError, match="head_chunks=0"):
         ParallelConfig(head_chunks=0)
     with pytest.raises(ValueError, match="unknown preset"):

@@ -342,7 +342,7 @@ class ParallelConfig:
         if not self.preset_name:
             parts += ["vfirst"] * self.v_first
         if self.v_major is not None and (
-            "v_major" not in _PRESET_FIELDS.get(self.preset_name, {}) or self.v_major != VMajorConfig()
+            "v_major" not in _PRESET_FIELDS.get(self.preset_name, {}) or self.v_major.label != "vmajor"
         ):
             parts.append(self.v_major.label)  # (also a preset given V-Major, or other V-Major settings, as an override)
         if (self.ring_degree or 1) > 1:
