@@ -112,6 +112,14 @@ def test_presets_on_gpu_and_cpu_ranks():
     assert cpu.v_major is not None and not (cpu.fuse_qk or cpu.compile_blocks or cpu.cuda_graph)
     assert not config("vfirst", True).cuda_graph  # the other named presets stay as they are
     assert config("cocodiff", True, all_to_all="flat").all_to_all == "flat"  # flags still apply on top
+    eager = config("cocodiff", True, cuda_graph=False, compile_blocks=False)  # --no-cuda-graph --no-compile-blocks
+    assert eager.v_major is not None and eager.fuse_qk and not (eager.cuda_graph or eager.compile_blocks)
+    assert not config("fast", True, cuda_graph=False).cuda_graph
+    # on the command line: unset (None: the preset's), --x (True) or --no-x (False)
+    args = cli.build_parser().parse_args(["generate", "--preset", "cocodiff", "--no-cuda-graph", "--fuse-qk"])
+    assert (args.cuda_graph, args.fuse_qk, args.compile_blocks) == (False, True, None)
+    cfg = cli.config_from_args(args, cuda=True)
+    assert cfg.v_major is not None and cfg.fuse_qk and cfg.compile_blocks and not cfg.cuda_graph
 
 
 def test_help_shows_defaults_and_choices(capsys):

@@ -80,7 +80,8 @@ def add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = Fals
         help="ParallelConfig preset"
         + (
             ": auto = fast on GPU ranks (V-First, fuse_qk, compiled blocks, CUDA graph), flat on CPU ranks; "
-            "cocodiff (V-Major) on GPU ranks also takes fast's fuse_qk, compiled blocks and CUDA graph"
+            "cocodiff (V-Major) on GPU ranks also takes fast's fuse_qk, compiled blocks and CUDA graph (--no-... "
+            "turns one off)"
         )
         * engine_options,
     )
@@ -94,11 +95,11 @@ def add_parallel_args(p: argparse.ArgumentParser, *, engine_options: bool = Fals
         choices=["flat", "tapa", "copy_engine"],
         help="exchange route (default: the preset's)",
     )
-    p.add_argument("--fuse-qk", action="store_true", help="GPU: fused Q/K RMSNorm + RoPE kernel (torch.compile)")
-    p.add_argument("--cuda-graph", action="store_true", help="GPU: replay each step as a CUDA graph")
-    p.add_argument(
-        "--compile-blocks", action="store_true", help="compile the transformer blocks' compute (torch.compile)"
-    )
+    # on / off over the preset's own value (--no-cuda-graph: a preset's switch off)
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--fuse-qk", action=on_off, help="GPU: fused Q/K RMSNorm + RoPE kernel (torch.compile)")
+    p.add_argument("--cuda-graph", action=on_off, help="GPU: replay each step as a CUDA graph")
+    p.add_argument("--compile-blocks", action=on_off, help="compile the transformer blocks' compute (torch.compile)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, out: str) -> None:
@@ -191,17 +192,20 @@ def config_from_args(args, *, cuda: bool = False) -> ParallelConfig:
         raise ValueError("--preset fast needs GPU ranks (CUDA graphs); this run uses CPU ranks: use --preset flat")
     gpu_switches = {}
     if cuda and preset == "cocodiff":
-        # V-Major eagerly launches its selection's many small kernels from the host: on 2 H200 over a 19 GB/s
-        # emulated link, in one launch, eager flat + V-Major took 165.3 ms a step and fast + V-Major 97.5 (exact
-        # `fast` 145.0, eager flat 189.9; docs/benchmarks/2026-11-30-compiled-pieces)
+        # V-Major's selection is many small kernels: on 2 H200 over a 19 GB/s emulated link, in one launch, the
+        # fast preset + V-Major took 97.5 ms a step (exact fast 145.0), eager flat + V-Major 165.3 (eager flat
+        # 189.9); V-Major's layers take its tiered route whatever the preset's, so this preset + these switches
+        # runs the same exchanges (docs/benchmarks/2026-11-30-compiled-pieces)
         gpu_switches = dict(fuse_qk=True, compile_blocks=True, cuda_graph=True)
     cfg = ParallelConfig.preset(preset, topology=args.topology, **gpu_switches)
     changes = {}
     if args.v_first:
         changes["v_first"] = True
-    for name in ("all_to_all", "fuse_qk", "cuda_graph", "compile_blocks"):
+    if getattr(args, "all_to_all", None):
+        changes["all_to_all"] = args.all_to_all
+    for name in ("fuse_qk", "cuda_graph", "compile_blocks"):
         value = getattr(args, name, None)
-        if value:
+        if value is not None:  # --x or --no-x given: over the preset's
             changes[name] = value
     return cfg.with_(preset_name=None, **changes) if changes else cfg
 
