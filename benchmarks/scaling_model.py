@@ -295,60 +295,40 @@ def main() -> None:
         ("FLUX.1 `fast` P=2 NVLink 1024^2 (bench e2e)", e2e_row(e1, 2, "fast")["ms_per_step"], fast_predict(2, "1024")),
         ("FLUX.1 `fast` P=2 NVLink 2048^2 (bench e2e)", e2e_row(e2, 2, "fast")["ms_per_step"], fast_predict(2, "2048")),
     ]
-    # runs of later code (pack copies saved), against the model calibrated on the code before
-    for size in ("1024", "2048"):
-        row = e2e_row(load(f"e2e_{size}_copies"), 2, "fast" if size == "1024" else "fast@flat")  # (2048: --routes)
-        later = "bench e2e after the pack-copy change"
-        checks += [
-            (
-                f"FLUX.1 `fast` P=2 no-exchange bound {size}^2 ({later})",
-                row["no_exchange_ms"],
-                compute_ms(fast_coef, 2, S[size]),
-            ),
-            (f"FLUX.1 `fast` P=2 NVLink {size}^2 ({later})", row["ms_per_step"], fast_predict(2, size)),
-        ]
-    later = "bench e2e, head-groups session"
-    for size in ("1024", "2048"):
-        row = e2e_row(load(f"e2e_{size}_groups"), 2, "fast/hc1")
-        checks += [
-            (
-                f"FLUX.1 `fast` P=2 no-exchange bound {size}^2 ({later})",
-                row["no_exchange_ms"],
-                compute_ms(fast_coef, 2, S[size]),
-            ),
-            (f"FLUX.1 `fast` P=2 NVLink {size}^2 ({later})", row["ms_per_step"], fast_predict(2, size)),
-        ]
-    # the emulated slow tier with one CTA: the link the vmajor_speed run measured at that cap (19.1 GB/s per rank)
+    # runs of later code, against the model calibrated on the code before: the P=2 bound and step on NVLink, and
+    # the step over the emulated one-CTA slow tier (the link vmajor_speed measured at that cap, 19.1 GB/s per rank)
     beta_1cta = runs[("vfirst+fused", 1)]["link_GBps_per_rank"] * 1e9
-    for key, mode in (("e2e_emulated_groups", "fast/hc1"), ("e2e_emulated_vmajor", "fast")):
-        checks.append(
-            (
-                f"FLUX.1 `fast` P=2, 2 emulated nodes (1 CTA), 1024^2 ({later}, {mode})",
-                e2e_row(load(key), 2, mode)["ms_per_step"],
-                fast_predict(2, "1024", G=1, beta_slow=beta_1cta),
-            )
-        )
+
+    def nvlink(later: str, rows: dict) -> list:
+        out = []
+        for size, row in rows.items():
+            bound = compute_ms(fast_coef, 2, S[size])
+            out += [
+                (f"FLUX.1 `fast` P=2 no-exchange bound {size}^2 ({later})", row["no_exchange_ms"], bound),
+                (f"FLUX.1 `fast` P=2 NVLink {size}^2 ({later})", row["ms_per_step"], fast_predict(2, size)),
+            ]
+        return out
+
+    def emulated(later: str, row: dict) -> tuple:
+        what = f"FLUX.1 `fast` P=2, 2 emulated nodes (1 CTA), 1024^2 ({later})"
+        return what, row["ms_per_step"], fast_predict(2, "1024", G=1, beta_slow=beta_1cta)
+
+    sizes = ("1024", "2048")
+    # (the pack-copy run's 2048^2 row was one of --routes)
+    copies = {s: e2e_row(load(f"e2e_{s}_copies"), 2, "fast" if s == "1024" else "fast@flat") for s in sizes}
+    checks += nvlink("bench e2e after the pack-copy change", copies)
+    later = "bench e2e, head-groups session"
+    checks += nvlink(later, {s: e2e_row(load(f"e2e_{s}_groups"), 2, "fast/hc1") for s in sizes})
+    checks += [
+        emulated(f"{later}, fast/hc1", e2e_row(load("e2e_emulated_groups"), 2, "fast/hc1")),
+        emulated(f"{later}, fast", e2e_row(load("e2e_emulated_vmajor"), 2, "fast")),
+    ]
     later = "bench e2e, compiled-pieces session"
-    for size in ("1024", "2048"):
-        row = e2e_row(load("e2e_pieces"), 2, "fast", size=int(size))
-        checks += [
-            (
-                f"FLUX.1 `fast` P=2 no-exchange bound {size}^2 ({later}, compiled activations)",
-                row["no_exchange_ms"],
-                compute_ms(fast_coef, 2, S[size]),
-            ),
-            (
-                f"FLUX.1 `fast` P=2 NVLink {size}^2 ({later}, compiled activations)",
-                row["ms_per_step"],
-                fast_predict(2, size),
-            ),
-        ]
+    checks += nvlink(
+        f"{later}, compiled activations", {s: e2e_row(load("e2e_pieces"), 2, "fast", size=int(s)) for s in sizes}
+    )
     checks.append(
-        (
-            f"FLUX.1 `fast` P=2, 2 emulated nodes (1 CTA), 1024^2 ({later}, before the activations were compiled)",
-            e2e_row(load("e2e_emulated_1cta"), 2, "fast")["ms_per_step"],
-            fast_predict(2, "1024", G=1, beta_slow=beta_1cta),
-        )
+        emulated(f"{later}, before the activations were compiled", e2e_row(load("e2e_emulated_1cta"), 2, "fast"))
     )
     check_rows = [
         {"what": w, "measured_ms": m, "predicted_ms": p, "error_pct": 100 * (p - m) / m} for w, m, p in checks
