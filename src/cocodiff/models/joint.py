@@ -328,10 +328,11 @@ def mlp_into(
         # compiled block's forward is traced)
 
         def activate(y, dst):
-            if engine is not None and engine.config.compile_blocks:
-                compiled_piece(engine, gelu_into)(y, dst, act.approximate)
-            else:
+            gelu = compiled_piece(engine, gelu_into)
+            if gelu is gelu_into:  # not compiling: the eager kernel writes in place
                 torch._C._nn.gelu(y, approximate=act.approximate, out=dst)
+            else:
+                gelu(y, dst, act.approximate)
 
     else:
 
