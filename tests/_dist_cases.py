@@ -1051,7 +1051,7 @@ def compiled_blocks_match(family, world, cfg_kwargs, cases, video=False, user_co
     first = counters["stats"]["unique_graphs"] - start
     diffs += [compare(make(case, seed=100 + i)) for i, case in enumerate(cases)]
     repeats = counters["stats"]["unique_graphs"] - start - first
-    pieces = sorted(fn.__name__ for fn in getattr(par.cocodiff, "_compiled_pieces", {}))
+    pieces = sorted(fn.__name__ for fn, _ in getattr(par.cocodiff, "_compiled_pieces", {}))
     return blocks, diffs, first, repeats, pieces
 
 

@@ -83,17 +83,25 @@ def _forget_compiled(blocks: list) -> None:
             m.__dict__.pop("_compiled_call_impl", None)
 
 
-def compiled_piece(engine, fn):
+def compiled_piece(engine, fn, *, varying: bool = False):
     """`fn` compiled with the blocks' options (once per shape) when the engine compiles blocks, else `fn` itself.
     For elementwise block compute that runs inside our attention processors, which are opaque to TorchDynamo:
     the single-stream blocks' MLP activation, run in two halves under the exchanges. Eager, it is one unfused
     kernel per half that reads and writes the block's widest activation (FLUX.1 at 2048^2 on one H200: 76
-    kernels, about 25 ms a step, docs/benchmarks/2026-11-30-compiled-pieces). Not `fullgraph`, as the blocks:
-    past TorchDynamo's recompile limit (many shapes in one process) a piece runs eagerly instead of failing."""
+    kernels, about 25 ms a step, docs/benchmarks/2026-11-30-compiled-pieces). Also V-Major's per-layer work
+    (`vmajor.change_scores`, the fp8 rows' quantisation). Not `fullgraph`, as the blocks: past TorchDynamo's
+    recompile limit (many shapes in one process) a piece runs eagerly instead of failing.
+
+    `varying=True`: a piece whose shapes change by design between the calls of one generation (V-Major's rows,
+    one count per cache level) is compiled with automatic dynamic shapes (`dynamic=None`): static first, one
+    dynamic recompile at the second shape, instead of one graph per level."""
     if engine is None or not engine.config.compile_blocks:
         return fn
     cache = engine.__dict__.setdefault("_compiled_pieces", {})
-    piece = cache.get(fn)
+    piece = cache.get((fn, varying))
     if piece is None:
-        piece = cache[fn] = torch.compile(fn, **{**DEFAULT_OPTIONS, **(engine.config.compile_options or {})})
+        options = {**DEFAULT_OPTIONS, **(engine.config.compile_options or {})}
+        if varying:
+            options["dynamic"] = None
+        piece = cache[(fn, varying)] = torch.compile(fn, **options)
     return piece

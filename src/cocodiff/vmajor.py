@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compiled import compiled_piece
 from .config import ParallelConfig, VMajorConfig
 from .exchange import RowPlan, TieredExchange, all_gather_into
 from .layout import SeqLayout, heads_of, pack_head_to_seq, pack_seq_to_head, unpack_heads, unpack_tokens
@@ -149,6 +150,7 @@ class VMajor:
                 far_group=engine.groups.far,
                 sync=engine.config.sync,
                 name="vmajor",
+                piece=_row_pieces(self._engine),
             )
         self.plan: CallPlan | None = None
         self.layer_rows: list[tuple[str, int, int | None]] = []  # this call: (layer, L_MAX, K or None = all)
@@ -274,20 +276,44 @@ class VMajor:
 
     def select(self, send: torch.Tensor, ref: torch.Tensor, layout: SeqLayout, k: int) -> torch.Tensor:
         """The K most-changed rows: `(K,)` (per token) or `(N_FAR, K)` (per far block with select_by="heads")."""
-        P, l_max = send.shape[:2]
-        far = self.far_index(send.device)
-        # (P, L_MAX, B, H_LOCAL, D) -> far blocks (N_FAR, L_MAX, F): summed |change| and |ref| per row, in fp32
-        cur = send.view(P, l_max, -1).index_select(0, far)
-        old = ref.view(P, l_max, -1).index_select(0, far)
-        diff = (cur - old).abs().sum(-1, dtype=torch.float32)
-        norm = old.abs().sum(-1, dtype=torch.float32)
-        if self.cfg.select_by == "tokens":
-            score = diff.sum(0) / (norm.sum(0) + 1e-6)  # (L_MAX,)
-        else:
-            score = diff / (norm + 1e-6)  # (N_FAR, L_MAX)
+        l_max = send.shape[1]
+        scores = compiled_piece(self.engine, change_scores)
+        score = scores(send, ref, self.far_index(send.device), self.cfg.select_by == "tokens")
         if layout.local < l_max:
             score[..., layout.local :] = -1.0  # padding rows go only when a rank has fewer than K tokens
         return score.topk(k, dim=-1, sorted=False).indices
+
+
+def _row_pieces(engine_ref):
+    """`TieredExchange.piece` for V-Major's engine: its rows' shapes change with the cache level. Holds the engine
+    weakly (the engine owns V-Major, which owns the exchange)."""
+
+    def piece(fn):
+        return compiled_piece(engine_ref(), fn, varying=True)
+
+    return piece
+
+
+def change_scores(send: torch.Tensor, ref: torch.Tensor, far: torch.Tensor, per_token: bool) -> torch.Tensor:
+    """How much each row of the far blocks changed since it was last sent: summed |V - ref| over the row's values
+    (and, per token, over the far blocks) relative to summed |ref|, in fp32; `(L_MAX,)` per token, else
+    `(N_FAR, L_MAX)`.
+
+    It reads the two largest tensors of V-Major's step (`send` and `ref`, `(P, L_MAX, B, H_LOCAL, D)`) once per
+    layer. Eager it is seven kernels that copy out the far blocks, write |V - ref| and |ref| and reduce them
+    (about six passes over the far blocks); with `compile_blocks` it is compiled as the blocks' other pieces
+    (`compiled.compiled_piece`): the copies and the reductions fuse into one pass that reads each once. Compiled,
+    V - ref is not rounded to bf16 before the reduction, so a score can differ from the eager one in its last
+    bits; either way the rows are a heuristic choice, sent with their indices, and the receivers follow it."""
+    P, l_max = send.shape[:2]
+    # (P, L_MAX, B, H_LOCAL, D) -> far blocks (N_FAR, L_MAX, F)
+    cur = send.view(P, l_max, -1).index_select(0, far)
+    old = ref.view(P, l_max, -1).index_select(0, far)
+    diff = (cur - old).abs().sum(-1, dtype=torch.float32)
+    norm = old.abs().sum(-1, dtype=torch.float32)
+    if per_token:
+        return diff.sum(0) / (norm.sum(0) + 1e-6)
+    return diff / (norm + 1e-6)
 
 
 class _Restore:
