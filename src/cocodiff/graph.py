@@ -112,7 +112,7 @@ class StepGraphs:
             changes (V-Major's caches), so that the captured step runs once on the state it was called with.
     """
 
-    MANY = 8  # signatures after which a warning suggests that a changing argument defeats reuse
+    MANY = 8  # input signatures (not graphs) after which a warning suggests that a changing argument defeats reuse
 
     def __init__(
         self,
@@ -203,9 +203,11 @@ class StepGraphs:
         key = (_key(args, kwargs), self._extra_key())
         cap = self._graphs.get(key)
         if cap is None:
+            new_signature = all(k != key[0] for k, _ in self._graphs)
             cap = self._capture(args, kwargs)
             self._graphs[key] = cap
-            if len(self._graphs) == self.MANY:
+            # (graphs of one signature that differ in the extra key alone, V-Major's levels, are by design)
+            if new_signature and len({k for k, _ in self._graphs}) == self.MANY:
                 changing = _changing_args(self._graphs)
                 warnings.warn(
                     f"cocodiff cuda_graph: {self.MANY} input signatures captured, one graph each "
