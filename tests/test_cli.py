@@ -219,3 +219,26 @@ def test_bench_e2e_on_cpu_ranks(tmp_path, capsys):
     assert "of the slow-tier bytes)" in (tmp_path / "emulated" / "e2e.md").read_text()
     assert "V-Major needs at least 2 ranks" in [r for r in rows if r["P"] == 1 and r["mode"] == "cocodiff"][0]["error"]
     assert "6-step run" in (tmp_path / "emulated" / "e2e.md").read_text()
+
+
+def test_bench_e2e_without_pipeline_runs(tmp_path, capsys):
+    # --no-pipeline (size sweeps): transformer steps only, every row still with its step error against one GPU;
+    # refused with V-Major, whose only error is its pipeline run's
+    import json
+
+    argv = ["bench", "e2e", "--cpu", "--peers", "eager", "--iters", "1", "--no-pipeline"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    coco = [r for r in rows if r["engine"] == "cocodiff"]
+    assert [r["P"] for r in coco] == [1, 2] and all(r["rel_err_vs_1gpu"] < 1e-5 for r in coco)
+    assert not any(k.startswith(("s_per_image", "rel_err_run")) for r in rows for k in r)
+    text = (tmp_path / "e2e.md").read_text()
+    assert "--no-pipeline" in text and "s/image" not in text
+    at = next(i for i, x in enumerate(text.splitlines()) if x.startswith("| P |"))
+    header, rule = text.splitlines()[at : at + 2]
+    assert header.count("|") == rule.count("|") and "|  |" not in header  # no empty column for the missing runs
+    # every row is in rows.jsonl as soon as it is measured (a run killed mid-way keeps them)
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [r for r in rows if r["engine"] != "xDiT"]
+    assert cli.main([*argv, "--v-major", "--topology", "2x1", "--out", str(tmp_path)]) == 2
+    assert "--no-pipeline with --v-major" in capsys.readouterr().err

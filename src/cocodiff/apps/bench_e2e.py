@@ -21,7 +21,9 @@ the step's output and of each pipeline run's latents against plain diffusers on 
 Each cocodiff row at P > 1 also times its no-exchange bound (every exchange a no-op). Rank 0 writes OUT/e2e.json
 (hardware, driver, versions), OUT/e2e.md (tables, ratios to the best one-GPU row and to the best peer row),
 OUT/e2e.png and OUT/e2e_breakdown.png (compute and exposed exchange per row); xDiT's logs and JSON go to
-OUT/xdit/. A progress bar shows the rows as they run.
+OUT/xdit/. Each row is also appended to OUT/rows.jsonl as soon as it is measured, so a run killed mid-way (a
+time limit) keeps what it measured. `--no-pipeline` times the transformer steps alone. A progress bar shows the
+rows as they run.
 """
 
 from __future__ import annotations
@@ -105,6 +107,12 @@ def add_parser(bsub, formatter_class=None) -> None:
         "no variant named: default",
     )
     p.add_argument("--steps", type=int, nargs="+", default=None, help="pipeline lengths (default: 28 50; CPU: 2)")
+    p.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="transformer steps only, no pipeline runs (size sweeps: a one-GPU 50-step run at 2304^2 takes minutes); "
+        "not with --v-major, whose error is its pipeline run's",
+    )
     p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
     p.add_argument("--emulate", action="store_true", help="cocodiff rows over an emulated slow outer tier")
     p.add_argument("--max-ctas", type=int, default=1, help="CTA cap of the emulated slow link")
@@ -127,6 +135,11 @@ def run_e2e(args) -> int:
         raise UsageError(f"--gpus {counts[-1]}: only {gpus} GPUs here")
     if args.head_chunks is not None and min(args.head_chunks) < 1:
         raise UsageError(f"--head-chunks {args.head_chunks}: give integers >= 1")
+    if args.no_pipeline and args.v_major is not None:
+        raise UsageError(
+            "--no-pipeline with --v-major: a V-Major row's error is its whole pipeline run's against one GPU; "
+            "drop --no-pipeline (or --v-major)"
+        )
     if args.emulate and args.topology is None:
         raise UsageError("--emulate needs --topology, e.g. 2x1 (2 emulated nodes of 1 GPU)")
     opts = dict(
@@ -137,7 +150,7 @@ def run_e2e(args) -> int:
         head_chunks=args.head_chunks,
         v_major=None if args.v_major is None else list(dict.fromkeys(args.v_major or ["default"])),
         peers=args.peers,
-        steps=args.steps or ([28, 50] if cuda else [2]),
+        steps=[] if args.no_pipeline else args.steps or ([28, 50] if cuda else [2]),
         topology=args.topology,
         emulate=args.emulate,
         max_ctas=args.max_ctas,
@@ -156,9 +169,10 @@ def run_e2e(args) -> int:
         set_multi_gpu_env()
     Path(args.out, "ref").mkdir(parents=True, exist_ok=True)
     # read before any row runs (a failure here must not cost the run); the JSON is rewritten after every P, so
-    # the rows measured so far survive a later failure
+    # the rows measured so far survive a later failure (and rank 0 appends each row to rows.jsonl as it is measured)
     result = {"command": "cocodiff bench e2e", "env": _environment(cuda), "options": opts, "rows": []}
     out = Path(args.out)
+    (out / "rows.jsonl").write_text("")  # rank 0 appends every row as it is measured (see _e2e_rank)
     for world in counts:
         # a peer's first call may compile for minutes while the other ranks wait at the row's barrier
         backend = "nccl" if cuda else "gloo"
@@ -235,6 +249,9 @@ def _e2e_rank(opts: dict) -> list[dict]:
         except Exception as exc:  # a row that cannot run says why (the others still run)
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         rows.append(row)
+        if rank == 0:  # a run killed mid-way (a timeout) still leaves the rows it measured
+            with open(Path(opts["out"], "rows.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
         if cuda:
             torch._dynamo.reset()
             release_memory()
@@ -421,6 +438,10 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
             torch.save(out, ref)
     elif out is not None and ref.exists():
         info["rel_err_vs_1gpu"] = rel_err(out, torch.load(ref))
+    if not opts["steps"]:  # --no-pipeline
+        if cuda:
+            info["peak_mem_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return info
     # the pipeline's own warm-up run: its shapes (CFG batch, text length) may differ from the step's; a V-Major row's
     # is a run of the shortest length (its exact warm-up steps must fit in the run)
     warm = min(opts["steps"]) if lossy else 2
@@ -535,10 +556,11 @@ def report(result: dict) -> str:
             lines += [
                 f"## {family} {size}x{size}",
                 "",
-                "| P | engine | mode | ms/step | no-exchange bound ms (exposed) | vs best 1 GPU "
-                + "| vs best peer at P | "
-                + " | ".join(f"s/image, {s} steps" for s in steps)
-                + f" | peak GiB | rel. error vs 1 GPU: step / {steps[0]}-step run | first call (s) |",
+                "| P | engine | mode | ms/step | no-exchange bound ms (exposed) | vs best 1 GPU | vs best peer at P | "
+                + "".join(f"s/image, {s} steps | " for s in steps)
+                + "peak GiB | rel. error vs 1 GPU: step"
+                + (f" / {steps[0]}-step run" if steps else "")
+                + " | first call (s) |",
                 "|---" * (10 + len(steps)) + "|",
             ]
             for r in group:
@@ -568,7 +590,7 @@ def report(result: dict) -> str:
                     *(f"{r[f's_per_image_{s}']:.2f}" if f"s_per_image_{s}" in r else "" for s in steps),
                     f"{r['peak_mem_GiB']:.1f}" if "peak_mem_GiB" in r else "",
                     ("" if err is None else f"{err:.1e}")
-                    + (f" / {r[run_err]:.1e}" if (run_err := f"rel_err_run_{steps[0]}_vs_1gpu") in r else ""),
+                    + (f" / {r[run_err]:.1e}" if steps and (run_err := f"rel_err_run_{steps[0]}_vs_1gpu") in r else ""),
                     f"{r['first_call_s']:.1f}" if "first_call_s" in r else "",
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
@@ -580,7 +602,9 @@ def report(result: dict) -> str:
         "listed, not used). xDiT rows time the transformer step only (no pipeline run). Errors: the step's output, and",
         "the whole pipeline run's latents, against plain diffusers on one GPU. Lossy (V-Major) rows: ms/step is the",
         "median over one generation's steps after V-Major's exact warm-up steps (every step in the JSON); in brackets",
-        f"after the mode, the slowest tier's bytes over that {steps[0]}-step generation against as many full steps.",
+        f"after the mode, the slowest tier's bytes over that {steps[0] if steps else 'N'}-step generation against as "
+        "many full steps.",
+        *(["Transformer steps only (--no-pipeline): no pipeline runs."] if not steps else []),
         *(
             [
                 "Emulated slow tier: cocodiff's rows at P > 1 cross it; diffusers' and xDiT's rows run on the real",
