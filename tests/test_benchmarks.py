@@ -1,0 +1,33 @@
+"""The committed reports that are derived from committed JSON alone (no GPU) are what their scripts make today."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks"
+
+
+def _run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], check=True, capture_output=True)
+
+
+def test_scaling_model_reproduces_its_committed_report(tmp_path):
+    _run("scaling_model.py", "--out", str(tmp_path))
+    want = json.loads((DOCS / "2026-11-30-scaling" / "scaling.json").read_text())
+    assert json.loads((tmp_path / "scaling.json").read_text()) == want
+    assert len(want["checks"]) == 56
+
+
+def test_vmajor_levels_reproduces_its_committed_table(tmp_path):
+    # V-Major's step per cache level against its Amdahl estimate, from the bench e2e runs committed beside it
+    report = DOCS / "2026-11-30-sizes-slow-tier"
+    runs = [DOCS / "2026-11-30-compiled-pieces" / "emulated_1cta", report / "emulated_1cta", report / "emulated_4cta"]
+    _run("vmajor_levels.py", str(tmp_path), *map(str, runs))
+    got = json.loads((tmp_path / "levels.json").read_text())
+    assert got == json.loads((report / "levels" / "levels.json").read_text())
+    # 50-step runs with the defaults: four levels of 11, 11, 11 and 12 selective steps
+    rows = [x for x in got if x["run"].endswith("sizes-slow-tier/emulated_1cta") and x["mode"] == "fast+vmajor"]
+    assert [x["steps"] for x in rows] == [11, 11, 11, 12]
+    assert [round(x["rows_sent"], 2) for x in rows] == [0.5, 0.37, 0.23, 0.1]
