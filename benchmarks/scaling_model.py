@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+import vmajor_levels  # (this folder: the script's own directory is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks"
 INPUTS = {
@@ -61,6 +63,11 @@ INPUTS = {
     # compiled single-stream activations (later code again): NVLink rows and the emulated one-CTA tier
     "e2e_pieces": "2026-11-30-compiled-pieces/flux/e2e.json",
     "e2e_emulated_1cta": "2026-11-30-compiled-pieces/emulated_1cta/e2e.json",
+    # V-Major's kernels compiled (later code again): image sizes the fits never saw (768, 1536, 2304), the emulated
+    # slow tier at both calibrations (1 and 4 CTAs) with V-Major's step per cache level
+    "e2e_sizes": "2026-11-30-sizes-slow-tier/flux_sizes/e2e.json",
+    "e2e_emulated_1cta_pieces": "2026-11-30-sizes-slow-tier/emulated_1cta/e2e.json",
+    "e2e_emulated_4cta_pieces": "2026-11-30-sizes-slow-tier/emulated_4cta/e2e.json",
 }
 MODELS = {  # attention layers, heads x head dim, text tokens, heads
     "FLUX.1": dict(layers=57, inner=3072, text=512, heads=24),
@@ -191,7 +198,7 @@ def main() -> None:
     flux = MODELS["FLUX.1"]
     coef, fit_points = fit_flux_compute()
     fast_coef, fast_points = fit_fast_compute()
-    S = {"1024": 4096 + 512, "2048": 16384 + 512}
+    S = {str(n): (n // 16) ** 2 + 512 for n in (768, 1024, 1536, 2048, 2304)}  # image + text tokens
 
     # e: fitted on one run, P = 2 over an emulated 40 GB/s slow link (2 nodes x 1 GPU), V-First + fused, 1024^2
     vm = load("vmajor_speed")
@@ -296,8 +303,8 @@ def main() -> None:
         ("FLUX.1 `fast` P=2 NVLink 2048^2 (bench e2e)", e2e_row(e2, 2, "fast")["ms_per_step"], fast_predict(2, "2048")),
     ]
     # runs of later code, against the model calibrated on the code before: the P=2 bound and step on NVLink, and
-    # the step over the emulated one-CTA slow tier (the link vmajor_speed measured at that cap, 19.1 GB/s per rank)
-    beta_1cta = runs[("vfirst+fused", 1)]["link_GBps_per_rank"] * 1e9
+    # the step over the emulated slow tier (the link vmajor_speed measured at that CTA cap: 19.1 GB/s per rank at 1,
+    # 40.0 at 4)
 
     def nvlink(later: str, rows: dict) -> list:
         out = []
@@ -309,9 +316,10 @@ def main() -> None:
             ]
         return out
 
-    def emulated(later: str, row: dict) -> tuple:
-        what = f"FLUX.1 `fast` P=2, 2 emulated nodes (1 CTA), 1024^2 ({later})"
-        return what, row["ms_per_step"], fast_predict(2, "1024", G=1, beta_slow=beta_1cta)
+    def emulated(later: str, row: dict, ctas: int = 1) -> tuple:
+        what = f"FLUX.1 `fast` P=2, 2 emulated nodes ({ctas} CTA{'s' if ctas > 1 else ''}), 1024^2 ({later})"
+        beta = runs[("vfirst+fused", ctas)]["link_GBps_per_rank"] * 1e9
+        return what, row["ms_per_step"], fast_predict(2, "1024", G=1, beta_slow=beta)
 
     sizes = ("1024", "2048")
     # (the pack-copy run's 2048^2 row was one of --routes)
@@ -330,6 +338,28 @@ def main() -> None:
     checks.append(
         emulated(f"{later}, before the activations were compiled", e2e_row(load("e2e_emulated_1cta"), 2, "fast"))
     )
+    later = "bench e2e, V-Major pieces session"
+    sweep = load("e2e_sizes")
+    sizes_new = ("768", "1536", "2304")  # sizes no fit used
+    for size in sizes_new:
+        one = e2e_row(sweep, 1, "fast", size=int(size))["ms_per_step"]
+        checks.append((f"FLUX.1 `fast` one rank {size}^2 ({later}; compute model alone)", one, fast_predict(1, size)))
+    checks += nvlink(f"{later}, sizes no fit used", {s: e2e_row(sweep, 2, "fast", size=int(s)) for s in sizes_new})
+    for ctas in (1, 4):
+        run = load(f"e2e_emulated_{ctas}cta_pieces")
+        checks.append(emulated(later, e2e_row(run, 2, "fast"), ctas))
+        # V-Major's term (the slow tier's bytes scaled by what a step sends) per cache level: the median step of
+        # each level against the model at that level's bytes (vmajor_levels.py: fp8 rows' width, rows sent)
+        beta = runs[("vfirst+fused", ctas)]["link_GBps_per_rank"] * 1e9
+        for lv in vmajor_levels.levels(DOCS / Path(INPUTS[f"e2e_emulated_{ctas}cta_pieces"]).parent):
+            checks.append(
+                (
+                    f"FLUX.1 `{lv['mode']}` P=2, 2 emulated nodes ({ctas} CTA), 1024^2, level {lv['level']} "
+                    f"({lv['bytes_vs_exact']:.3f} of the slow-tier bytes; {later})",
+                    lv["ms_median"],
+                    fast_predict(2, "1024", G=1, beta_slow=beta, slow_fraction=lv["bytes_vs_exact"]),
+                )
+            )
     check_rows = [
         {"what": w, "measured_ms": m, "predicted_ms": p, "error_pct": 100 * (p - m) / m} for w, m, p in checks
     ]
