@@ -397,3 +397,70 @@ def ring_vmajor_run(family, world, ring, topology, vm_kwargs, steps=8):
     assert torch.isfinite(got).all()
     rel = ((got - want).norm() / want.norm()).item()
     return rel, ring_bytes["vmajor"], ring_bytes["exact"], tiers["vmajor"] == tiers["exact"]
+
+
+# ops that only make a new view of a tensor: no kernel on a GPU
+_VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "select",
+    "slice",
+    "expand",
+    "alias",
+    "unsqueeze",
+    "squeeze",
+    "detach",
+    "t",
+    "permute",
+    "transpose",
+    "as_strided",
+    "reshape",
+    "split",
+    "split_with_sizes",
+    "unbind",
+    "narrow",
+}
+
+
+def vmajor_ops_per_layer(world: int) -> tuple[float, dict]:
+    """Tensor ops beyond views that a selective V-Major call dispatches, per attention layer, above the exact
+    engine's (tiny FLUX.1, eager, 2 emulated nodes of 1 rank): each is a small kernel on the step's critical
+    path on a GPU. Returns (ops per layer, extra count per op name)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _VIEW_OPS:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = _tiny("flux")
+    counts = {}
+    for name in ("exact", "vmajor"):
+        m = copy.deepcopy(model)
+        vm = cocodiff.VMajorConfig(warmup_steps=1) if name == "vmajor" else None
+        cocodiff.parallelize(m, cocodiff.ParallelConfig(topology=f"2x{world // 2}", v_first=True, v_major=vm))
+        sched = FlowMatchEulerDiscreteScheduler()
+        sched.set_timesteps(4)
+        m.cocodiff.steps.follow(sched)
+        inputs = zoo.make_inputs("flux", m, rows=ROWS, cols=COLS, n_txt=N_TXT, seed=1)
+        x = inputs["hidden_states"]
+        for step, t in enumerate(sched.timesteps):
+            count = Count()
+            with torch.no_grad(), count:
+                v = m(**{**inputs, "hidden_states": x, "timestep": (t / 1000).expand(1)}).sample
+            if step == 2:  # a selective step (step 0 fills the caches, step 1 is past the warm-up)
+                counts[name] = count.ops
+            x = sched.step(v, t, x, return_dict=False)[0]
+    layers = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    extra = counts["vmajor"] - counts["exact"]
+    return sum(extra.values()) / layers, dict(extra)

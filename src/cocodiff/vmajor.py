@@ -342,6 +342,7 @@ class _LayerExchange:
         self.k = k
         self.state: _LayerState | None = None
         self.rows: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None  # `rows` as rows of the `(P * L_MAX, F)` view (one per layer)
         self.v_handle = None
         self.v_plan: RowPlan | None = None
         self.heads = 0
@@ -358,6 +359,10 @@ class _LayerExchange:
         self.v_handle.wait()  # the rows' indices came with V
         return self.v_plan.arrived_rows
 
+    def _arrived_index(self) -> torch.Tensor:
+        self.v_handle.wait()
+        return self.v_plan.arrived_index
+
     @property
     def exchange(self):
         return self.vm.exchange
@@ -372,12 +377,14 @@ class _LayerExchange:
             plan = RowPlan(send_rows=None, recv=st.recv["v"])
         else:
             rows = self.rows = self.vm.select(send, st.ref, lay, self.k)
-            # what the far ranks now hold for these rows
+            # the rows' index, computed once: V's, Q's and K's messages and the output's arrivals share it
             P, l_max = send.shape[:2]
-            far = self.vm.far_index(send.device)
-            glob = (self._far_rows(rows) + far[:, None] * l_max).reshape(-1)
+            glob = self.index = ex.global_rows(self._far_rows(rows), l_max)
+            # what the far ranks now hold for these rows
             st.ref.view(P * l_max, -1).index_copy_(0, glob, send.view(P * l_max, -1).index_select(0, glob))
-            plan = self.v_plan = RowPlan(send_rows=rows, recv=st.recv["v"], carry_rows=True, fp8_group=self._fp8(send))
+            plan = self.v_plan = RowPlan(
+                send_rows=rows, send_index=glob, recv=st.recv["v"], carry_rows=True, fp8_group=self._fp8(send)
+            )
         self.v_handle = ex.start(send, lambda recv: unpack_heads(recv, lay), rows=plan)
         return self.v_handle
 
@@ -388,7 +395,14 @@ class _LayerExchange:
         if self.k is None:
             plan = RowPlan(send_rows=None, recv=recv)
         else:
-            plan = RowPlan(send_rows=self.rows, recv=recv, recv_rows=self._arrived, fp8_group=self._fp8(send))
+            plan = RowPlan(
+                send_rows=self.rows,
+                send_index=self.index,
+                recv=recv,
+                recv_rows=self._arrived,
+                recv_index=self._arrived_index,  # computed once, when V's carried rows arrived
+                fp8_group=self._fp8(send),
+            )
         return ex.start(send, lambda r: unpack_heads(r, lay), rows=plan)
 
     def start_q(self, q: torch.Tensor):
@@ -411,6 +425,11 @@ class _LayerExchange:
         else:
             # to each far owner: the rows it selected (they came with its V); from each: the rows I selected
             plan = RowPlan(
-                send_rows=self._arrived(), recv=recv, recv_rows=self._far_rows(self.rows), fp8_group=self._fp8(o)
+                send_rows=self._arrived(),
+                send_index=self._arrived_index(),
+                recv=recv,
+                recv_rows=self._far_rows(self.rows),
+                recv_index=self.index,
+                fp8_group=self._fp8(o),
             )
         return ex.start(send, lambda r: unpack_tokens(r, lay, heads, into), rows=plan)

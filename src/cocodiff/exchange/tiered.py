@@ -44,6 +44,11 @@ class RowPlan:
             the sender chose without another collective; after `wait()` they are in `arrived_rows`.
         fp8_group: send the rows as 8-bit floats (e4m3) with one fp32 scale per group of this many values
             (a head's D values): about half the bytes of bf16, lossy; None sends them as they are.
+        send_index, recv_index: the same rows as indices of the `(P * L_MAX, ...)` view of the buffers
+            (`TieredExchange.global_rows`), when the caller has them already (a tensor, or for `recv_index` a
+            callable): the exchanges of one layer share one index computation instead of one small kernel each.
+            None: computed from the rows. With `carry_rows`, the arrived rows' index is kept in
+            `arrived_index` after `wait()`.
     """
 
     send_rows: torch.Tensor | None
@@ -52,6 +57,9 @@ class RowPlan:
     carry_rows: bool = False
     fp8_group: int | None = None
     arrived_rows: torch.Tensor | None = None
+    send_index: torch.Tensor | None = None
+    recv_index: torch.Tensor | Callable[[], torch.Tensor] | None = None
+    arrived_index: torch.Tensor | None = None
 
     def rows_in(self) -> torch.Tensor:
         if self.carry_rows:
@@ -246,8 +254,8 @@ class TieredExchange(BlockExchange):
         return plan.recv
 
     # ---- selected rows of the far blocks ----------------------------------------------------------
-    def _global_rows(self, rows: torch.Tensor, l_max: int) -> torch.Tensor:
-        """(N_FAR, K) rows within far blocks -> rows of the `(P * L_MAX, F)` view."""
+    def global_rows(self, rows: torch.Tensor, l_max: int) -> torch.Tensor:
+        """(N_FAR, K) rows within far blocks -> `(N_FAR * K,)` rows of the `(P * L_MAX, F)` view."""
         key = (rows.device, l_max)
         base = self._index_cache.get(key)
         if base is None:
@@ -271,7 +279,8 @@ class TieredExchange(BlockExchange):
             return self._finish(Handle(works, recv, post))
         # (P, L_MAX, ...) -> (P * L_MAX, F) -> the chosen rows of the far blocks -> their message (N_FAR, K, W)
         flat = send.view(P * l_max, F)
-        picked = flat.index_select(0, self._global_rows(rows, l_max)).view(n_far, K, F)
+        index = plan.send_index if plan.send_index is not None else self.global_rows(rows, l_max)
+        picked = flat.index_select(0, index).view(n_far, K, F)
         compact = _pack_rows(picked, rows if plan.carry_rows else None, plan.fp8_group, self.piece)
         # byte accounting: near blocks whole, far blocks K rows (with their scales and carried indices)
         block_bytes = send[0].numel() * send.element_size()
@@ -297,8 +306,13 @@ class TieredExchange(BlockExchange):
             values, carried = _unpack_rows(arrived, F, send.dtype, plan.carry_rows, plan.fp8_group, self.piece)
             if carried is not None:
                 plan.arrived_rows = carried
+                index = plan.arrived_index = self.global_rows(carried, l_max)
+            elif plan.recv_index is not None:
+                index = plan.recv_index() if callable(plan.recv_index) else plan.recv_index
+            else:
+                index = self.global_rows(plan.rows_in(), l_max)
             dest = out.view(P * l_max, F)
-            dest.index_copy_(0, self._global_rows(plan.rows_in(), l_max), values.reshape(n_far * K, F))
+            dest.index_copy_(0, index, values.reshape(n_far * K, F))
             return out if post is None else post(out)
 
         return self._finish(Handle(works, recv, scatter))
