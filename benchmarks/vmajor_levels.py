@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 from cocodiff.apps.bench_e2e import VMAJOR_VARIANTS
+from cocodiff.apps.families import TEXT_TOKENS_IMAGE
 from cocodiff.config import VMajorConfig
 from cocodiff.vmajor import active_rows, step_ratio
 
-HEAD_DIM = {"flux": 128, "flux2": 128, "qwenimage": 128, "sd3": 64}
-TEXT_TOKENS = {"flux": 512}  # bench e2e's text length per family (families.TEXT_TOKENS_IMAGE)
+HEAD_DIM = {"flux": 128, "flux2": 128, "qwenimage": 128}  # full-size configs (sd3's 2x2 patches at 8x: not here)
 
 
 def levels(run: Path) -> list[dict]:
@@ -33,7 +33,9 @@ def levels(run: Path) -> list[dict]:
     for exact in (r for r in result["rows"] if r["P"] == 2 and r["engine"] == "cocodiff" and "no_exchange_ms" in r):
         bound, exposed = exact["no_exchange_ms"], exact["ms_per_step"] - exact["no_exchange_ms"]
         family, size = exact["family"], exact["size"]
-        tokens = (size // 16) ** 2 + TEXT_TOKENS[family]
+        if family not in HEAD_DIM:
+            raise ValueError(f"vmajor_levels: family {family!r} is not one of {sorted(HEAD_DIM)}")
+        tokens = (size // 16) ** 2 + TEXT_TOKENS_IMAGE[family]  # 8x VAE, 2x2 packing; bench e2e's text length
         l_max = -(-tokens // 2)
         for row in result["rows"]:
             if (row["family"], row["size"], row["P"]) != (family, size, 2) or "+vmajor" not in row["mode"]:
