@@ -242,3 +242,5 @@ def test_bench_e2e_without_pipeline_runs(tmp_path, capsys):
     assert [json.loads(x) for x in lines] == [r for r in rows if r["engine"] != "xDiT"]
     assert cli.main([*argv, "--v-major", "--topology", "2x1", "--out", str(tmp_path)]) == 2
     assert "--no-pipeline with --v-major" in capsys.readouterr().err
+    assert cli.main([*argv, "--steps", "28", "--out", str(tmp_path)]) == 2
+    assert "drop --steps [28]" in capsys.readouterr().err

@@ -14,7 +14,9 @@ overlap, the copy-engine route and V-Major's selection are unchanged (`fuse_qk` 
 inside it). The pieces are plain inductor kernels (no CUDA graphs of their own), so with `cuda_graph=True`
 the whole step, compiled pieces and collectives alike, is captured as one CUDA graph after the eager warm-up
 has compiled everything: nothing compiles during capture and nothing is re-traced per denoising step (the
-blocks take tensors whose shapes do not change between steps).
+blocks take tensors whose shapes do not change between steps). V-Major's own pieces trace at its first
+selective step (the change scores; with fp8 rows the quantisation, once more at the second cache level, with
+dynamic row counts), which with `cuda_graph` is the warm-up of that level's graph.
 
 Because the processors are opaque, a user's own `torch.compile(transformer)` or diffusers'
 `compile_repeated_blocks()` after `cocodiff.parallelize` works the same way.
@@ -93,15 +95,17 @@ def compiled_piece(engine, fn, *, varying: bool = False):
     recompile limit (many shapes in one process) a piece runs eagerly instead of failing.
 
     `varying=True`: a piece whose shapes change by design between the calls of one generation (V-Major's rows,
-    one count per cache level) is compiled with automatic dynamic shapes (`dynamic=None`): static first, one
-    dynamic recompile at the second shape, instead of one graph per level."""
+    one count per cache level) is compiled with automatic dynamic shapes (`dynamic=None`, unless
+    `compile_options` sets `dynamic`): static first, one dynamic recompile at the second shape, instead of one
+    graph per level."""
     if engine is None or not engine.config.compile_blocks:
         return fn
     cache = engine.__dict__.setdefault("_compiled_pieces", {})
     piece = cache.get((fn, varying))
     if piece is None:
-        options = {**DEFAULT_OPTIONS, **(engine.config.compile_options or {})}
-        if varying:
+        user = engine.config.compile_options or {}
+        options = {**DEFAULT_OPTIONS, **user}
+        if varying and "dynamic" not in user:  # (a user's own choice stands)
             options["dynamic"] = None
         piece = cache[(fn, varying)] = torch.compile(fn, **options)
     return piece

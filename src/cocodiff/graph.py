@@ -210,7 +210,7 @@ class StepGraphs:
             if new_signature and len({k for k, _ in self._graphs}) == self.MANY:
                 changing = _changing_args(self._graphs)
                 warnings.warn(
-                    f"cocodiff cuda_graph: {self.MANY} input signatures captured, one graph each "
+                    f"cocodiff cuda_graph: {self.MANY} input signatures captured, a graph each (per V-Major level) "
                     f"(non-tensor arguments whose values differ between them: {changing}); a value "
                     "that changes every call, such as a float timestep, defeats graph reuse: pass it as "
                     "a tensor, or call engine.graphs.clear()",

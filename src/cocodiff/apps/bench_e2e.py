@@ -14,16 +14,16 @@ on a fresh full-size model with random weights (bf16; tiny fp32 configs on CPU r
   same weights, inputs and reference; transformer step only. Any other case is a row saying why.
 
 Per row: ms per transformer step (CUDA events, warm-up excluded, median; the first call, which compiles and
-captures, timed apart; a lossy V-Major row times one generation's steps, see `_generation_steps`), seconds per
+captures, timed apart; a lossy V-Major row: the mean over one generation's steps, see `_generation_steps`), seconds per
 image of the family's diffusers pipeline (`--steps`, e.g. 28 and 50; prompt embeddings given, no text encoders,
 output latents: the VAE decode, identical for every engine, is left out), peak memory per GPU, relative error of
 the step's output and of each pipeline run's latents against plain diffusers on one GPU.
 Each cocodiff row at P > 1 also times its no-exchange bound (every exchange a no-op). Rank 0 writes OUT/e2e.json
 (hardware, driver, versions), OUT/e2e.md (tables, ratios to the best one-GPU row and to the best peer row),
 OUT/e2e.png and OUT/e2e_breakdown.png (compute and exposed exchange per row); xDiT's logs and JSON go to
-OUT/xdit/. Each row is also appended to OUT/rows.jsonl as soon as it is measured, so a run killed mid-way (a
-time limit) keeps what it measured. `--no-pipeline` times the transformer steps alone. A progress bar shows the
-rows as they run.
+OUT/xdit/. Each cocodiff and diffusers row is also appended to OUT/rows.jsonl as soon as it is measured, so a
+run killed mid-way (a time limit) keeps what it measured. `--no-pipeline` times the transformer steps alone. A
+progress bar shows the rows as they run.
 """
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ def run_e2e(args) -> int:
         raise UsageError(f"--gpus {counts[-1]}: only {gpus} GPUs here")
     if args.head_chunks is not None and min(args.head_chunks) < 1:
         raise UsageError(f"--head-chunks {args.head_chunks}: give integers >= 1")
+    if args.no_pipeline and args.steps:
+        raise UsageError(f"--no-pipeline runs no pipeline: drop --steps {args.steps}")
     if args.no_pipeline and args.v_major is not None:
         raise UsageError(
             "--no-pipeline with --v-major: a V-Major row's error is its whole pipeline run's against one GPU; "
@@ -476,8 +478,9 @@ def _measure(opts, family, size, engine, mode, device, dtype, size_name, world) 
 def _generation_steps(model, inputs: dict, opts: dict, info: dict) -> None:
     """A lossy (V-Major) row's step time: its steps reuse what earlier steps of the same generation sent, so one
     call repeated is not a step. Runs a generation of `--steps`' first length with falling timesteps that end at
-    the inputs' own (the step context marks steps by them) and times every call; ms per step is the median over
-    the steps after V-Major's exact warm-up (`ms_per_step_all` has them all, the warm-up first). The row gets no
+    the inputs' own (the step context marks steps by them) and times every call; ms per step is the mean over the
+    steps after V-Major's exact warm-up (their steps sit on the schedule's levels, so a median would fall between
+    two of them; `ms_per_step_median` is kept, `ms_per_step_all` has every step, the warm-up first). The row gets no
     step error: a generation's last step sends every token (`final_full_steps`), and the selective steps before it
     ran on latents that never changed; its error is the whole run's (`rel_err_run_N_vs_1gpu`)."""
     eng = model.cocodiff
@@ -509,7 +512,12 @@ def _generation_steps(model, inputs: dict, opts: dict, info: dict) -> None:
         if generation == 0:
             info["first_call_s"] = time.perf_counter() - t0  # the whole first generation, compiles included
     skip = min(eng.config.v_major.warmup_steps, n - 1)
-    info.update(ms_per_step=statistics.median(times[skip:]), ms_per_step_all=times, timed_steps=f"{skip + 1}-{n}")
+    info.update(
+        ms_per_step=statistics.mean(times[skip:]),
+        ms_per_step_median=statistics.median(times[skip:]),
+        ms_per_step_all=times,
+        timed_steps=f"{skip + 1}-{n}",
+    )
     # bytes per tier over the generation, and the slowest tier's against n steps that send every token (the
     # largest call: a warm-up or final full step)
     full = max(b[-1] for b in sent)
@@ -601,7 +609,7 @@ def report(result: dict) -> str:
         f"fastest diffusers or xDiT row at the same P whose output is within {MAX_PEER_ERR:.0e} of one GPU (others are",
         "listed, not used). xDiT rows time the transformer step only (no pipeline run). Errors: the step's output, and",
         "the whole pipeline run's latents, against plain diffusers on one GPU. Lossy (V-Major) rows: ms/step is the",
-        "median over one generation's steps after V-Major's exact warm-up steps (every step in the JSON); in brackets",
+        "mean over one generation's steps after V-Major's exact warm-up steps (every step in the JSON); in brackets",
         f"after the mode, the slowest tier's bytes over that {steps[0] if steps else 'N'}-step generation against as "
         "many full steps.",
         *(["Transformer steps only (--no-pipeline): no pipeline runs."] if not steps else []),

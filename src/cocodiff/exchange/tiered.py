@@ -158,7 +158,8 @@ class TieredExchange(BlockExchange):
         name: label in reports ("flat" when it is the emulated flat route).
         piece: wraps the fp8 rows' quantisation kernels (`quantize_rows`, `dequantize_rows`); V-Major passes
             its engine's `compiled.compiled_piece`, so with `compile_blocks` each is one fused kernel instead
-            of five or three eager passes over the rows in fp32. None: eager.
+            of five or three eager passes over the rows in fp32 (the byte views and the message's `cat` stay
+            eager; on GPUs before sm_89 all of it does). None: eager.
     """
 
     def __init__(
@@ -253,6 +254,13 @@ class TieredExchange(BlockExchange):
             )
         return plan.recv
 
+    def _piece_for(self, x: torch.Tensor):
+        """`piece` where it can compile the fp8 kernels: inductor's e4m3 conversion needs sm_89 or later (Ada,
+        Hopper); on older GPUs the eager conversion runs."""
+        if self.piece is not None and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
+            return None
+        return self.piece
+
     # ---- selected rows of the far blocks ----------------------------------------------------------
     def global_rows(self, rows: torch.Tensor, l_max: int) -> torch.Tensor:
         """(N_FAR, K) rows within far blocks -> `(N_FAR * K,)` rows of the `(P * L_MAX, F)` view."""
@@ -281,7 +289,7 @@ class TieredExchange(BlockExchange):
         flat = send.view(P * l_max, F)
         index = plan.send_index if plan.send_index is not None else self.global_rows(rows, l_max)
         picked = flat.index_select(0, index).view(n_far, K, F)
-        compact = _pack_rows(picked, rows if plan.carry_rows else None, plan.fp8_group, self.piece)
+        compact = _pack_rows(picked, rows if plan.carry_rows else None, plan.fp8_group, self._piece_for(send))
         # byte accounting: near blocks whole, far blocks K rows (with their scales and carried indices)
         block_bytes = send[0].numel() * send.element_size()
         row_bytes = compact.shape[-1] * compact.element_size()
@@ -303,12 +311,18 @@ class TieredExchange(BlockExchange):
         )
 
         def scatter(out: torch.Tensor) -> torch.Tensor:
-            values, carried = _unpack_rows(arrived, F, send.dtype, plan.carry_rows, plan.fp8_group, self.piece)
+            values, carried = _unpack_rows(
+                arrived, F, send.dtype, plan.carry_rows, plan.fp8_group, self._piece_for(send)
+            )
             if carried is not None:
                 plan.arrived_rows = carried
                 index = plan.arrived_index = self.global_rows(carried, l_max)
             elif plan.recv_index is not None:
                 index = plan.recv_index() if callable(plan.recv_index) else plan.recv_index
+                if index is None:
+                    raise RuntimeError(
+                        "RowPlan.recv_index: the rows' index is known only after the exchange carrying them"
+                    )
             else:
                 index = self.global_rows(plan.rows_in(), l_max)
             dest = out.view(P * l_max, F)
