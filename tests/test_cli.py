@@ -244,3 +244,29 @@ def test_bench_e2e_without_pipeline_runs(tmp_path, capsys):
     assert "--no-pipeline with --v-major" in capsys.readouterr().err
     assert cli.main([*argv, "--steps", "28", "--out", str(tmp_path)]) == 2
     assert "drop --steps [28]" in capsys.readouterr().err
+
+
+def test_bench_e2e_resumes_a_run_cut_short(tmp_path, capsys):
+    # a run killed by a time limit keeps its rows in rows.jsonl; --resume in the same folder with the same options
+    # runs only the rest (the kept rows are the same measurements), refuses other options or an empty folder
+    import json
+
+    argv = ["bench", "e2e", "--cpu", "--peers", "eager", "--iters", "1", "--no-pipeline", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    first = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    cut = lines[:3] + [lines[3][:20]]  # the P=1 rows and the P=2 diffusers row, then a line cut by the kill
+    (tmp_path / "rows.jsonl").write_text("\n".join(cut) + "\n")
+    assert cli.main([*argv, "--resume"]) == 0
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    again = result["rows"]
+    assert [(r["P"], r["engine"], r["mode"]) for r in again] == [(r["P"], r["engine"], r["mode"]) for r in first]
+    p1 = [r for r in again if r["P"] == 1 and r["engine"] != "xDiT"]
+    assert p1 == [r for r in first if r["P"] == 1 and r["engine"] != "xDiT"]  # kept, not measured again
+    coco2 = next(r for r in again if (r["P"], r["engine"]) == (2, "cocodiff"))
+    assert coco2["rel_err_vs_1gpu"] < 1e-5  # measured now, against the kept run's one-GPU reference
+    assert result["resumed_rows"] == 2  # the P=2 diffusers row failed (no accelerator): it ran again
+    assert cli.main([*argv, "--resume", "--iters", "2"]) == 2
+    assert "had other options (iters)" in capsys.readouterr().err
+    assert cli.main([*argv[:-1], str(tmp_path / "none"), "--resume"]) == 2
+    assert "no earlier run" in capsys.readouterr().err

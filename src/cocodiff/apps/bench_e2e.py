@@ -22,8 +22,8 @@ Each cocodiff row at P > 1 also times its no-exchange bound (every exchange a no
 (hardware, driver, versions), OUT/e2e.md (tables, ratios to the best one-GPU row and to the best peer row),
 OUT/e2e.png and OUT/e2e_breakdown.png (compute and exposed exchange per row); xDiT's logs and JSON go to
 OUT/xdit/. Each cocodiff and diffusers row is also appended to OUT/rows.jsonl as soon as it is measured, so a
-run killed mid-way (a time limit) keeps what it measured. `--no-pipeline` times the transformer steps alone. A
-progress bar shows the rows as they run.
+run killed mid-way (a time limit) keeps what it measured, and `--resume` in the same folder with the same options
+runs only the rest. `--no-pipeline` times the transformer steps alone. A progress bar shows the rows as they run.
 """
 
 from __future__ import annotations
@@ -113,6 +113,12 @@ def add_parser(bsub, formatter_class=None) -> None:
         help="transformer steps only, no pipeline runs (size sweeps: a one-GPU 50-step run at 2304^2 takes minutes); "
         "not with --v-major, whose error is its pipeline run's",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run cut short (a time limit) in the same --out with the same options: the rows in "
+        "OUT/rows.jsonl are kept (a row that failed runs again), the others run",
+    )
     p.add_argument("--topology", default=None, help="tier spec of the largest rank count, e.g. 2x1 (with --emulate)")
     p.add_argument("--emulate", action="store_true", help="cocodiff rows over an emulated slow outer tier")
     p.add_argument("--max-ctas", type=int, default=1, help="CTA cap of the emulated slow link")
@@ -172,9 +178,14 @@ def run_e2e(args) -> int:
     Path(args.out, "ref").mkdir(parents=True, exist_ok=True)
     # read before any row runs (a failure here must not cost the run); the JSON is rewritten after every P, so
     # the rows measured so far survive a later failure (and rank 0 appends each row to rows.jsonl as it is measured)
-    result = {"command": "cocodiff bench e2e", "env": _environment(cuda), "options": opts, "rows": []}
+    result = {"command": "cocodiff bench e2e", "env": _environment(cuda), "options": dict(opts), "rows": []}
     out = Path(args.out)
-    (out / "rows.jsonl").write_text("")  # rank 0 appends every row as it is measured (see _e2e_rank)
+    if args.resume:  # (the ranks get the kept rows with the options; the JSON says how many were kept)
+        opts["resumed"] = _resumable_rows(out, opts)
+        result["resumed_rows"] = len(opts["resumed"])
+    else:  # rank 0 appends every row to rows.jsonl as it is measured (see _e2e_rank)
+        (out / "rows.jsonl").write_text("")
+        (out / "options.json").write_text(json.dumps(opts, indent=1))
     for world in counts:
         # a peer's first call may compile for minutes while the other ranks wait at the row's barrier
         backend = "nccl" if cuda else "gloo"
@@ -220,6 +231,44 @@ def _environment(cuda: bool) -> dict:
     return env
 
 
+def _row_key(r: dict) -> str:
+    return f"{r['family']}/{r['size']}/{r['P']}/{r['engine']}/{r['mode']}"
+
+
+def _resumable_rows(out: Path, opts: dict) -> dict:
+    """`--resume`: the rows of OUT/rows.jsonl that need not run again, by `_row_key` (a row that failed runs again,
+    and so does plain diffusers on one GPU when the reference files it writes are missing).
+
+    Raises:
+        UsageError: no earlier run in OUT, or one with other options.
+    """
+    from .cli import UsageError
+
+    try:
+        before = json.loads((out / "options.json").read_text())
+        lines = (out / "rows.jsonl").read_text().splitlines()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume: no earlier run in {out} ({exc}); run without --resume") from exc
+    now = json.loads(json.dumps(opts))
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if differ:
+        raise UsageError(f"--resume: the run in {out} had other options ({', '.join(differ)}); give the same ones")
+    rows = {}
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:  # a line cut by the kill
+            continue
+        if "error" in r:
+            continue
+        if (r["P"], r["engine"], r["mode"]) == (1, "diffusers", "eager"):  # writes the references
+            refs = [f"{r['family']}_{r['size']}.pt"] + [f"{r['family']}_{r['size']}_run{n}.pt" for n in opts["steps"]]
+            if not all((out / "ref" / f).exists() for f in refs):
+                continue
+        rows[_row_key(r)] = r
+    return rows
+
+
 # ---- on every rank ---------------------------------------------------------------------------------------
 def _e2e_rank(opts: dict) -> list[dict]:
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -246,6 +295,11 @@ def _e2e_rank(opts: dict) -> list[dict]:
         if bar is not None:
             bar.set_postfix_str(f"{family} {size}px {engine} {mode}")
         row = {"family": family, "size": size, "P": world, "engine": engine, "mode": mode}
+        if _row_key(row) in opts.get("resumed", {}):  # measured before the run was cut (--resume)
+            rows.append(opts["resumed"][_row_key(row)])
+            if bar is not None:
+                bar.update(1)
+            continue
         try:
             row.update(_measure(opts, family, size, engine, mode, device, dtype, size_name, world))
         except Exception as exc:  # a row that cannot run says why (the others still run)
