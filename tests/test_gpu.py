@@ -291,9 +291,11 @@ def test_every_family_and_route_on_gpus_equals_one_gpu():
     assert spawn(_families_on_gpus, 2, backend="nccl", timeout_s=420) == [0, 1]
 
 
-def _vmajor_graphs_equal_eager(fp8=False):
+def _vmajor_graphs_equal_eager(fp8=False, compiled=False):
     """V-Major replayed as CUDA graphs (one per branch and level) equals V-Major eager, step by step, with the
-    slow tier emulated (CTA-capped NCCL); every graph's eager warm-up leaves the caches as they were."""
+    slow tier emulated (CTA-capped NCCL); every graph's eager warm-up leaves the caches as they were. With
+    `compiled`, both runs compile the blocks and V-Major's own pieces (change scores; fp8 rows' quantisation, which
+    recompiles with dynamic row counts at the second level, inside a graph's warm-up, never during capture)."""
     import torch.distributed as dist
 
     import cocodiff
@@ -305,7 +307,14 @@ def _vmajor_graphs_equal_eager(fp8=False):
         model = zoo.build_model("flux", "tiny", device=dev, seed=0)
         vm = cocodiff.VMajorConfig(warmup_steps=2, levels=3, fp8=fp8)
         emu = cocodiff.SlowTierEmulation(max_ctas=1)
-        cfg = cocodiff.ParallelConfig(topology="2x1", emulate_slow_tier=emu, v_first=True, v_major=vm, cuda_graph=graph)
+        cfg = cocodiff.ParallelConfig(
+            topology="2x1",
+            emulate_slow_tier=emu,
+            v_first=True,
+            v_major=vm,
+            cuda_graph=graph,
+            compile_blocks=compiled,
+        )
         cocodiff.parallelize(model, cfg)
         inputs = zoo.make_inputs("flux", model, rows=6, cols=5, n_txt=7, device=dev, seed=1)
         out[graph] = _loop_cuda(model, inputs, steps=10)
@@ -335,9 +344,10 @@ def _loop_cuda(model, inputs, steps):
 
 
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16-rows", "fp8-rows"])
-def test_vmajor_graph_replay_equals_eager(fp8):
-    assert spawn(_vmajor_graphs_equal_eager, 2, fp8, backend="nccl", timeout_s=300) == [0, 1]
+def test_vmajor_graph_replay_equals_eager(fp8, compiled):
+    assert spawn(_vmajor_graphs_equal_eager, 2, fp8, compiled, backend="nccl", timeout_s=420) == [0, 1]
 
 
 def _tiny_family_on_gpu(family: str, dev):
