@@ -380,10 +380,16 @@ class _LayerExchange:
             # the rows' index, computed once: V's, Q's and K's messages and the output's arrivals share it
             P, l_max = send.shape[:2]
             glob = self.index = ex.global_rows(self._far_rows(rows), l_max)
-            # what the far ranks now hold for these rows
-            st.ref.view(P * l_max, -1).index_copy_(0, glob, send.view(P * l_max, -1).index_select(0, glob))
+            # what the far ranks now hold for these rows (gathered once: V's message is made of them)
+            picked = send.view(P * l_max, -1).index_select(0, glob)
+            st.ref.view(P * l_max, -1).index_copy_(0, glob, picked)
             plan = self.v_plan = RowPlan(
-                send_rows=rows, send_index=glob, recv=st.recv["v"], carry_rows=True, fp8_group=self._fp8(send)
+                send_rows=rows,
+                send_index=glob,
+                send_values=picked,
+                recv=st.recv["v"],
+                carry_rows=True,
+                fp8_group=self._fp8(send),
             )
         self.v_handle = ex.start(send, lambda recv: unpack_heads(recv, lay), rows=plan)
         return self.v_handle

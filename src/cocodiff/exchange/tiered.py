@@ -49,6 +49,8 @@ class RowPlan:
             callable): the exchanges of one layer share one index computation instead of one small kernel each.
             None: computed from the rows. With `carry_rows`, the arrived rows' index is kept in
             `arrived_index` after `wait()`.
+        send_values: the chosen rows already gathered from the send buffer, `(N_FAR * K, ...)` in `send_index`
+            order, when the caller needed them too (V-Major's reference update): not gathered twice.
     """
 
     send_rows: torch.Tensor | None
@@ -60,6 +62,7 @@ class RowPlan:
     send_index: torch.Tensor | None = None
     recv_index: torch.Tensor | Callable[[], torch.Tensor] | None = None
     arrived_index: torch.Tensor | None = None
+    send_values: torch.Tensor | None = None
 
     def rows_in(self) -> torch.Tensor:
         if self.carry_rows:
@@ -287,8 +290,11 @@ class TieredExchange(BlockExchange):
             return self._finish(Handle(works, recv, post))
         # (P, L_MAX, ...) -> (P * L_MAX, F) -> the chosen rows of the far blocks -> their message (N_FAR, K, W)
         flat = send.view(P * l_max, F)
-        index = plan.send_index if plan.send_index is not None else self.global_rows(rows, l_max)
-        picked = flat.index_select(0, index).view(n_far, K, F)
+        if plan.send_values is not None:
+            picked = plan.send_values.view(n_far, K, F)
+        else:
+            index = plan.send_index if plan.send_index is not None else self.global_rows(rows, l_max)
+            picked = flat.index_select(0, index).view(n_far, K, F)
         compact = _pack_rows(picked, rows if plan.carry_rows else None, plan.fp8_group, self._piece_for(send))
         # byte accounting: near blocks whole, far blocks K rows (with their scales and carried indices)
         block_bytes = send[0].numel() * send.element_size()
