@@ -44,3 +44,34 @@ def test_vmajor_levels_reproduces_its_committed_table(tmp_path):
     rows = [x for x in got if x["run"].endswith("sizes-slow-tier/emulated_1cta") and x["mode"] == "fast+vmajor"]
     assert [x["steps"] for x in rows] == [11, 11, 11, 12]
     assert [round(x["rows_sent"], 2) for x in rows] == [0.5, 0.37, 0.23, 0.1]
+
+
+def test_sharding_cost_reproduces_its_committed_comparisons(tmp_path):
+    # one GPU against one rank of two, kernel by kernel, from the profiles committed beside the report
+    report = DOCS / "2026-11-30-sharding-cost"
+    pairs = [report / "runs" / f"flux_{s}" / f"sharding_cost_P{p}.json" for s in (1024, 2048) for p in (1, 2)]
+    _run("sharding_cost.py", "--out", str(tmp_path), "--compare", *map(str, pairs))
+    for size in (1024, 2048):
+        name = f"sharding_cost_flux_{size}_P2.json"
+        got = json.loads((tmp_path / name).read_text())
+        assert _close(got, json.loads((report / name).read_text()))
+        # the categories add up to the kernel sums, and nothing of the no-exchange step is NCCL's
+        cats = got["by_category"]
+        assert math.isclose(sum(c["excess_ms"] for c in cats.values()), got["kernel_excess_ms"], rel_tol=1e-9)
+        assert math.isclose(sum(c["rank_ms"] for c in cats.values()), got["rank_kernel_sum_ms"], rel_tol=1e-9)
+        assert cats.get("nccl", {"rank_ms": 0.0})["rank_ms"] < 0.1
+    assert (tmp_path / "sharding_cost.png").stat().st_size > 0
+
+
+def test_sharding_cost_kernel_categories():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from sharding_cost import category
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert category("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "nccl"
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128") == "attention"
+    assert category("nvjet_sm90_tst_144x128_64x6_1x2_h_bz_coopA_bias_TNN") == "gemm"
+    assert category("triton_poi_fused_copy_copy__gelu_0") == "triton"
+    assert category("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda") == "copy"
+    assert category("Memset (Unknown)") == "other"
