@@ -45,21 +45,24 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_kernels(fn) -> dict:
-    """Device time (ms) and launches per kernel name over one call of `fn`."""
+def profile_kernels(fn, align=None) -> dict:
+    """Device time (ms) and launches per kernel name over one call of `fn` (`align`: called just before it, e.g. a
+    barrier, so that a collective in the call does not time another rank's lateness)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
+    if align is not None:
+        align()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     kernels = collections.defaultdict(lambda: [0.0, 0])
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name[:160]][0] += e.device_time_total / 1e3
-            kernels[e.name[:160]][1] += 1
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # keyed by the whole name: templates differ late
+            kernels[e.name][0] += e.device_time_total / 1e3
+            kernels[e.name][1] += 1
     return {name: {"ms": v[0], "n": v[1]} for name, v in kernels.items()}
 
 
@@ -111,7 +114,7 @@ def measure(args) -> dict:
         for _ in range(3):  # compile, capture, warm up
             step()
         times = time_ms(step, warmup=2, iters=args.iters)
-        kernels = profile_kernels(step)
+        kernels = profile_kernels(step, align=dist.barrier)
         result["modes"][mode] = {
             "ms": statistics.median(times),
             "ms_all": times,
@@ -138,7 +141,19 @@ def run(args) -> None:
 
 
 def compare(one: dict, many: dict, top: int = 20) -> dict:
-    """Kernel by kernel: one GPU's time against P x one rank's, in the P-rank run's `no_exchange` mode."""
+    """Kernel by kernel: one GPU's time against P x one rank's, in the P-rank run's `no_exchange` mode. Kernel
+    sums leave NCCL's kernels out (in the no-exchange step only the output's gather is left, and its time is
+    mostly waiting for the other rank); the categories list them."""
+    if one["world"] != 1 or many["world"] < 2 or "no_exchange" not in many["modes"]:
+        raise ValueError(
+            f"sharding_cost --compare: give one GPU's run, then a P > 1 run (got P={one['world']} and "
+            f"P={many['world']})"
+        )
+    if (one["family"], one["size"], one["preset"]) != (many["family"], many["size"], many["preset"]):
+        raise ValueError(
+            "sharding_cost --compare: the two runs differ: "
+            f"{one['family']} {one['size']} {one['preset']} vs {many['family']} {many['size']} {many['preset']}"
+        )
     p = many["world"]
     k1 = one["modes"]["exact"]["kernels"]
     kp = many["modes"]["no_exchange"]["kernels"]
@@ -165,6 +180,10 @@ def compare(one: dict, many: dict, top: int = 20) -> dict:
         c["rank_ms"] += r["rank_ms"]
         c["excess_ms"] += r["excess_ms"]
     m1, mp = one["modes"]["exact"], many["modes"]["no_exchange"]
+
+    def kernel_sum(kernels: dict) -> float:
+        return sum(v["ms"] for name, v in kernels.items() if category(name) != "nccl")
+
     summary = {
         "family": one["family"],
         "size": one["size"],
@@ -174,11 +193,11 @@ def compare(one: dict, many: dict, top: int = 20) -> dict:
         "exact_ms": many["modes"]["exact"]["ms"],
         "ideal_ms": m1["ms"] / p,
         "sharding_cost_ms": mp["ms"] - m1["ms"] / p,
-        "one_gpu_kernel_sum_ms": m1["kernel_sum_ms"],
-        "rank_kernel_sum_ms": mp["kernel_sum_ms"],
-        "kernel_excess_ms": mp["kernel_sum_ms"] - m1["kernel_sum_ms"] / p,
-        "idle_one_gpu_ms": m1["ms"] - m1["kernel_sum_ms"],
-        "idle_rank_ms": mp["ms"] - mp["kernel_sum_ms"],
+        "one_gpu_kernel_sum_ms": kernel_sum(k1),
+        "rank_kernel_sum_ms": kernel_sum(kp),
+        "kernel_excess_ms": kernel_sum(kp) - kernel_sum(k1) / p,
+        "idle_one_gpu_ms": m1["ms"] - kernel_sum(k1),
+        "idle_rank_ms": mp["ms"] - kernel_sum(kp),
         "by_category": dict(cats),
         "exact_by_category_ms": many["modes"]["exact"]["by_category_ms"],
         "largest_excess": sorted(rows, key=lambda r: -abs(r["excess_ms"]))[:top],
@@ -193,7 +212,8 @@ def report(s: dict) -> str:
         "",
         f"- one GPU step {s['one_gpu_ms']:.1f} ms; ideal share {s['ideal_ms']:.1f}; P={p} no-exchange step "
         f"{s['no_exchange_ms']:.1f} (sharding cost {s['sharding_cost_ms']:+.1f}); exact step {s['exact_ms']:.1f}",
-        f"- kernel sums: one GPU {s['one_gpu_kernel_sum_ms']:.1f} ms, one rank {s['rank_kernel_sum_ms']:.1f} "
+        f"- kernel sums (NCCL's left out): one GPU {s['one_gpu_kernel_sum_ms']:.1f} ms, one rank "
+        f"{s['rank_kernel_sum_ms']:.1f} "
         f"(excess over 1/P {s['kernel_excess_ms']:+.1f}); step minus kernel sum (idle or launch gaps; negative "
         f"= overlapped streams): one GPU {s['idle_one_gpu_ms']:+.1f}, one rank {s['idle_rank_ms']:+.1f}",
         "",

@@ -13,6 +13,7 @@ rows as JSON to the path given.
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 
@@ -61,7 +62,7 @@ def main() -> None:
                     row[name] = statistics.median(time_ms(f, warmup=5, iters=30))
                 res.append(row)
                 print(json.dumps(row), flush=True)
-    json.dump(res, open(sys.argv[1], "w"), indent=1)
+    Path(sys.argv[1]).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
