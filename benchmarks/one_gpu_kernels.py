@@ -139,6 +139,9 @@ def main() -> None:
             result["rows"].append(row)
             (out / "one_gpu_kernels.json").write_text(json.dumps(result, indent=1))
             print(json.dumps({k: v for k, v in row.items() if k not in ENGINES}), flush=True)
+    from cocodiff.apps.launch import release_together
+
+    release_together()  # graphs freed before the group goes (pytorch#115388)
     dist.destroy_process_group()
 
 

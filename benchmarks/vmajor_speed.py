@@ -196,7 +196,9 @@ def main() -> None:
                         entry[f"rel_err_vs_flat_{steps}"] = ((x - ref).norm() / ref.norm()).item()
             _amdahl(result, size, ctas, args.steps)
             save()
-    dist.barrier()
+    from cocodiff.apps.launch import release_together
+
+    release_together()  # graphs and buffers freed on every rank before the group goes (pytorch#115388)
     dist.destroy_process_group()
 
 

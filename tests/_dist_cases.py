@@ -704,6 +704,49 @@ def cuda_graph_switch_logic(world):
     return True
 
 
+def release_logic(world):
+    """`cocodiff.release`: drops every graph captured over a model (the engine's switch and a `GraphedStep`-like
+    holder registered with it), keeps the model usable (the next call captures again, same output), finds the
+    transformer of a pipeline, and counts what it released; a model never parallelised releases nothing."""
+    import types
+
+    from cocodiff.exchange import CommStats
+
+    EagerRecorder = _eager_recorder()
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model("flux", "tiny", seed=0)
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+    graphs = par.cocodiff.install_graphs(par, EagerRecorder)
+    # stands in for a GraphedStep over the model (CUDA only)
+    held = EagerRecorder(lambda x: (x * 2,), stats=CommStats(("local",)))
+    par.cocodiff.external_graphs.add(held)
+    inputs = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, seed=4)
+    with torch.no_grad():
+        first = par(**inputs, return_dict=False)[0]
+        held(torch.ones(2))
+        assert len(graphs) == 1 and len(held) == 1
+        assert cocodiff.release(par) == 1
+        assert len(graphs) == 0 and len(held) == 0
+        again = par(**inputs, return_dict=False)[0]  # captures again
+        assert len(graphs) == 1 and torch.equal(again, first)
+        torch.testing.assert_close(again, model(**inputs).sample, rtol=1e-4, atol=2e-5)
+        assert cocodiff.release(types.SimpleNamespace(transformer=par)) == 1 and len(graphs) == 0
+        par(**inputs)
+        assert cocodiff.release() >= 1 and len(graphs) == 0  # every engine of this process
+    assert cocodiff.release(model) == 0  # never parallelised
+    try:
+        cocodiff.release(object())
+        return "no error for an object without a transformer"
+    except TypeError as exc:
+        assert "transformer" in str(exc), exc
+    dist.barrier(group)
+    return True
+
+
 def uneven_heads_match(family, world, heads=10):
     """Heads that do not divide over the ranks (padded with zero heads) give the single-process output."""
     group = subgroup(world)

@@ -529,3 +529,57 @@ def _head_groups_on_gpus():
 @pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
 def test_head_groups_in_the_fast_step_equal_one_gpu():
     assert spawn(_head_groups_on_gpus, 2, backend="nccl", timeout_s=540) == [0, 1]
+
+
+_RELEASE_SCRIPT = """
+import os, sys
+import torch, torch.distributed as dist
+import cocodiff
+from cocodiff.apps import families as zoo
+
+dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+torch.cuda.set_device(dev)
+dist.init_process_group("nccl", device_id=dev)
+model = zoo.build_model("flux", "tiny", seed=0).to(dev, torch.bfloat16)
+route = sys.argv[1]
+cocodiff.parallelize(model, cocodiff.ParallelConfig(all_to_all=route, v_first=True, cuda_graph=True))
+inputs = zoo.make_inputs("flux", model, rows=8, cols=8, n_txt=8, device=dev, dtype=torch.bfloat16, seed=1)
+with torch.no_grad():
+    first = [model(**inputs).sample for _ in range(3)]  # capture, replays
+    assert len(model.cocodiff.graphs) == 1
+    assert cocodiff.release(model) == 1 and len(model.cocodiff.graphs) == 0
+    again = model(**inputs).sample  # usable after release: captures (and allocates) again
+    assert torch.equal(again, first[-1]), "the step after release differs"
+cocodiff.release()  # the README's order: every rank, then the group goes while the model is still alive
+dist.destroy_process_group()
+print("exited", dist.is_initialized(), flush=True)
+"""
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("route", ["flat", "copy_engine"])
+def test_a_users_script_with_graphs_exits_after_release(route, tmp_path):
+    # the README's own-script pattern (torchrun, CUDA graphs, destroy_process_group at the end while the model
+    # lives) must exit: graphs that captured NCCL work and outlive the group can hang its destruction
+    # (pytorch/pytorch#115388); a P=2 benchmark script of this shape wrote its results and never exited
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_script.py"
+    script.write_text(_RELEASE_SCRIPT)
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), route]
+    import signal
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired as exc:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks: nothing left holding the GPUs
+        proc.communicate()
+        raise AssertionError(f"{route}: the script did not exit within 240 s") from exc
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("exited False") == 2, out[-2000:]

@@ -68,6 +68,10 @@ def test_cuda_graph_switch_bookkeeping_on_cpu_ranks(pools):
     assert pools(4).run(cases.cuda_graph_switch_logic, 2)[:2] == [True, True]
 
 
+def test_release_drops_graphs_and_keeps_the_model_usable(pools):
+    assert pools(4).run(cases.release_logic, 2)[:2] == [True, True]
+
+
 def test_copied_diffusers_forward_is_current():
     # models/flux.py carries a reordered copy of diffusers' FluxSingleTransformerBlock.forward: when the installed
     # diffusers changes that forward, the copy must be reviewed (until then it is not installed: exact, no overlap)

@@ -11,8 +11,8 @@ imports.
 
 from . import checkpoint
 from .config import ParallelConfig, SlowTierEmulation, VMajorConfig
-from .parallelize import parallelize
+from .parallelize import parallelize, release
 from .topology import Topology
 
-__all__ = ["ParallelConfig", "SlowTierEmulation", "Topology", "VMajorConfig", "checkpoint", "parallelize"]
+__all__ = ["ParallelConfig", "SlowTierEmulation", "Topology", "VMajorConfig", "checkpoint", "parallelize", "release"]
 __version__ = "0.1.0"

@@ -12,6 +12,8 @@ step, V-Major's plan for this call) and splits the inputs; every attention proce
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from contextlib import nullcontext
 from typing import Any
 
@@ -27,6 +29,28 @@ from .step import CallInfo, StepContext
 from .topology import TierGroups, Topology
 
 UnsetMarker = object()  # "argument not given" where None is a meaningful value
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every engine of this process (`release_all`)
+
+
+def release_all(*, at_exit: bool = False) -> int:
+    """`UlyssesEngine.release` on every live engine of this process; returns how many. `at_exit`: only drop the
+    captured graphs, never raising (the interpreter is finishing; the process group may be gone)."""
+    engines = list(_LIVE)
+    for engine in engines:
+        if at_exit:
+            try:
+                engine.drop_graphs()
+            except Exception:  # nothing may fail at interpreter exit
+                pass
+        else:
+            engine.release()
+    return len(engines)
+
+
+# A process that exits without `cocodiff.release()` still drops its graphs before the process group's own
+# teardown (atexit handlers run first, newest first: this one before torch's)
+atexit.register(release_all, at_exit=True)
 
 
 class UlyssesEngine:
@@ -97,6 +121,8 @@ class UlyssesEngine:
         self._mask_cache: dict = {}
         self._mask_buffers: dict[tuple, torch.Tensor] = {}
         self._all_ones: list[tuple[torch.Tensor, int, tuple]] = []  # (mask, version, (all ones?, masked)), recent
+        self.external_graphs: weakref.WeakSet = weakref.WeakSet()  # `GraphedStep`s over this engine's model
+        _LIVE.add(self)
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def attach(self, model: torch.nn.Module) -> None:
@@ -167,6 +193,27 @@ class UlyssesEngine:
     def _drop_graphs(self) -> None:
         if self.graphs is not None:
             self.graphs.clear()  # captured under the old schedule
+
+    def drop_graphs(self) -> None:
+        """Drop every CUDA graph captured over this engine's model: its own (`cuda_graph=True`) and those of
+        `GraphedStep`s over the model. The next call per signature captures again."""
+        self._drop_graphs()
+        for graphs in list(self.external_graphs):
+            graphs.clear()
+
+    def release(self) -> None:
+        """Let go of what ties this engine to its process group; call it before `destroy_process_group`.
+
+        Drops the captured CUDA graphs and frees the copy-engine exchange's symmetric-memory buffers. Graphs
+        that captured NCCL work and outlive the process group can hang its destruction (pytorch/pytorch#115388:
+        `ncclCommDestroy` waits). Every rank must call it; nothing collective runs. The engine stays usable:
+        the next call allocates and captures again (collectively, as the first call did)."""
+        if self.device.type == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.synchronize(self.device)  # nothing in flight uses what is freed below
+        self.drop_graphs()
+        routes = [self.exchange, self._configured_exchange, *self._configured_exchange.routes()]
+        for route in {id(r): r for r in routes}.values():
+            route.release()
 
     # ---- per call -------------------------------------------------------------------------------------
     def begin_call(self, n_img: int, n_txt: int, *, timestep=None, batch: int = 1, elem: int = 4) -> None:

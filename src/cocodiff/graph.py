@@ -250,6 +250,8 @@ class GraphedStep(StepGraphs):
             raise ValueError("GraphedStep takes exact engines; with V-Major use ParallelConfig(cuda_graph=True)")
         self.model = model
         super().__init__(self._call, warmup=warmup)
+        if engine is not None:
+            engine.external_graphs.add(self)  # `cocodiff.release` drops these graphs too
 
     def _call(self, **kwargs):
         out = self.model(**kwargs, return_dict=False)

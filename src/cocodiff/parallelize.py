@@ -254,3 +254,30 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
         if scheduler is not None and hasattr(scheduler, "timesteps"):
             second.cocodiff.steps.follow(scheduler)
     return obj
+
+
+def release(obj=None) -> int:
+    """Before `torch.distributed.destroy_process_group()`: free what parallelised models hold of their group.
+
+    Drops every CUDA graph captured over them (`cuda_graph=True`, `GraphedStep`) and the copy-engine exchange's
+    symmetric-memory buffers. A process group destroyed while graphs that captured its NCCL work are alive can
+    hang in `ncclCommDestroy` (pytorch/pytorch#115388); at interpreter exit cocodiff drops its graphs itself,
+    which does not help a script that destroys the group first. The models stay usable: their next call
+    captures and allocates again. Runs nothing collective, but call it on every rank.
+
+    Args:
+        obj: a parallelised transformer or pipeline (its `transformer_2` too); None: every parallelised model of
+            this process.
+
+    Returns:
+        how many engines were released (0 for a model that was never parallelised).
+    """
+    from .engine import release_all
+
+    if obj is None:
+        return release_all()
+    model = _find_transformer(obj)
+    engines = [m.cocodiff for m in (model, _second_transformer(obj, model)) if m is not None and hasattr(m, "cocodiff")]
+    for engine in engines:
+        engine.release()
+    return len(engines)

@@ -71,10 +71,13 @@ def release_together() -> None:
     peer that has already gone (a suspected cause of runs that wrote their results and did not exit)."""
     import gc
 
+    from ..engine import release_all
+
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     if cuda:
         torch.cuda.synchronize()
     dist.barrier()
+    release_all()  # models still referenced: their captured graphs and symmetric buffers (`cocodiff.release`)
     gc.collect()
     if cuda:
         torch.cuda.synchronize()

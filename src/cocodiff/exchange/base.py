@@ -195,6 +195,11 @@ class BlockExchange(ABC):
         """The routes this one dispatches to (itself, or the candidates of an automatic choice)."""
         return [self]
 
+    def release(self) -> None:
+        """Free buffers this route holds across calls (the next call allocates again); no-op by default.
+        Only when no exchange is in flight and no captured graph uses them (`UlyssesEngine.release`)."""
+        return None
+
     def set_sync(self, sync: bool) -> None:
         for route in self.routes():
             route.sync = sync

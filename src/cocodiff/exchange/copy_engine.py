@@ -87,6 +87,17 @@ class CopyEngineExchange(BlockExchange):
     def extra_buffers(self, in_flight: int) -> int:
         return self.slots  # the send buffers live in the symmetric buffer's slots
 
+    def release(self) -> None:
+        """Free the symmetric buffers (the current one and those outgrown); the next message allocates anew."""
+        if self._buf is not None:
+            torch.cuda.synchronize(self._buf.device)
+        self._buf = self._hdl = None
+        self._retired.clear()
+        self._slot_bytes = 0
+        self._slot_done = [None] * self.slots
+        self._pending = None
+        self._next = 0
+
     # ---- buffers ------------------------------------------------------------------------------------
     def _ensure(self, nbytes: int, device: torch.device) -> None:
         need = -(-nbytes // _ALIGN) * _ALIGN
