@@ -548,6 +548,8 @@ with torch.no_grad():
     first = [model(**inputs).sample for _ in range(3)]  # capture, replays
     assert len(model.cocodiff.graphs) == 1
     assert cocodiff.release(model) == 1 and len(model.cocodiff.graphs) == 0
+    ex = model.cocodiff.exchange
+    assert getattr(ex, "_buf", None) is None and not getattr(ex, "_retired", []), "symmetric buffers kept"
     again = model(**inputs).sample  # usable after release: captures (and allocates) again
     assert torch.equal(again, first[-1]), "the step after release differs"
 cocodiff.release()  # the README's order: every rank, then the group goes while the model is still alive
@@ -562,24 +564,48 @@ def test_a_users_script_with_graphs_exits_after_release(route, tmp_path):
     # the README's own-script pattern (torchrun, CUDA graphs, destroy_process_group at the end while the model
     # lives) must exit: graphs that captured NCCL work and outlive the group can hang its destruction
     # (pytorch/pytorch#115388); a P=2 benchmark script of this shape wrote its results and never exited
+    import contextlib
     import os
+    import signal
     import subprocess
     import sys
 
     script = tmp_path / "user_script.py"
     script.write_text(_RELEASE_SCRIPT)
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), route]
-    import signal
-
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
-    )
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired as exc:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its ranks: nothing left holding the GPUs
-        proc.communicate()
-        raise AssertionError(f"{route}: the script did not exit within 240 s") from exc
-    assert proc.returncode == 0, err[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), route]
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:  # a file, not a pipe: ranks that outlive torchrun cannot block the read
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired as exc:
+            ranks = _children(proc.pid)  # torchrun puts each rank in a session of its own
+            proc.terminate()  # torchrun stops its ranks on SIGTERM
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            for pid in ranks:  # whatever is left must not hold the GPUs for the next test
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"{route}: the script did not exit within 240 s: {log.read_text()[-2000:]}") from exc
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
     assert out.count("exited False") == 2, out[-2000:]
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    import os
+
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids

@@ -43,18 +43,67 @@ def test_graph_switch_warns_when_a_changing_argument_defeats_reuse():
     assert len(graphs) == 10 and not [w for w in caught if "defeats graph reuse" in str(w.message)]
 
 
-def test_release_at_exit_never_raises():
-    # the atexit fallback runs while the interpreter finishes: an engine whose graphs cannot be dropped any more
-    # (its process group or device gone) must not turn a clean exit into a traceback
+def test_release_all_tries_every_engine_and_at_exit_only_drops_graphs():
+    # at interpreter exit only graphs are dropped and nothing raises; otherwise every engine is released and the
+    # first error comes after
+    import pytest
+
     from cocodiff import engine
 
-    class Gone:
-        def drop_graphs(self):
-            raise RuntimeError("device gone")
+    calls = []
 
-    gone = Gone()
-    engine._LIVE.add(gone)
+    class Engine:
+        def __init__(self, name, fail):
+            self.name, self.fail = name, fail
+
+        def drop_graphs(self):
+            calls.append(("drop", self.name))
+            if self.fail:
+                raise RuntimeError("device gone")
+
+        def release(self):
+            calls.append(("release", self.name))
+            if self.fail:
+                raise RuntimeError(f"{self.name} failed")
+
+    fakes = [Engine("a", True), Engine("b", True)]
+    for f in fakes:
+        engine._LIVE.add(f)
     try:
-        assert engine.release_all(at_exit=True) >= 1
+        assert engine.release_all(at_exit=True) >= 2
+        assert sorted(c for c in calls if c[1] in "ab") == [("drop", "a"), ("drop", "b")]
+        calls.clear()
+        with pytest.raises(RuntimeError, match="failed"):
+            engine.release_all()
+        assert sorted(c for c in calls if c[1] in "ab") == [("release", "a"), ("release", "b")]
     finally:
-        engine._LIVE.discard(gone)
+        for f in fakes:
+            engine._LIVE.discard(f)
+
+
+def test_release_clears_graphed_steps_with_or_without_an_engine(monkeypatch):
+    # a GraphedStep registers with its model's engine, and every StepGraphs with the process: `release(model)`
+    # and `release()` clear them, also one built before `parallelize` (no engine then)
+    import weakref
+
+    import cocodiff
+    from cocodiff.graph import GraphedStep, live_graphs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GraphedStep's check; nothing is captured here
+
+    class FakeEngine:
+        vmajor = None
+
+        def __init__(self):
+            self.external_graphs = weakref.WeakSet()
+
+    with_engine, without = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with_engine.cocodiff = FakeEngine()
+    a, b = GraphedStep(with_engine), GraphedStep(without)
+    assert a in with_engine.cocodiff.external_graphs and {a, b} <= set(live_graphs())
+    for g in (a, b):
+        g._graphs["key"] = object()  # stands in for a captured graph
+    assert cocodiff.release(without) == 0 and len(b) == 0 and len(a) == 1  # only the graphs over that model
+    b._graphs["key"] = object()
+    cocodiff.release()
+    assert len(a) == 0 and len(b) == 0

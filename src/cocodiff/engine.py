@@ -34,22 +34,36 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()  # every engine of this process (`rel
 
 
 def release_all(*, at_exit: bool = False) -> int:
-    """`UlyssesEngine.release` on every live engine of this process; returns how many. `at_exit`: only drop the
-    captured graphs, never raising (the interpreter is finishing; the process group may be gone)."""
+    """`UlyssesEngine.release` on every live engine of this process, and every other graph cocodiff captured
+    (a `GraphedStep` built before `parallelize`, say) dropped; returns how many engines. Every engine is tried;
+    the first error is raised after. `at_exit`: only drop the graphs, never raising (the interpreter is
+    finishing; the process group may be gone)."""
+    from .graph import live_graphs
+
     engines = list(_LIVE)
+    first_error: Exception | None = None
     for engine in engines:
-        if at_exit:
-            try:
+        try:
+            if at_exit:
                 engine.drop_graphs()
-            except Exception:  # nothing may fail at interpreter exit
-                pass
-        else:
-            engine.release()
+            else:
+                engine.release()
+        except Exception as exc:  # at exit nothing may fail; otherwise the others are still released
+            first_error = first_error or exc
+    for graphs in live_graphs():
+        try:
+            graphs.clear()
+        except Exception as exc:
+            first_error = first_error or exc
+    if first_error is not None and not at_exit:
+        raise first_error
     return len(engines)
 
 
-# A process that exits without `cocodiff.release()` still drops its graphs before the process group's own
-# teardown (atexit handlers run first, newest first: this one before torch's)
+# A script that exits without `cocodiff.release()` and without destroying its process group still drops the
+# graphs before the interpreter tears the group down (after the atexit handlers). A script that destroys the
+# group itself, or registers `destroy_process_group` with atexit after importing cocodiff, must call
+# `cocodiff.release()` first.
 atexit.register(release_all, at_exit=True)
 
 
@@ -204,10 +218,11 @@ class UlyssesEngine:
     def release(self) -> None:
         """Let go of what ties this engine to its process group; call it before `destroy_process_group`.
 
-        Drops the captured CUDA graphs and frees the copy-engine exchange's symmetric-memory buffers. Graphs
-        that captured NCCL work and outlive the process group can hang its destruction (pytorch/pytorch#115388:
-        `ncclCommDestroy` waits). Every rank must call it; nothing collective runs. The engine stays usable:
-        the next call allocates and captures again (collectively, as the first call did)."""
+        Drops the CUDA graphs captured over its model (`drop_graphs`) and frees the copy-engine exchange's
+        symmetric-memory buffers. Graphs that captured NCCL work and outlive the process group can hang its
+        destruction (pytorch/pytorch#115388: `ncclCommDestroy` waits). Every rank must release the same engines
+        at the same point: freeing symmetric memory can be collective, and so is the next call's allocation.
+        The engine stays usable: the next call allocates and captures again, as the first call did."""
         if self.device.type == "cuda" and torch.cuda.is_initialized():
             torch.cuda.synchronize(self.device)  # nothing in flight uses what is freed below
         self.drop_graphs()

@@ -19,8 +19,9 @@ Each distinct signature (tensor shapes/dtypes/devices and the values of other ar
 graph, in one memory pool. Changing the schedule (`engine.set_schedule`, `use_exchange`) drops the graphs.
 Parameters are read from their memory at replay: updating weights in place (LoRA fusing, `load_state_dict`)
 is seen by the graph; replacing parameter tensors by new ones after capture is not, so call
-`engine.graphs.clear()` after doing that. Calls with gradients enabled, or with tensors inside container
-arguments, run eagerly.
+`engine.drop_graphs()` after doing that. Calls with gradients enabled, or with tensors inside container
+arguments, run eagerly. Before the process group is destroyed, `cocodiff.release()` drops every graph here
+(each `StepGraphs` is in a process-wide weak set): graphs holding NCCL work can hang the group's destruction.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def _alive(ref: Callable[[], Callable | None]) -> Callable:
     return fn
 
 
+_LIVE_GRAPHS: weakref.WeakSet = weakref.WeakSet()  # every StepGraphs / GraphedStep of this process (`release`)
+
+
 class StepGraphs:
     """Captured CUDA graphs of `fn`, one per input signature; calling it replays (capturing on first sight).
 
@@ -131,6 +135,7 @@ class StepGraphs:
         self._graphs: dict[Any, _Captured] = {}
         self._pool = None
         self._warned = False
+        _LIVE_GRAPHS.add(self)  # `cocodiff.release` finds it even when no engine knows of it
 
     @property
     def fn(self) -> Callable:
@@ -251,7 +256,7 @@ class GraphedStep(StepGraphs):
         self.model = model
         super().__init__(self._call, warmup=warmup)
         if engine is not None:
-            engine.external_graphs.add(self)  # `cocodiff.release` drops these graphs too
+            engine.external_graphs.add(self)  # `cocodiff.release(model)` drops these graphs too
 
     def _call(self, **kwargs):
         out = self.model(**kwargs, return_dict=False)
@@ -261,3 +266,8 @@ class GraphedStep(StepGraphs):
         kwargs.pop("return_dict", None)
         with torch.no_grad():  # inference only
             return super().__call__(**kwargs)
+
+
+def live_graphs() -> list[StepGraphs]:
+    """Every `StepGraphs` (the `cuda_graph=True` switches and `GraphedStep`s) of this process that is alive."""
+    return list(_LIVE_GRAPHS)

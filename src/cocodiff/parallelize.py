@@ -23,14 +23,14 @@ from .ring import split_degree
 from .topology import Topology, build_groups, check_groups, slow_link_options
 
 
-def _find_transformer(obj) -> nn.Module:
+def _find_transformer(obj, what: str = "parallelize") -> nn.Module:
     if isinstance(obj, nn.Module):
         return obj
     transformer = getattr(obj, "transformer", None)
     if isinstance(transformer, nn.Module):
         return transformer
     raise TypeError(
-        f"cocodiff.parallelize: expected a diffusers transformer or a pipeline with a `.transformer`, "
+        f"cocodiff.{what}: expected a diffusers transformer or a pipeline with a `.transformer`, "
         f"got {type(obj).__name__}"
     )
 
@@ -259,25 +259,35 @@ def parallelize(obj, config: ParallelConfig | None = None, *, group=None):
 def release(obj=None) -> int:
     """Before `torch.distributed.destroy_process_group()`: free what parallelised models hold of their group.
 
-    Drops every CUDA graph captured over them (`cuda_graph=True`, `GraphedStep`) and the copy-engine exchange's
-    symmetric-memory buffers. A process group destroyed while graphs that captured its NCCL work are alive can
-    hang in `ncclCommDestroy` (pytorch/pytorch#115388); at interpreter exit cocodiff drops its graphs itself,
-    which does not help a script that destroys the group first. The models stay usable: their next call
-    captures and allocates again. Runs nothing collective, but call it on every rank.
+    Drops the CUDA graphs cocodiff captured over them (`cuda_graph=True`, `GraphedStep`) and the copy-engine
+    exchange's symmetric-memory buffers. A process group destroyed while graphs that captured its NCCL work are
+    alive can hang in `ncclCommDestroy` (pytorch/pytorch#115388); at interpreter exit cocodiff drops its graphs
+    itself, which does not help a script that destroys the group first. Graphs cocodiff did not make (your own
+    `torch.cuda.graph`, `torch.compile(mode="reduce-overhead")`) are yours to delete before. The models stay
+    usable: their next call captures and allocates again. Every rank must release the same models at the same
+    point (freeing symmetric memory can be collective).
 
     Args:
         obj: a parallelised transformer or pipeline (its `transformer_2` too); None: every parallelised model of
-            this process.
+            this process, and every graph cocodiff captured.
 
     Returns:
         how many engines were released (0 for a model that was never parallelised).
+
+    Raises:
+        TypeError: `obj` is neither a transformer nor a pipeline with one.
     """
     from .engine import release_all
+    from .graph import live_graphs
 
     if obj is None:
         return release_all()
-    model = _find_transformer(obj)
-    engines = [m.cocodiff for m in (model, _second_transformer(obj, model)) if m is not None and hasattr(m, "cocodiff")]
+    model = _find_transformer(obj, "release")
+    models = [m for m in (model, _second_transformer(obj, model)) if m is not None]
+    engines = [m.cocodiff for m in models if hasattr(m, "cocodiff")]
     for engine in engines:
         engine.release()
+    for graphs in live_graphs():  # GraphedSteps over these models that no engine knew of (built before parallelize)
+        if any(getattr(graphs, "model", None) is m for m in models):
+            graphs.clear()
     return len(engines)

@@ -96,6 +96,9 @@ def run_launched(fn: Callable, *args, cuda: bool, collective_timeout_s: float) -
         release_together()
         return out
     finally:
+        from ..engine import release_all
+
+        release_all(at_exit=True)  # after an error too: no graph holding NCCL work outlives the group
         dist.destroy_process_group()
 
 
