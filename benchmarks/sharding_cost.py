@@ -73,6 +73,49 @@ def by_category(kernels: dict) -> dict:
     return dict(out)
 
 
+class ClockSampler:
+    """The GPU's SM clock (MHz) and power draw (W), polled by `nvidia-smi` every 20 ms while `with` is open: were
+    the timed calls and the profiled one run at the same clock? Empty where `nvidia-smi` is missing."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.samples: list[tuple[float, float]] = []
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+
+        self._proc = None
+        if shutil.which("nvidia-smi"):
+            cmd = ["nvidia-smi", f"--id={self.index}", "--query-gpu=clocks.sm,power.draw"]
+            cmd += ["--format=csv,noheader,nounits", "--loop-ms=20"]
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate(timeout=10)
+        for line in out.splitlines():
+            try:
+                clock, power = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            self.samples.append((clock, power))
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        clocks, powers = zip(*self.samples)
+        return {
+            "sm_clock_mhz_median": statistics.median(clocks),
+            "sm_clock_mhz_min": min(clocks),
+            "power_w_median": statistics.median(powers),
+            "samples": len(clocks),
+        }
+
+
 def measure(args) -> dict:
     """One rank's share: the step's time and kernels per mode (every rank runs the same calls)."""
     import torch
@@ -113,11 +156,15 @@ def measure(args) -> dict:
             eng.use_exchange(NoExchange(topology=eng.topology, rank=eng.rank, stats=eng.stats))
         for _ in range(3):  # compile, capture, warm up
             step()
-        times = time_ms(step, warmup=2, iters=args.iters)
-        kernels = profile_kernels(step, align=dist.barrier)
+        with ClockSampler(device.index) as timed_clock:
+            times = time_ms(step, warmup=2, iters=args.iters)
+        with ClockSampler(device.index) as profiled_clock:
+            kernels = profile_kernels(step, align=dist.barrier)
         result["modes"][mode] = {
             "ms": statistics.median(times),
             "ms_all": times,
+            "clock_timed": timed_clock.summary(),  # the GPU's clock during the timed calls and the profiled one
+            "clock_profiled": profiled_clock.summary(),
             "kernel_sum_ms": sum(v["ms"] for v in kernels.values()),
             "by_category_ms": by_category(kernels),
             "kernels": kernels,
@@ -157,7 +204,7 @@ def compare(one: dict, many: dict, top: int = 20) -> dict:
     p = many["world"]
     k1 = one["modes"]["exact"]["kernels"]
     kp = many["modes"]["no_exchange"]["kernels"]
-    names = set(k1) | set(kp)
+    names = sorted(set(k1) | set(kp))  # a fixed order: the sums are the same on every run
     rows = []
     for name in names:
         a = k1.get(name, {"ms": 0.0, "n": 0})
@@ -200,6 +247,10 @@ def compare(one: dict, many: dict, top: int = 20) -> dict:
         "idle_rank_ms": mp["ms"] - kernel_sum(kp),
         "by_category": dict(cats),
         "exact_by_category_ms": many["modes"]["exact"]["by_category_ms"],
+        "clocks": {  # runs from before the clock sampler have none
+            "one_gpu": {k: m1.get(k) for k in ("clock_timed", "clock_profiled")},
+            "rank_no_exchange": {k: mp.get(k) for k in ("clock_timed", "clock_profiled")},
+        },
         "largest_excess": sorted(rows, key=lambda r: -abs(r["excess_ms"]))[:top],
     }
     return summary
@@ -216,6 +267,20 @@ def report(s: dict) -> str:
         f"{s['rank_kernel_sum_ms']:.1f} "
         f"(excess over 1/P {s['kernel_excess_ms']:+.1f}); step minus kernel sum (idle or launch gaps; negative "
         f"= overlapped streams): one GPU {s['idle_one_gpu_ms']:+.1f}, one rank {s['idle_rank_ms']:+.1f}",
+    ]
+    clocks = s.get("clocks", {})
+    if any(v for run in clocks.values() for v in run.values()):
+
+        def mhz(run: str, when: str) -> str:
+            c = clocks[run].get(when) or {}
+            return f"{c['sm_clock_mhz_median']:.0f}" if c else "-"
+
+        lines.append(
+            f"- SM clock, median MHz (timed calls / profiled call): one GPU {mhz('one_gpu', 'clock_timed')} / "
+            f"{mhz('one_gpu', 'clock_profiled')}, one rank {mhz('rank_no_exchange', 'clock_timed')} / "
+            f"{mhz('rank_no_exchange', 'clock_profiled')}"
+        )
+    lines += [
         "",
         "| category | one GPU ms | one rank ms | excess over 1/P ms |",
         "|---|---|---|---|",

@@ -130,12 +130,30 @@ def test_attention_and_v_pack_report_figures_are_the_data():
     assert all(r["max_diff_loop"] == 0.0 for r in v.values()) and all(r["max_diff_bmm"] > 0 for r in v.values())
 
 
-def test_sharding_cost_kernel_categories():
+def _sharding_cost():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from sharding_cost import category
+        import sharding_cost
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    return sharding_cost
+
+
+def test_sharding_cost_reports_the_gpu_clock_when_sampled():
+    # later runs sample the SM clock during the timed calls and the profiled one; the report says both
+    sc = _sharding_cost()
+    s = json.loads((DOCS / "2026-11-30-sharding-cost" / "sharding_cost_flux_1024_P2.json").read_text())
+    assert "SM clock" not in sc.report(s)  # these runs predate the sampler
+    s["clocks"]["one_gpu"]["clock_timed"] = {"sm_clock_mhz_median": 1755.0}
+    s["clocks"]["rank_no_exchange"]["clock_profiled"] = {"sm_clock_mhz_median": 1980.0}
+    assert "(timed calls / profiled call): one GPU 1755 / -, one rank - / 1980" in sc.report(s)
+    with sc.ClockSampler(0) as clock:  # without nvidia-smi (CPU machines): no samples, no error
+        pass
+    assert clock.summary() == {} or clock.summary()["samples"] >= 0
+
+
+def test_sharding_cost_kernel_categories():
+    category = _sharding_cost().category
     assert category("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "nccl"
     assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128") == "attention"
     assert category("nvjet_sm90_tst_144x128_64x6_1x2_h_bz_coopA_bias_TNN") == "gemm"
