@@ -662,22 +662,30 @@ def deleted_model_is_freed(world, cfg: dict, graphs: bool):
     return alive
 
 
-def cuda_graph_switch_logic(world):
-    """The `cuda_graph=True` switch's bookkeeping on CPU ranks: a recorder that "replays" by re-running the
-    step eagerly on the static inputs stands in for CUDA graphs. Checks the per-signature capture, that a
-    replay reads new inputs and returns a copy, the byte counts under replay, that a schedule change drops
-    the graphs, and the clear refusal with gradients on."""
-    EagerRecorder = _eager_recorder()
+def _recorded_flux(world):
+    """A tiny FLUX.1 and a V-First copy of it parallelised over the first `world` ranks, its `cuda_graph` switch
+    run by the eager recorder: (model, parallelised copy, its graphs, group), or None on the other ranks."""
     group = subgroup(world)
     if dist.get_rank() >= world:
         return None
     torch.set_num_threads(1)
     model = zoo.build_model("flux", "tiny", seed=0)
     par = copy.deepcopy(model)
-    plain = copy.deepcopy(model)
     cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+    return model, par, par.cocodiff.install_graphs(par, _eager_recorder()), group
+
+
+def cuda_graph_switch_logic(world):
+    """The `cuda_graph=True` switch's bookkeeping on CPU ranks: a recorder that "replays" by re-running the
+    step eagerly on the static inputs stands in for CUDA graphs. Checks the per-signature capture, that a
+    replay reads new inputs and returns a copy, the byte counts under replay, that a schedule change drops
+    the graphs, and the clear refusal with gradients on."""
+    setup = _recorded_flux(world)
+    if setup is None:
+        return None
+    model, par, graphs, group = setup
+    plain = copy.deepcopy(model)
     cocodiff.parallelize(plain, cocodiff.ParallelConfig(v_first=True), group=group)
-    graphs = par.cocodiff.install_graphs(par, EagerRecorder)
     a = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, batch=2, seed=8)
     b = zoo.make_inputs("flux", model, rows=3, cols=5, n_txt=5, batch=2, seed=9)
     with torch.no_grad():
@@ -712,15 +720,11 @@ def release_logic(world):
 
     from cocodiff.exchange import CommStats
 
-    EagerRecorder = _eager_recorder()
-    group = subgroup(world)
-    if dist.get_rank() >= world:
+    setup = _recorded_flux(world)
+    if setup is None:
         return None
-    torch.set_num_threads(1)
-    model = zoo.build_model("flux", "tiny", seed=0)
-    par = copy.deepcopy(model)
-    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
-    graphs = par.cocodiff.install_graphs(par, EagerRecorder)
+    model, par, graphs, group = setup
+    EagerRecorder = type(graphs)
     # stands in for a GraphedStep over the model (CUDA only)
     held = EagerRecorder(lambda x: (x * 2,), stats=CommStats(("local",)))
     par.cocodiff.external_graphs.add(held)
