@@ -1252,3 +1252,51 @@ def head_groups_match(family, world, heads, chunks, fuse=False, video=False):
     assert torch.equal(outs[0], outs[1]), "head groups changed the output"
     torch.testing.assert_close(outs[1], ref, rtol=1e-4, atol=2e-5)
     return (outs[1] - ref).abs().max().item(), exchanges[0], exchanges[1]
+
+
+def sharded_modulation(family, world, shard=True, compiled=False, video=False):
+    """`shard_modulation`: every rank poisons (NaN) the weights of the modulation Linears it does not own; the
+    output must still equal the single process, so each layer's result came from its owner through the
+    all-gather. With `shard=False` the same poisoning must show in the output (the check can fail). Returns
+    (layers sharded, this rank's layer count, whether the output is finite, max difference or None,
+    bit-equal to the replicated run)."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch._dynamo.reset()
+    torch.set_num_threads(1)
+    model = zoo.build_model(family, "tiny", seed=0)
+    extra = dict(compile_blocks=True, compile_options={"backend": "aot_eager"}) if compiled else {}
+    par = copy.deepcopy(model)
+    cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True, shard_modulation=shard, **extra), group=group)
+    plain = copy.deepcopy(model)
+    cocodiff.parallelize(plain, cocodiff.ParallelConfig(v_first=True, shard_modulation=False), group=group)
+    if video:
+        inputs = zoo.make_video_inputs(family, model, frames=2, rows=3, cols=4, n_txt=6, batch=2)
+    else:
+        inputs = zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=2, seed=3)
+    with torch.no_grad():
+        replicated = plain(**inputs).sample
+    mod = par.cocodiff.modulation
+    if shard:
+        layers, mine = mod.layers, len(mod.mine)
+        poisoned = [ref() for i, ref in enumerate(mod._linears) if i not in mod.mine]
+    else:
+        assert mod is None
+        from cocodiff.sharding import resolve_modules
+
+        found = [m for p in par.cocodiff.plan.modulation.linears for _, m in resolve_modules(par, p)]
+        layers, mine = len(found), 0
+        poisoned = found[:1] if dist.get_rank() == 0 else []  # one rank, one layer: enough without sharding
+    with torch.no_grad():
+        for m in poisoned:
+            m.weight.fill_(float("nan"))
+        ref = model(**inputs).sample
+        out = par(**inputs).sample
+        out2 = par(**inputs).sample  # a second call (a denoising step) reads the second gather
+    finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(out2).all())
+    if not finite:
+        return layers, mine, False, None, False
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+    assert torch.equal(out, out2)
+    return layers, mine, True, (out - ref).abs().max().item(), torch.equal(out, replicated)

@@ -412,6 +412,47 @@ def test_compiled_blocks_in_the_graphed_step_equal_one_gpu():
     assert spawn(_compiled_blocks_on_gpus, 2, backend="nccl", timeout_s=540) == [0, 1]
 
 
+def _sharded_modulation_on_gpus():
+    """shard_modulation inside the `fast` step (compiled blocks, the step captured as a CUDA graph, NCCL; FLUX.1
+    also over the copy engine): every rank poisons (NaN) the modulation Linears it does not own, and the
+    captured step and its replays still equal one GPU, so every layer's result came through the all-gather."""
+    import copy
+
+    import torch.distributed as dist
+
+    import cocodiff
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    errors, counts = {}, {}
+    runs = [("flux", "flat"), ("flux", "copy_engine"), ("sd3", "flat"), ("qwenimage", "flat"), ("hunyuanvideo", "flat")]
+    for family, route in runs:
+        torch._dynamo.reset()
+        ref, (a, b), want = _tiny_family_on_gpu(family, dev)
+        model = copy.deepcopy(ref)
+        cocodiff.parallelize(model, cocodiff.ParallelConfig.preset("fast", all_to_all=route))
+        mod = model.cocodiff.modulation
+        counts[f"{family}/{route}"] = (mod.layers, len(mod.mine))
+        with torch.no_grad():
+            for i, lin in enumerate(mod._linears):
+                if i not in mod.mine:
+                    lin().weight.fill_(float("nan"))
+            got = [model(**x).sample for x in (a, b, a)]  # compile, warm up, capture; then replays
+        for g, w in zip(got, want + want[:1]):
+            err = ((g - w).norm() / w.norm()).item()
+            if not err < 1e-4:  # (NaN fails too)
+                errors[f"{family}/{route}"] = err
+        cocodiff.release(model)
+        del model
+    assert not errors, errors
+    assert all(0 < mine < layers for layers, mine in counts.values()), counts
+    return dist.get_rank()
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs 2 GPUs")
+def test_sharded_modulation_in_the_fast_step_equals_one_gpu():
+    assert spawn(_sharded_modulation_on_gpus, 2, backend="nccl", timeout_s=540) == [0, 1]
+
+
 def _ring_on_gpus():
     """Ulysses x ring on CUDA: NCCL point-to-point hops, the efficient/flash kernels' log-sum-exp, V-First and
     the step captured as a CUDA graph, FLUX.1 (bf16 inputs through fp32 tiny weights: fp32 here) and

@@ -167,6 +167,11 @@ class ParallelConfig:
             shape compiles (inductor's cache makes later processes start faster).
         compile_options: keyword arguments for `torch.compile` of the blocks: "backend", "mode" (not one
             that adds CUDA graphs of its own when `cuda_graph` is on), "options", "dynamic" (default False).
+        shard_modulation: each rank computes 1/P of the blocks' AdaLN modulation projections (the Linears
+            of `silu(temb)`, the same in every block's input: about a quarter of FLUX.1's weights) and one
+            all-gather shares the results, instead of every rank computing all of them (`cocodiff.modulation`).
+            Exact (the same GEMVs, each on one rank). Families with such per-block Linears: FLUX.1, SD3 / SD3.5,
+            Qwen-Image, HunyuanVideo. Default True; no effect on one rank.
         cuda_graph: CUDA ranks: capture the sharded step as a CUDA graph per input signature and replay it on
             later calls (`cocodiff.graph`), so the host leaves the step; pipelines need no change.
         ring_degree: the ring dimension of Ulysses x ring (`cocodiff.ring`): the P ranks become P / ring_degree
@@ -204,6 +209,7 @@ class ParallelConfig:
     compile_blocks: bool = False
     compile_options: dict | None = field(default=None, hash=False)
     cuda_graph: bool = False
+    shard_modulation: bool = True
     ring_degree: int | None = None
     ring_placement: Literal["ulysses_inner", "ring_inner"] = "ulysses_inner"
     v_major: VMajorConfig | None = None
@@ -235,7 +241,7 @@ class ParallelConfig:
             )
         if not isinstance(self.v_first, bool):
             raise TypeError(f"ParallelConfig.v_first must be a bool, got {self.v_first!r}")
-        for name in ("fuse_qk", "cuda_graph", "compile_blocks"):
+        for name in ("fuse_qk", "cuda_graph", "compile_blocks", "shard_modulation"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ParallelConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.head_chunks, int) or isinstance(self.head_chunks, bool) or self.head_chunks < 1:
@@ -351,4 +357,5 @@ class ParallelConfig:
             parts.append(f"chunks{self.head_chunks}")
         parts += ["fuse_qk"] * self.fuse_qk + ["compiled"] * self.compile_blocks + ["cuda_graph"] * self.cuda_graph
         parts += ["emulated"] * (self.emulate_slow_tier is not None)
+        parts += ["replicated_modulation"] * (not self.shard_modulation)
         return "+".join(parts)

@@ -126,6 +126,7 @@ class UlyssesEngine:
         self.hooks = None  # the sharding hooks (`attach`)
         self.graphs = None  # the StepGraphs of cuda_graph=True (`attach`)
         self.compiled_blocks = 0  # blocks compiled by compile_blocks=True (`attach`)
+        self.modulation = None  # the ShardedModulation of shard_modulation=True (`attach`)
         self._configured_exchange = self.exchange  # what `use_exchange("auto")` returns to
         self.text_mask: torch.Tensor | None = None  # the call's text padding mask (None: absent or all ones)
         # masked text tokens when every batch row of the mask is the same (then attention drops those keys and
@@ -145,6 +146,16 @@ class UlyssesEngine:
 
         self.plan.install_processors(model, self)
         self.hooks = PlanHooks(model, self.plan, self, self.device)
+        mod = self.plan.modulation
+        if (
+            self.config.shard_modulation
+            and self.world > 1
+            and mod is not None
+            and (mod.applies is None or mod.applies(model))
+        ):
+            from .modulation import ShardedModulation
+
+            self.modulation = ShardedModulation(model, mod, self)
         if self.config.compile_blocks:
             from .compiled import compile_blocks
 

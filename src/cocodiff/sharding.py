@@ -59,6 +59,8 @@ class ModelPlan:
         check_call: raises for call arguments the plan cannot shard exactly (before any collective).
         blocks: class names of the repeated transformer blocks (`compile_blocks`); empty: diffusers'
             `_repeated_blocks` of the model class.
+        modulation: the blocks' AdaLN modulation Linears and where their input comes from
+            (`ParallelConfig.shard_modulation`, `cocodiff.modulation`); None: not sharded.
     """
 
     family: str
@@ -72,6 +74,7 @@ class ModelPlan:
     text_mask_arg: str | None = None
     check_call: Callable[[dict[str, Any]], None] | None = None
     blocks: tuple[str, ...] = ()
+    modulation: Any = None  # a `cocodiff.modulation.ModulationPlan`
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """(name, module) of every attention whose heads are sharded."""

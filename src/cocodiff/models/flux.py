@@ -15,6 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxSingleTransformerBlock
 
 from ..layout import IMG, TXT
+from ..modulation import ModulationPlan
 from ..sharding import Gather, ModelPlan, Split, token_counts
 from .joint import (
     JointAttnProcessor,
@@ -139,4 +140,12 @@ PLAN = ModelPlan(
     processors={FluxAttention: processor},
     install=_install,
     check_call=_check_call,
+    modulation=ModulationPlan(
+        source="time_text_embed",
+        linears=(
+            "transformer_blocks.*.norm1.linear",
+            "transformer_blocks.*.norm1_context.linear",
+            "single_transformer_blocks.*.norm.linear",
+        ),
+    ),
 )

@@ -29,6 +29,7 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 from .. import fused_qk
 from ..compiled import opaque_to_compile
 from ..layout import IMG, TXT
+from ..modulation import ModulationPlan
 from ..sharding import Gather, ModelPlan, Split
 from .joint import (
     JointAttnProcessor,
@@ -245,5 +246,17 @@ PLAN = ModelPlan(
         "HunyuanVideoTokenReplaceSingleTransformerBlock",
         "HunyuanVideoPatchEmbed",
         "HunyuanVideoTokenRefiner",
+    ),
+    # token-replace blocks (HunyuanVideo-I2V) call their norm's Linear twice, on temb and on the token-replace
+    # embedding: not one input for all
+    modulation=ModulationPlan(
+        source="time_text_embed",
+        index=0,
+        linears=(
+            "transformer_blocks.*.norm1.linear",
+            "transformer_blocks.*.norm1_context.linear",
+            "single_transformer_blocks.*.norm.linear",
+        ),
+        applies=lambda model: getattr(model.config, "image_condition_type", None) != "token_replace",
     ),
 )

@@ -13,6 +13,7 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 
 from .. import fused_qk
 from ..layout import IMG, TXT
+from ..modulation import ModulationPlan
 from ..sharding import Gather, ModelPlan, Split, token_counts
 from .joint import JointAttnProcessor, fuse_streams, refuse, refuse_attention_kwargs, rotate
 
@@ -61,4 +62,10 @@ PLAN = ModelPlan(
     processors={Attention: processor},
     text_mask_arg="encoder_hidden_states_mask",
     check_call=_check_call,
+    # with zero_cond_t, img_mod takes the doubled temb and txt_mod its first half: not one input for all
+    modulation=ModulationPlan(
+        source="time_text_embed",
+        linears=("transformer_blocks.*.img_mod.1", "transformer_blocks.*.txt_mod.1"),
+        applies=lambda model: not getattr(model.config, "zero_cond_t", False),
+    ),
 )

@@ -9,6 +9,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import Attention
 
 from ..layout import IMG, TXT
+from ..modulation import ModulationPlan
 from ..sharding import Gather, ModelPlan, Split
 from .joint import JointAttnProcessor, refuse, refuse_attention_kwargs
 
@@ -38,4 +39,9 @@ PLAN = ModelPlan(
     processors={Attention: lambda engine, layer: JointAttnProcessor(engine, layer, text_first=False)},
     check_call=_check_call,
     blocks=("JointTransformerBlock",),  # diffusers declares no _repeated_blocks for SD3
+    # (the last block's norm1_context is an AdaLayerNormContinuous: linear(silu(temb)) too)
+    modulation=ModulationPlan(
+        source="time_text_embed",
+        linears=("transformer_blocks.*.norm1.linear", "transformer_blocks.*.norm1_context.linear"),
+    ),
 )
