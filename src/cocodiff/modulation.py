@@ -10,8 +10,8 @@ from memory at every step on every rank, whatever P is (2.2 ms per step on one H
 - when the model computes `temb` (`ModulationPlan.source`), each rank runs the GEMVs of its own contiguous
   range of the layers (ranges balanced by output width), each the same `addmm` as the layer's own call, writing
   a flat send buffer: layer i's `(B, out_i)` result is a contiguous block of it;
-- one `all_gather_into_tensor` over the engine's group gives every rank every layer's result (FLUX.1 at batch
-  1: about 1 MB from each of 2 ranks);
+- one all-gather over the engine's group gives every rank every layer's result (FLUX.1 at batch 1: about
+  1 MB from each of 2 ranks);
 - each of those Linears' `forward` returns its block of the gathered buffer (a contiguous `(B, out_i)` view,
   the layout of its own output) instead of computing it.
 
@@ -33,9 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .exchange import all_gather_into
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class ShardedModulation:
                 torch.mm(x, m.weight.t(), out=out)
             else:
                 torch.addmm(m.bias, x, m.weight.t(), out=out)
-        dist.all_gather_into_tensor(gathered, send, group=self.group)
+        all_gather_into(gathered, send, group=self.group)
         self.gathered = gathered
         self._x_meta = (B, x.dtype, x.device)
         return output
