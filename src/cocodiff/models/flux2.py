@@ -2,7 +2,8 @@
 single blocks whose fused `to_qkv_mlp_proj` projects Q, K, V and the MLP input in one matrix. Split like
 FLUX.1 (tokens and their 4-axis RoPE ids). With V-First, the fused projection is computed as row slices of
 the same weight (V, Q, K, then the MLP part, which with `overlap_output` runs in two halves while K's and
-the attention output's exchanges are in flight); this gives the same numbers up to GEMM rounding order."""
+the attention output's exchanges are in flight); this gives the same numbers up to GEMM rounding order. On one
+rank (no exchange to hide) the projection stays one GEMM, as the model's own."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ class Flux2SingleUlyssesProcessor:
         cfg = self.engine.config
         d, inner = attn.head_dim, attn.inner_dim
         w, b = attn.to_qkv_mlp_proj.weight, attn.to_qkv_mlp_proj.bias
-        # row slices of the fused projection: V first, and the MLP part in the exchanges' shadow
-        sliced = cfg.v_first and plain_linear(attn.to_qkv_mlp_proj)
+        # row slices of the fused projection: V first, and the MLP part in the exchanges' shadow (on one rank
+        # there is no exchange to hide anything under: the projection stays one GEMM, as the model's own)
+        sliced = cfg.v_first and self.engine.world > 1 and plain_linear(attn.to_qkv_mlp_proj)
         state = {}
 
         def rows(lo, hi):
@@ -66,22 +68,21 @@ class Flux2SingleUlyssesProcessor:
 
         # SwiGLU's gate half runs while K's exchange is in flight, its other half while the output's is
         mlp_lo, mlp_hi = 3 * inner, w.shape[0]
-        split_mlp = (
-            cfg.overlaps_output
-            and sliced
-            and type(attn.mlp_act_fn) is Flux2SwiGLU
+        mid = mlp_lo + (mlp_hi - mlp_lo) // 2
+        # with compiled blocks, silu(gate) * up is one compiled kernel writing the buffer (eager: two kernels)
+        swiglu = (
+            type(attn.mlp_act_fn) is Flux2SwiGLU
             and not attn.mlp_act_fn._forward_hooks
             and not attn.mlp_act_fn._forward_pre_hooks
         )
-        mid = mlp_lo + (mlp_hi - mlp_lo) // 2
-        # with compiled blocks, silu(gate) * up is one compiled kernel writing the buffer (eager: two kernels)
-        gate_fn = getattr(attn.mlp_act_fn, "gate_fn", None) if split_mlp else None
+        gate_fn = getattr(attn.mlp_act_fn, "gate_fn", None) if swiglu else None
         fuse = (
             cfg.compile_blocks
             and type(gate_fn) is nn.SiLU
             and not gate_fn._forward_hooks
             and not gate_fn._forward_pre_hooks
         )
+        split_mlp = cfg.overlaps_output and sliced and swiglu
 
         def gate():
             g = rows(mlp_lo, mid)
@@ -108,7 +109,11 @@ class Flux2SingleUlyssesProcessor:
             into=buf[..., :inner],
         )
         if not split_mlp:
-            buf[..., inner:].copy_(attn.mlp_act_fn(rows(mlp_lo, mlp_hi) if sliced else fused()[..., mlp_lo:]))
+            if fuse and not sliced:  # one kernel from the fused projection's columns into the buffer
+                f = fused()
+                compiled_piece(self.engine, swiglu_into)(f[..., mlp_lo:mid], f[..., mid:mlp_hi], buf[..., inner:])
+            else:
+                buf[..., inner:].copy_(attn.mlp_act_fn(rows(mlp_lo, mlp_hi) if sliced else fused()[..., mlp_lo:]))
         return attn.to_out(buf)
 
 

@@ -319,7 +319,8 @@ def mlp_into(
     """A single-stream block's MLP input branch `act(proj(x))` as the schedule's `independent` work, written into
     `out` (its columns of the buffer the block would concatenate it into): with a plain `nn.Linear` two halves of
     its output columns (the first under the input exchanges, the second under the output's; `act` must be
-    elementwise), otherwise (LoRA-wrapped or hooked) the layer called whole, under the output exchange. A bare
+    elementwise), otherwise (LoRA-wrapped or hooked, or on one rank) the layer called whole, under the output
+    exchange. A bare
     `nn.GELU` writes its result in place, compiled when `engine` compiles blocks (`compiled_piece`: this runs
     inside the attention processor, outside the block's compiled pieces); another activation's result is copied
     there."""
@@ -339,7 +340,8 @@ def mlp_into(
         def activate(y, dst):
             dst.copy_(act(y))
 
-    if not plain_linear(proj):
+    if not plain_linear(proj) or (engine is not None and engine.world == 1):
+        # (one rank: no exchange to hide work under, so the GEMM stays whole, as the model's own)
         return (lambda: None, lambda: activate(proj(x), out))
     w, b = proj.weight, proj.bias
     half = w.shape[0] // 2
