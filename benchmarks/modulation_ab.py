@@ -108,6 +108,32 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> None:
+    """Replicated against sharded ms per family and size, the saving written on each pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.7 * len(runs), 3.6))
+    x = range(len(runs))
+    rep = [r["ms"]["replicated"] for r in runs]
+    sha = [r["ms"]["sharded"] for r in runs]
+    ax.bar([i - 0.2 for i in x], rep, 0.4, label="replicated (every rank computes every layer)", color="#bbbbbb")
+    ax.bar([i + 0.2 for i in x], sha, 0.4, label="sharded (1/P per rank + one all-gather)", color="#3b7dd8")
+    for i, r in enumerate(runs):
+        ax.text(i, max(rep[i], sha[i]) * 1.01, f"{r['saved_ms']:+.1f} ms", ha="center", fontsize=8)
+    ax.set_xticks(list(x), [f"{r['family']}\n{r['size']}^2" for r in runs])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per transformer step (log)")
+    ax.set_title(f"AdaLN modulation, P={result['world']}, preset {result['preset']} ({result['gpu']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -117,7 +143,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--model-size", default="full", help="families' config size (tiny: with --cpu)")
     ap.add_argument("--cpu", action="store_true", help="gloo CPU ranks (with --preset vfirst, --model-size tiny)")
+    ap.add_argument("--report", metavar="JSON", help="only write the markdown and plot of a run's JSON into --out")
     args = ap.parse_args()
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"modulation_ab_P{result['world']}.md").write_text(markdown(result))
+        plot(result, out / f"modulation_ab_P{result['world']}.png")
+        return
     import os
 
     from cocodiff.apps.launch import run_launched
@@ -128,6 +162,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"modulation_ab_P{result['world']}.json").write_text(json.dumps(result, indent=1))
         (out / f"modulation_ab_P{result['world']}.md").write_text(markdown(result))
+        plot(result, out / f"modulation_ab_P{result['world']}.png")
 
 
 if __name__ == "__main__":

@@ -160,3 +160,59 @@ def test_sharding_cost_kernel_categories():
     assert category("triton_poi_fused_copy_copy__gelu_0") == "triton"
     assert category("void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda") == "copy"
     assert category("Memset (Unknown)") == "other"
+
+
+def test_sharded_modulation_report_figures_are_the_data(tmp_path):
+    report = DOCS / "2026-11-30-sharded-modulation"
+    result = json.loads((report / "modulation_ab_P2.json").read_text())
+    # the committed table is what the script's report mode makes of the JSON
+    _run("modulation_ab.py", "--report", str(report / "modulation_ab_P2.json"), "--out", str(tmp_path))
+    assert (tmp_path / "modulation_ab_P2.md").read_text() == (report / "modulation_ab_P2.md").read_text()
+    text = (report / "README.md").read_text()
+    want = {("flux", 1024): (86.8, 84.5), ("sd3", 1024): (48.1, 46.3), ("qwenimage", 1024): (92.8, 90.2)}
+    want[("flux", 2048)] = (409.2, 408.1)
+    for r in result["runs"]:
+        # medians of every call, recomputed
+        med = {k: sorted(v)[len(v) // 2 - 1 : len(v) // 2 + 1] for k, v in r["ms_all"].items()}
+        got = tuple(round(sum(med[k]) / 2, 1) for k in ("replicated", "sharded"))
+        assert got == want[(r["family"], r["size"])]
+        assert f"| {got[0]} | **{got[1]}** |" in text
+    # the clock table, from the sampled profiles
+    sc = report / "sharding_cost"
+    one = json.loads((sc / "sharding_cost_P1.json").read_text())["modes"]["exact"]
+    two = json.loads((sc / "sharding_cost_P2.json").read_text())["modes"]
+    rows = [(one, "one GPU"), (two["no_exchange"], "P=2 no-exchange"), (two["exact"], "P=2 exact")]
+    for mode, name in rows:
+        t, p = mode["clock_timed"], mode["clock_profiled"]
+        line = (
+            f"| {name} | {mode['ms']:.1f} | {t['sm_clock_mhz_median']:.0f} ({t['sm_clock_mhz_min']:.0f}) MHz | "
+            f"{t['power_w_median']:.0f} W | {p['sm_clock_mhz_median']:.0f} MHz |"
+        )
+        assert line in text, line
+    cold, warm = (json.loads((report / f"first_call_flux_{k}.json").read_text()) for k in ("cold", "warm"))
+    assert f"{cold['first_call_s']:.1f} s" in text and f"**{warm['first_call_s']:.1f} s**" in text
+
+
+def test_split_gemms_report_is_the_data(tmp_path):
+    report = DOCS / "2026-11-30-sharded-modulation"
+    _run("split_gemms.py", "--report", str(report / "split_gemms.json"), "--out", str(tmp_path))
+    assert (tmp_path / "split_gemms.md").read_text() == (report / "split_gemms.md").read_text()
+    rows = json.loads((report / "split_gemms.json").read_text())["rows"]
+    cost = {(r["family"], r["size"], r["P"]): r["sliced_ms"] / r["whole_ms"] - 1 for r in rows}
+    text = (report / "README.md").read_text()
+    for family, name in (("flux", "FLUX.1"), ("flux2", "FLUX.2")):
+        for size in (1024, 2048):
+            cells = [f"{100 * cost[(family, size, p)]:+.1f}%" for p in (1, 2, 4, 8)]
+            line = " | ".join(f"**{c}**" if abs(float(c[:-1])) > 5 else c for c in cells)
+            assert (
+                f"| {name}, {size}^2{': sliced against whole' if (family, size) == ('flux', 1024) else ''} | {line} |"
+                in text
+            ), (family, size, line)
+    one = {
+        (r["family"], r["engine"], r["mode"]): r
+        for r in json.loads((report / "one_gpu" / "e2e.json").read_text())["rows"]
+    }
+    for family, name in (("flux2", "FLUX.2-dev"), ("flux", "FLUX.1")):
+        ms = [one[(family, "diffusers", m)]["ms_per_step"] for m in ("eager", "regional-compile")]
+        ms.append(one[(family, "cocodiff", "fast")]["ms_per_step"])
+        assert f"| {name} | {ms[0]:.1f} | {ms[1]:.1f} | {ms[2]:.1f} (" in text
