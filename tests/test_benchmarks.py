@@ -216,3 +216,26 @@ def test_split_gemms_report_is_the_data(tmp_path):
         ms = [one[(family, "diffusers", m)]["ms_per_step"] for m in ("eager", "regional-compile")]
         ms.append(one[(family, "cocodiff", "fast")]["ms_per_step"])
         assert f"| {name} | {ms[0]:.1f} | {ms[1]:.1f} | {ms[2]:.1f} (" in text
+
+
+def test_sharded_modulation_e2e_figures_are_the_data():
+    report = DOCS / "2026-11-30-sharded-modulation"
+    rows = json.loads((report / "e2e_1024" / "e2e.json").read_text())["rows"]
+    ms = {(r["family"], r["P"], r["engine"], r["mode"]): r for r in rows if r.get("ms_per_step")}
+    text = (report / "README.md").read_text()
+    best, plain, over_best, over_plain = {}, {}, [], []
+    for family in ("flux", "sd3", "qwenimage", "flux2"):
+        one = [v["ms_per_step"] for k, v in ms.items() if k[0] == family and k[1] == 1]
+        best[family], plain[family] = min(one), ms[(family, 1, "diffusers", "eager")]["ms_per_step"]
+        row = ms[(family, 2, "cocodiff", "fast")]
+        step, bound = row["ms_per_step"], row["no_exchange_ms"]
+        assert f"| **{step:.1f}** | {bound:.1f} (+{step - bound:.1f}) |" in text, family
+        over_best.append(f"{best[family] / step:.2f}x")
+        over_plain.append(f"{plain[family] / step:.2f}x")
+    assert "FLUX.1 {}, SD3.5 {}, Qwen-Image {}, FLUX.2 {}".format(*over_best) in text
+    assert "{}, {}, {}, {}".format(*over_plain) in text
+    q = ms[("qwenimage", 2, "diffusers", "regional-compile")]["ms_per_step"]
+    assert f"Qwen-Image {q / ms[('qwenimage', 2, 'cocodiff', 'fast')]['ms_per_step']:.2f}x" in text
+    errors = [ms[(f, 2, "cocodiff", "fast")]["rel_err_vs_1gpu"] for f in ("flux", "sd3", "qwenimage", "flux2")]
+    errors = [f"{e:.1e}".replace("e-0", "e-") for e in errors]
+    assert "{} (FLUX.1), {} (SD3.5), {}\n  (Qwen-Image), {} (FLUX.2)".format(*errors) in text
