@@ -1272,9 +1272,11 @@ def sharded_modulation(family, world, shard=True, compiled=False, video=False):
     plain = copy.deepcopy(model)
     cocodiff.parallelize(plain, cocodiff.ParallelConfig(v_first=True, shard_modulation=False), group=group)
     if video:
-        inputs = zoo.make_video_inputs(family, model, frames=2, rows=3, cols=4, n_txt=6, batch=2)
+        inputs, other = (
+            zoo.make_video_inputs(family, model, frames=2, rows=3, cols=4, n_txt=6, batch=2, seed=s) for s in (3, 4)
+        )
     else:
-        inputs = zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=2, seed=3)
+        inputs, other = (zoo.make_inputs(family, model, rows=3, cols=5, n_txt=5, batch=2, seed=s) for s in (3, 4))
     with torch.no_grad():
         replicated = plain(**inputs).sample
     mod = par.cocodiff.modulation
@@ -1293,10 +1295,74 @@ def sharded_modulation(family, world, shard=True, compiled=False, video=False):
             m.weight.fill_(float("nan"))
         ref = model(**inputs).sample
         out = par(**inputs).sample
-        out2 = par(**inputs).sample  # a second call (a denoising step) reads the second gather
+        # a second call with other values (another step's timestep) must read its own gather
+        ref2, out2 = model(**other).sample, par(**other).sample
     finite = bool(torch.isfinite(out).all()) and bool(torch.isfinite(out2).all())
     if not finite:
         return layers, mine, False, None, False
+    torch.testing.assert_close(out2, ref2, rtol=1e-4, atol=2e-5)
+    if shard and mod.mine:  # after the call a Linear computes itself again (no stale result)
+        assert not mod.gathered
+        lin = mod._linears[mod.mine[0]]()
+        x = torch.randn(2, lin.in_features)
+        with torch.no_grad():
+            assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
-    assert torch.equal(out, out2)
     return layers, mine, True, (out - ref).abs().max().item(), torch.equal(out, replicated)
+
+
+def modulation_compiles_every_block_alike(world):
+    """With compiled blocks (TorchDynamo, aot_eager), sharded modulation traces as many graphs as replicated, on
+    a model with more blocks than Dynamo's recompile limit (a per-layer constant in the Linears' forward would
+    retrace every block). Returns (graphs sharded, graphs replicated, blocks)."""
+    from torch._dynamo.utils import counters
+
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    model = zoo.build_model("flux", "tiny", seed=0, num_layers=6, num_single_layers=12)
+    inputs = zoo.make_inputs("flux", model, rows=3, cols=4, n_txt=4, batch=1, seed=5)
+    graphs = []
+    for shard in (True, False):
+        torch._dynamo.reset()
+        par = copy.deepcopy(model)
+        cfg = cocodiff.ParallelConfig(
+            v_first=True, compile_blocks=True, compile_options={"backend": "aot_eager"}, shard_modulation=shard
+        )
+        cocodiff.parallelize(par, cfg, group=group)
+        start = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            out = par(**inputs).sample
+            ref = model(**inputs).sample
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=2e-5)
+        graphs.append(counters["stats"]["unique_graphs"] - start)
+    return graphs[0], graphs[1], 18
+
+
+def modulation_applies(world):
+    """Models whose Linears take other inputs than silu(temb) are not sharded (Qwen-Image's zero_cond_t,
+    HunyuanVideo-I2V's token-replace blocks) and still equal the single process; a hook on one rank's Linear only
+    makes every rank raise at parallelize. Returns (zero_cond_t sharded?, token_replace sharded?, the errors)."""
+    group = subgroup(world)
+    if dist.get_rank() >= world:
+        return None
+    torch.set_num_threads(1)
+    sharded = []
+    for family, overrides in (
+        ("qwenimage", {"zero_cond_t": True}),
+        ("hunyuanvideo", {"image_condition_type": "token_replace"}),
+    ):
+        model = zoo.build_model(family, "tiny", seed=0, **overrides)
+        par = copy.deepcopy(model)
+        cocodiff.parallelize(par, cocodiff.ParallelConfig(v_first=True), group=group)
+        sharded.append(par.cocodiff.modulation is not None)
+    model = zoo.build_model("flux", "tiny", seed=0)
+    if dist.get_rank() == 0:
+        model.transformer_blocks[0].norm1.linear.register_forward_hook(lambda *a: None)
+    try:
+        cocodiff.parallelize(model, cocodiff.ParallelConfig(), group=group)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    return sharded[0], sharded[1], error

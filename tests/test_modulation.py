@@ -47,3 +47,15 @@ def test_compiled_blocks_read_the_gathered_results(pools):
     # TorchDynamo traces the Linears' lookup (aot_eager): still the owners' results
     out = pools(4).run(cases.sharded_modulation, "flux", 2, True, True)
     assert all(r[2] and r[3] < 2e-5 for r in out[:2])
+
+
+def test_compiled_blocks_trace_alike_past_the_recompile_limit(pools):
+    # 18 blocks (Dynamo's recompile limit is 8): sharded traces no more graphs than replicated
+    for sharded, replicated, blocks in pools(4).run(cases.modulation_compiles_every_block_alike, 2)[:2]:
+        assert sharded == replicated < blocks
+
+
+def test_models_with_other_inputs_are_left_alone_and_ranks_agree(pools):
+    for zero_cond_t, token_replace, error in pools(4).run(cases.modulation_applies, 2)[:2]:
+        assert not zero_cond_t and not token_replace
+        assert error is not None and "counts per rank [5, 6]" in error and "shard_modulation=False" in error

@@ -12,8 +12,8 @@ from memory at every step on every rank, whatever P is (2.2 ms per step on one H
   a flat send buffer: layer i's `(B, out_i)` result is a contiguous block of it;
 - one all-gather over the engine's group gives every rank every layer's result (FLUX.1 at batch 1: about
   1 MB from each of 2 ranks);
-- each of those Linears' `forward` returns its block of the gathered buffer (a contiguous `(B, out_i)` view,
-  the layout of its own output) instead of computing it.
+- each of those Linears returns its block of the gathered buffer (a contiguous `(B, out_i)` view, the layout
+  of its own output) instead of computing it, until the model's forward returns.
 
 Exact: the same operation on the same values, computed by one rank instead of all (bit for bit in eager mode;
 with compiled blocks the `silu` is eager here and inductor's inside the blocks, which can differ in the last bit
@@ -21,9 +21,15 @@ of bf16, as every compiled piece does). The Linears stay in the model (state dic
 Linear that is not a bare `nn.Linear` (a LoRA wrapper, a hook) keeps computing itself. A Linear called with
 another input than the gathered one (another batch size, dtype or device) computes itself too.
 
-The override is traceable: with compiled blocks TorchDynamo reads the gathered buffer as a graph input, and
-with `cuda_graph` the GEMVs and the all-gather are captured in the step's graph. The gathered buffers are kept
-per (batch, dtype) for the engine's life, so a captured graph never writes memory that was handed back.
+The all-gather runs over the engine's group on the real links: `emulate_slow_tier` does not slow it (about 1 MB
+per rank per step for FLUX.1, against hundreds of MB for the exchanges).
+
+The Linears get one shared forward (`gathered_forward`, through a subclass named as `nn.Linear`, as the
+families' reordered block forwards are installed) that reads a per-Linear attribute: TorchDynamo traces every
+compiled block alike and reads the result as a graph input (a forward closing over a per-layer constant would
+put that constant in the guards and retrace every block). With `cuda_graph` the GEMVs and the all-gather are
+captured in the step's graph. The gathered buffers are kept per (batch, dtype) for the engine's life, so a
+captured graph never writes memory that was handed back.
 """
 
 from __future__ import annotations
@@ -76,20 +82,43 @@ def partition(widths: list[int], parts: int) -> list[int]:
     return bounds
 
 
+ATTR = "_cocodiff_gathered"  # a Linear's gathered result for the call in progress (None outside a call)
+
+
+def gathered_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a sharded modulation Linear: its gathered result when one was gathered for an input like
+    `x` in this call, else its own computation. One function for every such Linear (`use_forward`), reading a
+    per-Linear attribute, so TorchDynamo traces every block alike (no per-layer constant in the guards)."""
+    out = getattr(self, ATTR, None)
+    if out is not None and x.dim() == 2 and out.shape[0] == x.shape[0] and out.dtype == x.dtype:
+        if out.device == x.device:
+            return out
+    return F.linear(x, self.weight, self.bias)
+
+
 class ShardedModulation:
-    """The installed sharding of one model's modulation Linears (`ParallelConfig.shard_modulation`)."""
+    """The installed sharding of one model's modulation Linears (`ParallelConfig.shard_modulation`).
+
+    Raises:
+        ValueError: on every rank when the ranks found different Linears to shard (a hook or a wrapped
+            `forward` on one rank's Linear only), before any step runs.
+    """
 
     def __init__(self, model: nn.Module, plan: ModulationPlan, engine):
+        from .models.joint import use_forward
         from .sharding import resolve_modules
 
-        self._engine = weakref.ref(engine)
         self.group = engine.group
         self.world = engine.world
         self.rank = engine.rank
         found: list[tuple[str, nn.Linear]] = []
         for pattern in plan.linears:
-            found += resolve_modules(model, pattern)
-        # model order (the blocks' order), each once; only bare Linears can be replaced by a lookup
+            try:
+                found += resolve_modules(model, pattern)
+            except ValueError:  # a variant without such blocks (e.g. no single-stream blocks): nothing to shard
+                continue
+        # model order (the blocks' order), each once; only bare Linears can be replaced by a lookup (a hook
+        # or a forward of its own, e.g. diffusers' offloading, would be bypassed or overwritten)
         order = {id(m): i for i, m in enumerate(model.modules())}
         seen = set()
         linears: list[tuple[str, nn.Linear]] = []
@@ -98,15 +127,14 @@ class ShardedModulation:
             if id(m) in seen:
                 continue
             seen.add(id(m))
-            if type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks:
+            bare = type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+            if bare and "forward" not in m.__dict__:
                 linears.append((name, m))
             else:
                 self.skipped.append(name)
-        # weakly: the Linears' forward holds this object, so strong references back would make cycles that keep
-        # a deleted model's weights allocated until Python's cycle collector runs
         self.names = [name for name, _ in linears]
-        self._linears = [weakref.ref(m) for _, m in linears]
         widths = [m.out_features for _, m in linears]
+        self._agree(engine.device, widths)
         bounds = partition(widths, self.world)
         # where layer i's result lies in the gathered buffer: (owner rank, offset, width) in units of B values
         self.where: list[tuple[int, int, int]] = []
@@ -119,50 +147,72 @@ class ShardedModulation:
             sizes.append(off)
         self.chunk = max(sizes) if sizes else 0  # per rank, per batch row (ranges padded to the largest)
         self.mine = list(range(bounds[self.rank], bounds[self.rank + 1]))
-        self.gathered: torch.Tensor | None = None  # (world * B * chunk,): the call in progress's, rank by rank
-        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._x_meta: tuple | None = None  # (B, dtype, device) of the gathered call's input
-        self._source_handle = None
+        # weakly: the Linears are the model's (a strong reference here would keep a deleted model's weights)
+        self._linears = [weakref.ref(m) for _, m in linears]
+        # per (B, dtype, device): the send buffer, the gathered buffer and each layer's view of it; kept for the
+        # engine's life, so a captured graph never writes memory that was handed back
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
         self._index = plan.index
         if linears:
             from .compiled import opaque_to_compile
 
-            source = model.get_submodule(plan.source)
-            self._source_handle = source.register_forward_hook(opaque_to_compile(self._on_source))
-            for i, (_, m) in enumerate(linears):
-                m.forward = _lookup_forward(self, i, m)
+            for _, m in linears:
+                setattr(m, ATTR, None)
+                use_forward(m, gathered_forward)
+            model.get_submodule(plan.source).register_forward_hook(opaque_to_compile(self._on_source))
+            # the results are the call's: after it, a Linear called on its own (a user's probe, a cache hook)
+            # computes itself again
+            model.register_forward_hook(opaque_to_compile(self._on_end))
 
     @property
     def layers(self) -> int:
         return len(self._linears)
 
-    def remove(self) -> None:
-        """Give the Linears their own forward back and drop the buffers."""
-        if self._source_handle is not None:
-            self._source_handle.remove()
-            self._source_handle = None
-        for ref in self._linears:
-            m = ref()
-            if m is not None:
-                m.__dict__.pop("forward", None)
-        self._linears = []
-        self.mine = []
-        self.gathered = None
-        self._buffers.clear()
+    @property
+    def gathered(self) -> bool:
+        """Whether the Linears hold results (inside a call)."""
+        return any(getattr(ref(), ATTR, None) is not None for ref in self._linears if ref() is not None)
+
+    def _agree(self, device: torch.device, widths: list[int]) -> None:
+        """One small all-gather: every rank must shard the same Linears (else the all-gathers would not match)."""
+        import zlib
+
+        sig = zlib.crc32((",".join(self.names) + "|" + ",".join(map(str, widths))).encode())
+        mine = torch.tensor([len(widths), sig], dtype=torch.int64, device=device)
+        rows = torch.empty(self.world * 2, dtype=torch.int64, device=device)
+        all_gather_into(rows, mine, group=self.group)
+        rows = rows.view(self.world, 2).cpu().tolist()
+        if any(r != rows[0] for r in rows):
+            counts = [n for n, _ in rows]
+            raise ValueError(
+                f"cocodiff: the ranks found different AdaLN modulation Linears to shard (counts per rank {counts}): "
+                "a hook or a wrapped forward on some ranks' Linears only; install it on every rank, or use "
+                "ParallelConfig(shard_modulation=False)"
+            )
 
     def _on_source(self, module, args, output):
         temb = output if self._index is None else output[self._index]
-        self.gathered = None
-        if not isinstance(temb, torch.Tensor) or temb.dim() != 2 or torch.is_grad_enabled():
-            return output  # (the engine refuses gradient calls; any other shape: every layer computes itself)
+        self._clear()
+        if (
+            not isinstance(temb, torch.Tensor)
+            or temb.dim() != 2
+            or torch.is_grad_enabled()
+            or torch.is_autocast_enabled(temb.device.type)
+        ):
+            return output  # every layer computes itself (the engine refuses gradient calls)
         x = F.silu(temb)
         B = x.shape[0]
         key = (B, x.dtype, x.device)
         bufs = self._buffers.get(key)
         if bufs is None:
             send = x.new_zeros(B * self.chunk)  # zeros: a rank's padding is gathered too
-            bufs = self._buffers[key] = (send, x.new_empty(self.world * B * self.chunk))
-        send, gathered = bufs
+            gathered = x.new_empty(self.world * B * self.chunk)
+            views = []
+            for r, off, n in self.where:
+                start = B * (r * self.chunk + off)
+                views.append(gathered[start : start + B * n].view(B, n))
+            bufs = self._buffers[key] = (send, gathered, views)
+        send, gathered, views = bufs
         for i in self.mine:
             _, off, n = self.where[i]
             m = self._linears[i]()
@@ -172,31 +222,16 @@ class ShardedModulation:
             else:
                 torch.addmm(m.bias, x, m.weight.t(), out=out)
         all_gather_into(gathered, send, group=self.group)
-        self.gathered = gathered
-        self._x_meta = (B, x.dtype, x.device)
+        for ref, view in zip(self._linears, views):
+            setattr(ref(), ATTR, view)
         return output
 
-    def result(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Layer i's gathered `(B, out)` result for input `x`, or None when it was not gathered for that input."""
-        g = self.gathered
-        if g is None or x.dim() != 2 or (x.shape[0], x.dtype, x.device) != self._x_meta:
-            return None
-        r, off, n = self.where[i]
-        B = x.shape[0]
-        start = B * (r * self.chunk + off)
-        return g[start : start + B * n].view(B, n)
+    def _on_end(self, module, args, output):
+        self._clear()
+        return output
 
-
-def _lookup_forward(store: ShardedModulation, i: int, m: nn.Linear):
-    # closes over the Linear weakly: an instance attribute holding it would be a reference cycle that keeps a
-    # deleted model's weights allocated until Python's cycle collector runs
-    ref = weakref.ref(m)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out = store.result(i, x)
-        if out is None:
-            lin = ref()
-            return F.linear(x, lin.weight, lin.bias)
-        return out
-
-    return forward
+    def _clear(self) -> None:
+        for ref in self._linears:
+            m = ref()
+            if m is not None:
+                setattr(m, ATTR, None)
