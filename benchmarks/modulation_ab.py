@@ -57,10 +57,14 @@ def measure(args) -> dict:
             with torch.no_grad():
                 return model(**inputs, return_dict=False)[0]
 
-        outs = {}
+        from torch._dynamo.utils import counters
+
+        outs, traced = {}, {}
         for name, model in models.items():
+            start = counters["stats"]["unique_graphs"]
             for _ in range(3):  # compile, capture, warm up
                 outs[name] = step(model)
+            traced[name] = counters["stats"]["unique_graphs"] - start  # graphs TorchDynamo traced for this copy
         times = {name: [] for name in models}
         for _ in range(args.rounds):
             for name, model in models.items():
@@ -76,6 +80,7 @@ def measure(args) -> dict:
             "bit_equal": bool(torch.equal(outs["sharded"], outs["replicated"])),
             "layers_sharded": mod.layers if mod is not None else 0,
             "layers_this_rank": len(mod.mine) if mod is not None else 0,
+            "graphs_traced": traced,
         }
         row["saved_ms"] = row["ms"]["replicated"] - row["ms"]["sharded"]
         result["runs"].append(row)
