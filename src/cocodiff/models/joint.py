@@ -320,10 +320,9 @@ def mlp_into(
     `out` (its columns of the buffer the block would concatenate it into): with a plain `nn.Linear` two halves of
     its output columns (the first under the input exchanges, the second under the output's; `act` must be
     elementwise), otherwise (LoRA-wrapped or hooked, or on one rank) the layer called whole, under the output
-    exchange. A bare
-    `nn.GELU` writes its result in place, compiled when `engine` compiles blocks (`compiled_piece`: this runs
-    inside the attention processor, outside the block's compiled pieces); another activation's result is copied
-    there."""
+    exchange. A bare `nn.GELU` writes its result in place, compiled when `engine` compiles blocks
+    (`compiled_piece`: this runs inside the attention processor, outside the block's compiled pieces); another
+    activation's result is copied there."""
     if type(act) is nn.GELU and not act._forward_hooks and not act._forward_pre_hooks:
         # (the closures run inside the opaque processor: the compiled piece is looked up there, not while a
         # compiled block's forward is traced)
