@@ -1,9 +1,10 @@
 """V-First on the GPU timeline, and "Equation 2" per model family.
 
-1. Profile: one FLUX.1-sized step (P GPUs, eager, flat + V-First) under torch.profiler. From the CUDA kernel
-   timeline it measures, for every NCCL all-to-all kernel, how much of its time overlaps compute kernels on
-   other streams, separately for V's exchange (the first all-to-all of each attention layer under V-First)
-   and for Q/K/O's; writes the summary JSON, a PNG of one layer's timeline and the compressed trace.
+1. Profile: one step (P GPUs; FLUX.1-sized unless `--family`; eager flat + V-First, or `--preset`) under
+   torch.profiler. From the CUDA kernel timeline it measures, for every NCCL all-to-all kernel, how much of its
+   time overlaps compute kernels on other streams, separately for V's exchange (the first all-to-all of each
+   attention layer under V-First) and for Q/K/O's; writes the summary JSON, a PNG of one layer's timeline and
+   the compressed trace.
 2. Equation 2: per family (FLUX.1, SD3.5, Qwen-Image, FLUX.2 dims) and batch size, CUDA-event timings of
    T(V projection), T(V exchange), T(Q/K work: projections, RMSNorm, RoPE) for one attention layer of one
    rank at P GPUs; the overlap holds when T(V proj) + T(V exchange) <= T(Q/K work).
@@ -100,7 +101,7 @@ def overlap_summary(events: list[dict]) -> dict:
     kernels on other streams. NCCL kernels are taken in launch order; under V-First each attention layer
     issues V, Q, K (seq->head) and then O (head->seq): index % 4 == 0 is V's exchange."""
     kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-    nccl = sorted((e for e in kernels if "nccl" in e["name"].lower()), key=lambda e: e["ts"])
+    nccl = sorted(_all_to_alls(kernels), key=lambda e: e["ts"])
 
     def covered(e):
         return _covered(e, kernels)
@@ -127,7 +128,7 @@ def hidden_by_block(events: list[dict], n_double: int = 19) -> dict:
     V-First). Leaves out the step's first all-to-all, which waits for the other ranks to enter the step
     (launch skew, not transfer), and the final output gather."""
     kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-    nccl = sorted((e for e in kernels if "nccl" in e["name"].lower()), key=lambda e: e["ts"])
+    nccl = sorted(_all_to_alls(kernels), key=lambda e: e["ts"])
     layers = len(nccl) // 4
     by = {}
     for i, e in enumerate(nccl[: 4 * layers]):
@@ -161,7 +162,7 @@ def compute_stream_gaps(events: list[dict], n_double: int = 19) -> dict:
     (double/single block, V/Q/K/O as in `hidden_by_block`; the first all-to-all and the output gather apart), or
     to none: kernel-boundary, launch or host gaps."""
     kernels = sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"])
-    nccl = [e for e in kernels if "nccl" in e["name"].lower()]
+    nccl = _all_to_alls(kernels)
     comp = [e for e in kernels if "nccl" not in e["name"].lower()]
     if not comp:
         return {}
@@ -202,6 +203,12 @@ def compute_stream_gaps(events: list[dict], n_double: int = 19) -> dict:
     }
 
 
+def _all_to_alls(kernels: list[dict]) -> list[dict]:
+    """The NCCL kernels of the all-to-alls (send/recv): not the all-gathers (sharded modulation at the step's start,
+    the output gather at its end), so that four per attention layer line up as V, Q, K, O."""
+    return [e for e in kernels if "nccl" in e["name"].lower() and "allgather" not in e["name"].lower()]
+
+
 def _covered(e: dict, kernels: list[dict]) -> float:
     """Microseconds of NCCL kernel `e` that overlap non-NCCL kernels (on any other stream)."""
     a, b = e["ts"], e["ts"] + e["dur"]
@@ -230,7 +237,7 @@ def plot_layer(events, path, layer=10, title=""):
     import matplotlib.pyplot as plt
 
     kernels = sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"])
-    nccl = [e for e in kernels if "nccl" in e["name"].lower()]
+    nccl = _all_to_alls(kernels)
     if len(nccl) < 4 * (layer + 1):
         layer = 0
     t0 = nccl[4 * layer]["ts"] - 50
@@ -250,7 +257,7 @@ def plot_layer(events, path, layer=10, title=""):
     ax.set_yticklabels([f"stream {t}" for t in tids], fontsize=7)
     ax.set_xlabel("us from the layer's first all-to-all")
     ax.set_title(
-        f"FLUX.1-sized step, attention layer {layer}, flat + V-First (red: NCCL all-to-all, blue: compute)"
+        f"step, attention layer {layer}, flat + V-First (red: NCCL all-to-all, blue: compute)"
         + (f" — {title}" if title else ""),
         fontsize=9,
     )
@@ -262,6 +269,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--family", default="flux", choices=zoo.FAMILIES, help="the step profiled (Equation 2: all)")
     ap.add_argument(
         "--graph",
         action="store_true",
@@ -298,14 +306,17 @@ def main() -> None:
     eq2 = [] if args.skip_eq2 else equation2(world, device, dist.group.WORLD)
     torch.cuda.empty_cache()
 
-    model = zoo.build_model("flux", "full", dtype=torch.bfloat16, device=device, seed=0)
+    model = zoo.build_model(args.family, "full", dtype=torch.bfloat16, device=device, seed=0)
+    # "double": the joint blocks (`transformer_blocks`, every block of SD3 / Qwen-Image), "single": the rest
+    n_double = len(model.transformer_blocks)
     if args.preset is not None:
         config = ParallelConfig.preset(args.preset, all_to_all=args.all_to_all)
     else:
         config = ParallelConfig(v_first=True, fuse_qk=args.fuse_qk, all_to_all=args.all_to_all, cuda_graph=args.graph)
     parallelize(model, config)
-    rows, cols = zoo.image_tokens("flux", model, args.size, args.size)
-    inputs = zoo.make_inputs("flux", model, rows=rows, cols=cols, n_txt=512, device=device, dtype=torch.bfloat16)
+    rows, cols = zoo.image_tokens(args.family, model, args.size, args.size)
+    n_txt = zoo.TEXT_TOKENS_IMAGE[args.family]
+    inputs = zoo.make_inputs(args.family, model, rows=rows, cols=cols, n_txt=n_txt, device=device, dtype=torch.bfloat16)
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
@@ -334,6 +345,7 @@ def main() -> None:
         summary.update(
             {
                 "P": world,
+                "family": args.family,
                 "size": args.size,
                 "config": f"preset {args.preset} ({args.all_to_all})"
                 if args.preset
@@ -347,16 +359,18 @@ def main() -> None:
             }
         )
         tag = (args.preset or ("graph" if args.graph else "eager")) + f"_{args.size}"
+        tag = tag if args.family == "flux" else f"{args.family}_{tag}"
         plot_layer(events, out / f"vfirst_layer_timeline_{tag}.png", title=tag)
         kern = [e for e in events if e.get("cat") == "kernel"]
         with gzip.open(out / f"trace_rank0_kernels_{tag}.json.gz", "wt") as f:
             json.dump(kern, f)
         trace.unlink()
         (out / f"vfirst_overlap_{tag}.json").write_text(json.dumps(summary, indent=1))
-        (out / f"hidden_by_block_{tag}.json").write_text(json.dumps(hidden_by_block(events), indent=1))
-        gaps = compute_stream_gaps(events)
+        by_block = hidden_by_block(events, n_double)
+        (out / f"hidden_by_block_{tag}.json").write_text(json.dumps(by_block, indent=1))
+        gaps = compute_stream_gaps(events, n_double)
         (out / f"compute_gaps_{tag}.json").write_text(json.dumps(gaps, indent=1))
-        print(json.dumps({"hidden_by_block": hidden_by_block(events), "compute_gaps": gaps}, indent=1))
+        print(json.dumps({"hidden_by_block": by_block, "compute_gaps": gaps}, indent=1))
         if eq2:
             (out / "equation2.json").write_text(json.dumps({"P": world, "rows": eq2}, indent=1))
         print(json.dumps(summary, indent=1))

@@ -72,6 +72,9 @@ def test_presets_and_refused_combinations():
         "cocodiff+vmajor(schedule=fixed,cache_ratio_start=0.9)"
     )
     assert ParallelConfig.preset("cocodiff", v_major=VMajorConfig(memory_budget_gb=4.0)).label == "cocodiff"
+    # a preset with V-First switched over says so (A/B rows of one report must not read alike)
+    assert ParallelConfig.preset("fast", v_first=False).label == "fast+no_vfirst+fuse_qk+compiled+cuda_graph"
+    assert ParallelConfig.preset("tapa", v_first=True).label == "tapa+vfirst"
     with pytest.raises(ValueError, match="head_chunks=0"):
         ParallelConfig(head_chunks=0)
     with pytest.raises(ValueError, match="unknown preset"):

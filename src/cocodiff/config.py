@@ -347,6 +347,8 @@ class ParallelConfig:
             parts.append(self.all_to_all)  # a preset with another route
         if not self.preset_name:
             parts += ["vfirst"] * self.v_first
+        elif self.v_first != _PRESET_FIELDS[self.preset_name].get("v_first", False):
+            parts.append("vfirst" if self.v_first else "no_vfirst")  # a preset with V-First switched over
         if self.v_major is not None and (
             "v_major" not in _PRESET_FIELDS.get(self.preset_name, {}) or self.v_major.label != "vmajor"
         ):

@@ -1,0 +1,206 @@
+"""Variants of one preset, side by side in one launch: which exact configuration is fastest on this machine.
+
+Per family and size, every rank builds the full-size model once (random bf16 weights) and one more module tree per
+further variant that shares its parameters and buffers (so even FLUX.2 fits once per GPU), parallelises each with
+the preset plus the variant's overrides, and times them in alternating rounds (CUDA events, warm-up excluded; the
+median of every round's calls per variant), so clock drift under the power cap falls on every variant alike. The
+first variant is the reference: the others' relative error against its output is recorded (exact variants differ
+by rounding order only). Writes OUT/config_ab_P{P}.json and a markdown table.
+
+A variant is `NAME=KEY:VALUE,KEY:VALUE` with `ParallelConfig` fields (values as Python literals, else strings),
+or `NAME=` for the preset as it is. The key `nccl_stream:high` runs that variant's engine on a process group of
+its own whose NCCL stream has high priority (`ProcessGroupNCCL.Options(is_high_priority_stream=True)`): its
+kernels' CTAs are scheduled before the compute's when both wait for SMs.
+
+    torchrun --nproc-per-node 2 benchmarks/config_ab.py --out OUT --runs flux2:1024 \\
+        --variants nccl= copy_engine=all_to_all:copy_engine nccl_high=nccl_stream:high
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import statistics
+from pathlib import Path
+
+GROUP_KEYS = {"nccl_stream": ("high",)}  # variant keys that pick the process group, not a ParallelConfig field
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """`NAME=KEY:VALUE,...` -> (NAME, {KEY: value}); values are Python literals where they parse, else strings."""
+    name, sep, body = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"variant {spec!r}: write NAME=KEY:VALUE,KEY:VALUE (or NAME= for the preset as it is)")
+    overrides = {}
+    for item in filter(None, body.split(",")):
+        key, sep, raw = item.partition(":")
+        if not sep:
+            raise ValueError(f"variant {spec!r}: {item!r} is not KEY:VALUE")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        if key in GROUP_KEYS and value not in GROUP_KEYS[key]:
+            raise ValueError(f"variant {spec!r}: {key} must be one of {GROUP_KEYS[key]}, got {value!r}")
+        overrides[key] = value
+    return name, overrides
+
+
+def time_alternating(steps: dict, *, rounds: int, iters: int, cuda: bool) -> dict[str, list[float]]:
+    """ms per call of each of `steps` (name -> callable), timed in `rounds` alternating rounds of `iters` calls."""
+    from cocodiff.timing import time_ms
+
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name] += time_ms(step, warmup=1, iters=iters, cuda=cuda)
+    return times
+
+
+def measure(args) -> dict:
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from cocodiff import ParallelConfig, parallelize, release
+    from cocodiff.apps import families as zoo
+
+    cuda = not args.cpu
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    world = dist.get_world_size()
+    variants = dict(parse_variant(v) for v in args.variants)
+    if len(variants) < 2:
+        raise ValueError(f"--variants: give at least two distinct names, got {args.variants}")
+    groups = {}
+    for name, overrides in variants.items():  # every rank makes the same groups in the same order
+        if overrides.get("nccl_stream") == "high":
+            if not cuda:
+                raise ValueError(f"variant {name!r}: nccl_stream needs NCCL (GPU ranks)")
+            options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+            groups[name] = dist.new_group(backend="nccl", pg_options=options)
+    result = {
+        "world": world,
+        "preset": args.preset,
+        "variants": variants,
+        "gpu": torch.cuda.get_device_name(device) if cuda else "CPU (gloo; checks the script, not speed)",
+        "torch": torch.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "runs": [],
+    }
+    for spec in args.runs:
+        family, size = spec.split(":")
+        size = int(size)
+        base = zoo.build_model(family, args.model_size, dtype=dtype, device=device, seed=0)
+        shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
+        # copies of the plain model first (weights shared, modules not), then each is parallelised
+        models = {name: base if i == 0 else copy.deepcopy(base, memo=dict(shared)) for i, name in enumerate(variants)}
+        for name, model in models.items():
+            fields = {k: v for k, v in variants[name].items() if k not in GROUP_KEYS}
+            parallelize(model, ParallelConfig.preset(args.preset, **fields), group=groups.get(name))
+        rows, cols = zoo.image_tokens(family, base, size, size)
+        n_txt = zoo.TEXT_TOKENS_IMAGE[family] if cuda else 5
+        inputs = zoo.make_inputs(family, base, rows=rows, cols=cols, n_txt=n_txt, device=device, dtype=dtype, seed=1)
+
+        def step(model):
+            with torch.no_grad():
+                return model(**inputs, return_dict=False)[0]
+
+        outs = {}
+        for name, model in models.items():
+            for _ in range(3):  # compile, capture, warm up
+                outs[name] = step(model).clone()
+        times = time_alternating(
+            {name: (lambda m=model: step(m)) for name, model in models.items()},
+            rounds=args.rounds,
+            iters=args.iters,
+            cuda=cuda,
+        )
+        ref_name = next(iter(models))
+        ref = outs[ref_name].float()
+        row = {
+            "family": family,
+            "size": size,
+            "reference": ref_name,
+            "ms": {name: statistics.median(t) for name, t in times.items()},
+            "ms_all": times,
+            "rel_error_vs_reference": {
+                name: ((o.float() - ref).norm() / ref.norm()).item() for name, o in outs.items() if name != ref_name
+            },
+            "labels": {name: m.cocodiff.config.label for name, m in models.items()},
+        }
+        result["runs"].append(row)
+        if dist.get_rank() == 0:
+            print(json.dumps({k: v for k, v in row.items() if k != "ms_all"}), flush=True)
+        for model in models.values():
+            release(model)
+        del models, base, outs, shared
+        if cuda:
+            torch.cuda.empty_cache()
+    return result
+
+
+def markdown(result: dict) -> str:
+    names = list(result["variants"])
+    lines = [
+        f"# Variants of preset `{result['preset']}`, P={result['world']}",
+        "",
+        f"{result['gpu']}, torch {result['torch']}"
+        + (f", NCCL {result['nccl']}" if result.get("nccl") else "")
+        + f"; ms per transformer step, median of {result['rounds']} alternating rounds x {result['iters']} calls "
+        "per variant. Variants (overrides of the preset):",
+        "",
+    ]
+    lines += [f"- `{n}`: {result['variants'][n] or 'the preset as it is'}" for n in names]
+    lines += [
+        "",
+        "| family, size | " + " | ".join(f"{n} ms" for n in names) + " | rel. error vs the first |",
+        "|---|" + "---|" * len(names) + "---|",
+    ]
+    for r in result["runs"]:
+        errors = ", ".join(f"{n} {e:.1e}" for n, e in r["rel_error_vs_reference"].items())
+        best = min(r["ms"].values())
+        cells = [f"**{r['ms'][n]:.1f}**" if r["ms"][n] == best else f"{r['ms'][n]:.1f}" for n in names]
+        lines.append(f"| {r['family']}, {r['size']}^2 | " + " | ".join(cells) + f" | {errors} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--runs", nargs="+", default=["flux:1024"], help="family:size")
+    ap.add_argument("--variants", nargs="+", default=["nccl=", "copy_engine=all_to_all:copy_engine"])
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=7)
+    ap.add_argument("--model-size", default="full", help="families' config size (tiny: with --cpu)")
+    ap.add_argument("--cpu", action="store_true", help="gloo CPU ranks (with --preset vfirst, --model-size tiny)")
+    ap.add_argument("--tag", default="", help="suffix of the output files' names")
+    ap.add_argument("--report", metavar="JSON", help="only write the markdown of a run's JSON into --out")
+    args = ap.parse_args()
+    for v in args.variants:
+        parse_variant(v)  # bad input fails here, before any process group exists
+    out = Path(args.out)
+    if args.report:
+        result = json.loads(Path(args.report).read_text())
+        out.mkdir(parents=True, exist_ok=True)
+        (out / (Path(args.report).stem + ".md")).write_text(markdown(result))
+        return
+    import os
+
+    from cocodiff.apps.launch import run_launched
+
+    result = run_launched(measure, args, cuda=not args.cpu, collective_timeout_s=300)
+    if int(os.environ.get("RANK", 0)) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"config_ab_P{result['world']}{args.tag}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}.md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
