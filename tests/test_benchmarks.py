@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks"
 
@@ -240,3 +242,89 @@ def test_sharded_modulation_e2e_figures_are_the_data():
     errors = [ms[(f, 2, "cocodiff", "fast")]["rel_err_vs_1gpu"] for f in ("flux", "sd3", "qwenimage", "flux2")]
     errors = [f"{e:.1e}".replace("e-0", "e-") for e in errors]
     assert "{} (FLUX.1), {} (SD3.5), {}\n  (Qwen-Image), {} (FLUX.2)".format(*errors) in text
+
+
+def test_final_code_report_figures_are_the_data(tmp_path):
+    report = DOCS / "2026-11-30-final-code"
+    text = (report / "README.md").read_text()
+    # the A/B tables are what config_ab's report mode makes of their JSON, and the README's route table is it
+    for stem in ("config_ab_P2_routes", "config_ab_P2_head_start"):
+        _run("config_ab.py", "--report", str(report / f"{stem}.json"), "--out", str(tmp_path))
+        assert (tmp_path / f"{stem}.md").read_text() == (report / f"{stem}.md").read_text()
+    routes = {r["family"]: r["ms"] for r in json.loads((report / "config_ab_P2_routes.json").read_text())["runs"]}
+    for family, name, unit in (("flux2", "FLUX.2-sized", " ms"), ("flux", "FLUX.1-sized", "")):
+        ms = routes[family]
+        line = f"| {name} | {ms['nccl']:.1f}{unit} | **{ms['copy_engine']:.1f}** | {ms['nccl_high']:.1f} |"
+        assert line in text, line
+    head = {r["family"]: r["ms"] for r in json.loads((report / "config_ab_P2_head_start.json").read_text())["runs"]}
+    hs = head["flux2"]
+    assert (
+        f"{hs['head_start128']:.1f} / {hs['head_start256']:.1f} / {hs['head_start512']:.1f} ms against v0's "
+        f"{hs['off']:.1f}" in text
+    )
+    assert f"{routes['flux2']['nccl']:.1f} / {hs['off']:.1f} ms" in text  # v0 in both A/B launches
+    # bench e2e on the final code
+    rows = json.loads((report / "e2e_1024" / "e2e.json").read_text())["rows"]
+    ms = {(r["family"], r["P"], r["engine"], r["mode"]): r for r in rows if r.get("ms_per_step")}
+    for family, name in (("flux", "FLUX.1-sized"), ("qwenimage", "Qwen-Image-sized"), ("sd3", "SD3.5-large-sized")):
+        one = min(v["ms_per_step"] for k, v in ms.items() if k[0] == family and k[1] == 1)
+        row = ms[(family, 2, "cocodiff", "fast")]
+        step, bound = row["ms_per_step"], row["no_exchange_ms"]
+        plain = ms[(family, 1, "diffusers", "eager")]["ms_per_step"]
+        line = f"| {name} | {plain:.1f} | {one:.1f} (cocodiff) | "
+        assert line in text, line
+        assert f"| **{step:.1f}** | {bound:.1f} (+{step - bound:.1f}) | {one / step:.2f}x |" in text, family
+    # the profiles' idle time per exchange in flight, and the compute union
+    for version, bold in (("v0_gate_then_up", ""), ("v1_gemms_then_activation", "O"), ("v2_hidden_halves", "c")):
+        gaps = json.loads((report / "profile_flux2" / version / "compute_gaps_flux2_fast_1024.json").read_text())
+        by = gaps["idle_by_exchange_in_flight"]
+        k, o = (f"{by[f'single {x}']['idle_us'] / 1e3:.2f}" for x in "KO")
+        compute = f"{gaps['compute_us'] / 1e3:.1f}"
+        o, compute = (f"**{o}**" if bold == "O" else o), (f"**{compute}**" if bold == "c" else compute)
+        assert f"| {k} / {o} ms | {compute} ms |" in text, version
+    # the v0 timeline of single block 20: K's all-to-all waits for the gate GEMM's tail
+    import gzip
+
+    events = json.loads(
+        gzip.open(report / "profile_flux2/v0_gate_then_up/trace_rank0_kernels_flux2_fast_1024.json.gz", "rt").read()
+    )
+    kernels = sorted((e for e in events if "dur" in e), key=lambda e: e["ts"])
+    a2a = [e for e in kernels if "nccl" in e["name"].lower() and "allgather" not in e["name"].lower()]
+    t0, k_a2a = a2a[4 * 28]["ts"], a2a[4 * 28 + 2]
+    gate = max((e for e in kernels if "nvjet" in e["name"] and e["ts"] < k_a2a["ts"]), key=lambda e: e["ts"])
+    assert f"| {gate['ts'] - t0:.1f}-{gate['ts'] + gate['dur'] - t0:.1f} | the SwiGLU gate GEMM" in text
+    assert f"| **{k_a2a['ts'] - t0:.1f}-{k_a2a['ts'] + k_a2a['dur'] - t0:.1f}** | **K's all-to-all" in text
+
+
+def test_config_ab_runs_variants_side_by_side_on_cpu_ranks(tmp_path):
+    # two gloo ranks, tiny FLUX.2: the preset, V-First switched off, and head groups; exact variants agree
+    script = str(ROOT / "benchmarks" / "config_ab.py")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
+         "--cpu", "--model-size", "tiny", "--preset", "vfirst", "--runs", "flux2:64", "--rounds", "1", "--iters", "1",
+         "--variants", "base=", "flat=v_first:False", "groups=head_chunks:2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "config_ab_P2.json").read_text())
+    (run,) = result["runs"]
+    assert set(run["ms"]) == {"base", "flat", "groups"} and all(len(t) == 1 for t in run["ms_all"].values())
+    assert run["labels"] == {"base": "vfirst", "flat": "vfirst+no_vfirst", "groups": "vfirst+chunks2"}
+    assert all(e < 1e-5 for e in run["rel_error_vs_reference"].values()), run
+    assert "| flux2, 64^2 |" in (tmp_path / "config_ab_P2.md").read_text()
+
+
+def test_config_ab_refuses_bad_variants_before_launching(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_ab", ROOT / "benchmarks" / "config_ab.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_variant("ce=all_to_all:copy_engine,head_chunks:2") == (
+        "ce",
+        {"all_to_all": "copy_engine", "head_chunks": 2},
+    )
+    assert mod.parse_variant("plain=") == ("plain", {})
+    for bad, words in (("noequals", "NAME=KEY:VALUE"), ("x=v_first", "KEY:VALUE"), ("x=nccl_stream:low", "high")):
+        with pytest.raises(ValueError, match=words):
+            mod.parse_variant(bad)
