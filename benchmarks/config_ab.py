@@ -3,7 +3,8 @@
 Per family and size, every rank builds the full-size model once (random bf16 weights) and one more module tree per
 further variant that shares its parameters and buffers (so even FLUX.2 fits once per GPU), parallelises each with
 the preset plus the variant's overrides, and times them in alternating rounds (CUDA events, warm-up excluded; the
-median of every round's calls per variant), so clock drift under the power cap falls on every variant alike. The
+median of every round's calls per variant; the order rotates every round), so clock drift under the power cap falls
+on every variant alike. The
 first variant is the reference: the others' relative error against its output is recorded (exact variants differ
 by rounding order only). Writes OUT/config_ab_P{P}.json and a markdown table.
 
@@ -47,14 +48,40 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def parse_variants(specs: list[str], preset: str, cpu: bool) -> dict[str, dict]:
+    """Every variant parsed and its `ParallelConfig` built, so that bad input fails before any rank starts: at
+    least two distinct names, fields the config knows, and `nccl_stream` only on GPU ranks."""
+    from cocodiff import ParallelConfig
+
+    variants = {}
+    for spec in specs:
+        name, overrides = parse_variant(spec)
+        if name in variants:
+            raise ValueError(f"--variants: the name {name!r} is given twice; give each variant its own name")
+        if cpu and "nccl_stream" in overrides:
+            raise ValueError(f"variant {spec!r}: nccl_stream needs NCCL (GPU ranks), not --cpu")
+        ParallelConfig.preset(preset, **{k: v for k, v in overrides.items() if k not in GROUP_KEYS})
+        variants[name] = overrides
+    if len(variants) < 2:
+        raise ValueError(f"--variants: give at least two, got {specs}")
+    return variants
+
+
+def label(config_label: str, overrides: dict) -> str:
+    """The engine's config label, plus the variant's process-group choice (not a config field)."""
+    return config_label + ("+nccl_high" if overrides.get("nccl_stream") == "high" else "")
+
+
 def time_alternating(steps: dict, *, rounds: int, iters: int, cuda: bool) -> dict[str, list[float]]:
-    """ms per call of each of `steps` (name -> callable), timed in `rounds` alternating rounds of `iters` calls."""
+    """ms per call of each of `steps` (name -> callable), timed in `rounds` rounds of `iters` calls each; the order
+    of the steps rotates by one every round, so that no step always runs first (right after another's calls)."""
     from cocodiff.timing import time_ms
 
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name] += time_ms(step, warmup=1, iters=iters, cuda=cuda)
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name] += time_ms(steps[name], warmup=1, iters=iters, cuda=cuda)
     return times
 
 
@@ -66,19 +93,16 @@ def measure(args) -> dict:
 
     from cocodiff import ParallelConfig, parallelize, release
     from cocodiff.apps import families as zoo
+    from cocodiff.timing import release_memory
 
     cuda = not args.cpu
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     world = dist.get_world_size()
-    variants = dict(parse_variant(v) for v in args.variants)
-    if len(variants) < 2:
-        raise ValueError(f"--variants: give at least two distinct names, got {args.variants}")
+    variants = parse_variants(args.variants, args.preset, args.cpu)
     groups = {}
     for name, overrides in variants.items():  # every rank makes the same groups in the same order
         if overrides.get("nccl_stream") == "high":
-            if not cuda:
-                raise ValueError(f"variant {name!r}: nccl_stream needs NCCL (GPU ranks)")
             options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
             groups[name] = dist.new_group(backend="nccl", pg_options=options)
     result = {
@@ -99,6 +123,9 @@ def measure(args) -> dict:
         shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
         # copies of the plain model first (weights shared, modules not), then each is parallelised
         models = {name: base if i == 0 else copy.deepcopy(base, memo=dict(shared)) for i, name in enumerate(variants)}
+        weights_shared = all(
+            a is b for m in models.values() for a, b in zip(base.parameters(), m.parameters(), strict=True)
+        )
         for name, model in models.items():
             fields = {k: v for k, v in variants[name].items() if k not in GROUP_KEYS}
             parallelize(model, ParallelConfig.preset(args.preset, **fields), group=groups.get(name))
@@ -131,16 +158,16 @@ def measure(args) -> dict:
             "rel_error_vs_reference": {
                 name: ((o.float() - ref).norm() / ref.norm()).item() for name, o in outs.items() if name != ref_name
             },
-            "labels": {name: m.cocodiff.config.label for name, m in models.items()},
+            "labels": {name: label(m.cocodiff.config.label, variants[name]) for name, m in models.items()},
+            "weights_shared": weights_shared,
         }
         result["runs"].append(row)
         if dist.get_rank() == 0:
             print(json.dumps({k: v for k, v in row.items() if k != "ms_all"}), flush=True)
         for model in models.values():
             release(model)
-        del models, base, outs, shared
-        if cuda:
-            torch.cuda.empty_cache()
+        del models, model, base, outs, shared, times
+        release_memory()  # the next family's model is built with this one's weights freed
     return result
 
 
@@ -182,8 +209,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the output files' names")
     ap.add_argument("--report", metavar="JSON", help="only write the markdown of a run's JSON into --out")
     args = ap.parse_args()
-    for v in args.variants:
-        parse_variant(v)  # bad input fails here, before any process group exists
+    parse_variants(args.variants, args.preset, args.cpu)  # bad input fails here, before any rank starts
     out = Path(args.out)
     if args.report:
         result = json.loads(Path(args.report).read_text())

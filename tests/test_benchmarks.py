@@ -259,10 +259,13 @@ def test_final_code_report_figures_are_the_data(tmp_path):
     head = {r["family"]: r["ms"] for r in json.loads((report / "config_ab_P2_head_start.json").read_text())["runs"]}
     hs = head["flux2"]
     assert (
-        f"{hs['head_start128']:.1f} / {hs['head_start256']:.1f} / {hs['head_start512']:.1f} ms against v0's "
-        f"{hs['off']:.1f}" in text
+        f"{hs['head_start128']:.1f} / {hs['head_start256']:.1f} / {hs['head_start512']:.1f} ms with 128 / 256 / 512 "
+        f"rows first, against v0's {hs['off']:.1f}" in text
     )
-    assert f"{routes['flux2']['nccl']:.1f} / {hs['off']:.1f} ms" in text  # v0 in both A/B launches
+    hf = head["flux"]
+    cells = " / ".join(f"{hf[f'head_start{n}']:.1f}" for n in (128, 256, 512))
+    assert f"{cells} against {hf['off']:.1f}" in text
+    assert f"{routes['flux']['nccl']:.1f} and {hf['off']:.1f} ms in this session's two A/B launches" in text
     # bench e2e on the final code
     rows = json.loads((report / "e2e_1024" / "e2e.json").read_text())["rows"]
     ms = {(r["family"], r["P"], r["engine"], r["mode"]): r for r in rows if r.get("ms_per_step")}
@@ -275,13 +278,21 @@ def test_final_code_report_figures_are_the_data(tmp_path):
         assert line in text, line
         assert f"| **{step:.1f}** | {bound:.1f} (+{step - bound:.1f}) | {one / step:.2f}x |" in text, family
     # the profiles' idle time per exchange in flight, and the compute union
-    for version, bold in (("v0_gate_then_up", ""), ("v1_gemms_then_activation", "O"), ("v2_hidden_halves", "c")):
-        gaps = json.loads((report / "profile_flux2" / version / "compute_gaps_flux2_fast_1024.json").read_text())
+    for version, bold, unit in (
+        ("v0_gate_then_up", "", " ms"),
+        ("head_start256", "", ""),
+        ("v1_gemms_then_activation", "O", ""),
+        ("v2_hidden_halves", "c", ""),
+    ):
+        folder = report / "profile_flux2" / version
+        gaps = json.loads((folder / "compute_gaps_flux2_fast_1024.json").read_text())
+        step = json.loads((folder / "vfirst_overlap_flux2_fast_1024.json").read_text())["step_ms_median_of_7"]
         by = gaps["idle_by_exchange_in_flight"]
         k, o = (f"{by[f'single {x}']['idle_us'] / 1e3:.2f}" for x in "KO")
         compute = f"{gaps['compute_us'] / 1e3:.1f}"
         o, compute = (f"**{o}**" if bold == "O" else o), (f"**{compute}**" if bold == "c" else compute)
-        assert f"| {k} / {o} ms | {compute} ms |" in text, version
+        line = f"| {step:.1f}{unit} | {k} / {o}{unit} | {compute}{unit} |"
+        assert line in text, line
     # the v0 timeline of single block 20: K's all-to-all waits for the gate GEMM's tail
     import gzip
 
@@ -311,6 +322,7 @@ def test_config_ab_runs_variants_side_by_side_on_cpu_ranks(tmp_path):
     assert set(run["ms"]) == {"base", "flat", "groups"} and all(len(t) == 1 for t in run["ms_all"].values())
     assert run["labels"] == {"base": "vfirst", "flat": "vfirst+no_vfirst", "groups": "vfirst+chunks2"}
     assert all(e < 1e-5 for e in run["rel_error_vs_reference"].values()), run
+    assert run["weights_shared"] is True  # one set of weights, a module tree per variant
     assert "| flux2, 64^2 |" in (tmp_path / "config_ab_P2.md").read_text()
 
 
@@ -328,3 +340,16 @@ def test_config_ab_refuses_bad_variants_before_launching(tmp_path):
     for bad, words in (("noequals", "NAME=KEY:VALUE"), ("x=v_first", "KEY:VALUE"), ("x=nccl_stream:low", "high")):
         with pytest.raises(ValueError, match=words):
             mod.parse_variant(bad)
+    # the whole list, as main checks it before any rank starts
+    assert list(mod.parse_variants(["a=", "b=head_chunks:2"], "vfirst", cpu=True)) == ["a", "b"]
+    for specs, words in (
+        (["a=", "a=head_chunks:2"], "given twice"),
+        (["a="], "at least two"),
+        (["a=", "b=nccl_stream:high"], "needs NCCL"),
+        (["a=", "b=head_chunks:0"], "head_chunks=0"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            mod.parse_variants(specs, "vfirst", cpu=True)
+    with pytest.raises(TypeError, match="no_such_field"):
+        mod.parse_variants(["a=", "b=no_such_field:1"], "vfirst", cpu=False)
+    assert mod.label("fast+fuse_qk", {"nccl_stream": "high"}) == "fast+fuse_qk+nccl_high"
