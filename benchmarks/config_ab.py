@@ -4,9 +4,8 @@ Per family and size, every rank builds the full-size model once (random bf16 wei
 further variant that shares its parameters and buffers (so even FLUX.2 fits once per GPU), parallelises each with
 the preset plus the variant's overrides, and times them in alternating rounds (CUDA events, warm-up excluded; the
 median of every round's calls per variant; the order rotates every round), so clock drift under the power cap falls
-on every variant alike. The
-first variant is the reference: the others' relative error against its output is recorded (exact variants differ
-by rounding order only). Writes OUT/config_ab_P{P}.json and a markdown table.
+on every variant alike. The first variant is the reference: the others' relative error against its output is
+recorded (exact variants differ by rounding order only). Writes OUT/config_ab_P{P}.json and a markdown table.
 
 A variant is `NAME=KEY:VALUE,KEY:VALUE` with `ParallelConfig` fields (values as Python literals, else strings),
 or `NAME=` for the preset as it is. The key `nccl_stream:high` runs that variant's engine on a process group of
