@@ -84,6 +84,40 @@ def time_alternating(steps: dict, *, rounds: int, iters: int, cuda: bool) -> dic
     return times
 
 
+def header(args, world: int, device, cuda: bool) -> dict:
+    """The launch's description at the top of a result: ranks, preset, hardware and versions, the timing plan."""
+    import torch
+
+    return {
+        "world": world,
+        "preset": args.preset,
+        "gpu": torch.cuda.get_device_name(device) if cuda else "CPU (gloo; checks the script, not speed)",
+        "torch": torch.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "runs": [],
+    }
+
+
+def image_step(family: str, model, size: int, *, cuda: bool, device, dtype):
+    """`step(m)`: one no-grad transformer call of `m` (the parallelised `model` or a copy of it) on inputs of a
+    `size`^2 image with the family's pipeline text length (5 tokens on CPU ranks), returning the output tensor."""
+    import torch
+
+    from cocodiff.apps import families as zoo
+
+    rows, cols = zoo.image_tokens(family, model, size, size)
+    n_txt = zoo.TEXT_TOKENS_IMAGE[family] if cuda else 5
+    inputs = zoo.make_inputs(family, model, rows=rows, cols=cols, n_txt=n_txt, device=device, dtype=dtype, seed=1)
+
+    def step(m):
+        with torch.no_grad():
+            return m(**inputs, return_dict=False)[0]
+
+    return step
+
+
 def measure(args) -> dict:
     import copy
 
@@ -104,17 +138,7 @@ def measure(args) -> dict:
         if overrides.get("nccl_stream") == "high":
             options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
             groups[name] = dist.new_group(backend="nccl", pg_options=options)
-    result = {
-        "world": world,
-        "preset": args.preset,
-        "variants": variants,
-        "gpu": torch.cuda.get_device_name(device) if cuda else "CPU (gloo; checks the script, not speed)",
-        "torch": torch.__version__,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-        "rounds": args.rounds,
-        "iters": args.iters,
-        "runs": [],
-    }
+    result = {**header(args, world, device, cuda), "variants": variants}
     for spec in args.runs:
         family, size = spec.split(":")
         size = int(size)
@@ -128,14 +152,7 @@ def measure(args) -> dict:
         for name, model in models.items():
             fields = {k: v for k, v in variants[name].items() if k not in GROUP_KEYS}
             parallelize(model, ParallelConfig.preset(args.preset, **fields), group=groups.get(name))
-        rows, cols = zoo.image_tokens(family, base, size, size)
-        n_txt = zoo.TEXT_TOKENS_IMAGE[family] if cuda else 5
-        inputs = zoo.make_inputs(family, base, rows=rows, cols=cols, n_txt=n_txt, device=device, dtype=dtype, seed=1)
-
-        def step(model):
-            with torch.no_grad():
-                return model(**inputs, return_dict=False)[0]
-
+        step = image_step(family, base, size, cuda=cuda, device=device, dtype=dtype)
         outs = {}
         for name, model in models.items():
             for _ in range(3):  # compile, capture, warm up

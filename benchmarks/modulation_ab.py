@@ -3,10 +3,11 @@
 Per family and size, rank 0 of a torchrun launch builds the full-size model (random bf16 weights) twice: one copy
 parallelised with the preset as it is (modulation sharded: each rank computes 1/P of the blocks' modulation GEMVs,
 one all-gather), one with `shard_modulation=False` (every rank computes all of them). It times the two in
-alternating rounds (CUDA events, warm-up excluded; the median of every round's calls per copy), so clock drift
-under the power cap falls on both alike, and gives the relative error between their outputs (the two are the
-same computation: 0 in eager mode; with compiled blocks the `silu` before the GEMVs is eager in one and inductor's
-in the other). Writes OUT/modulation_ab_P{P}.json and a markdown table.
+alternating rounds (`config_ab.time_alternating`: CUDA events, warm-up excluded; the median of every round's
+calls per copy; the order rotates every round), so clock drift under the power cap falls on both alike, and gives
+the relative error between their outputs (the two are the same computation: 0 in eager mode; with compiled blocks
+the `silu` before the GEMVs is eager in one and inductor's in the other). Writes OUT/modulation_ab_P{P}.json and a
+markdown table.
 
     torchrun --nproc-per-node 2 benchmarks/modulation_ab.py --out OUT --runs flux:1024 flux:2048 sd3:1024
 """
@@ -27,21 +28,13 @@ def measure(args) -> dict:
 
     from cocodiff import ParallelConfig, parallelize, release
     from cocodiff.apps import families as zoo
-    from cocodiff.timing import time_ms
+    from config_ab import header, image_step, time_alternating  # (this folder: run as a script)
 
     cuda = not args.cpu
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     world = dist.get_world_size()
-    result = {
-        "world": world,
-        "preset": args.preset,
-        "gpu": torch.cuda.get_device_name(device) if cuda else "CPU (gloo; checks the script, not speed)",
-        "torch": torch.__version__,
-        "rounds": args.rounds,
-        "iters": args.iters,
-        "runs": [],
-    }
+    result = header(args, world, device, cuda)
     for spec in args.runs:
         family, size = spec.split(":")
         size = int(size)
@@ -49,14 +42,7 @@ def measure(args) -> dict:
         models = {"sharded": base, "replicated": copy.deepcopy(base)}
         for name, model in models.items():
             parallelize(model, ParallelConfig.preset(args.preset, shard_modulation=name == "sharded"))
-        rows, cols = zoo.image_tokens(family, base, size, size)
-        n_txt = zoo.TEXT_TOKENS_IMAGE[family] if cuda else 5
-        inputs = zoo.make_inputs(family, base, rows=rows, cols=cols, n_txt=n_txt, device=device, dtype=dtype, seed=1)
-
-        def step(model):
-            with torch.no_grad():
-                return model(**inputs, return_dict=False)[0]
-
+        step = image_step(family, base, size, cuda=cuda, device=device, dtype=dtype)
         from torch._dynamo.utils import counters
 
         outs, traced = {}, {}
@@ -65,10 +51,12 @@ def measure(args) -> dict:
             for _ in range(3):  # compile, capture, warm up
                 outs[name] = step(model)
             traced[name] = counters["stats"]["unique_graphs"] - start  # graphs TorchDynamo traced for this copy
-        times = {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name, model in models.items():
-                times[name] += time_ms(lambda m=model: step(m), warmup=1, iters=args.iters, cuda=cuda)
+        times = time_alternating(
+            {name: (lambda m=model: step(m)) for name, model in models.items()},
+            rounds=args.rounds,
+            iters=args.iters,
+            cuda=cuda,
+        )
         a, b = outs["sharded"].float(), outs["replicated"].float()
         mod = base.cocodiff.modulation
         row = {
